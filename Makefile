@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and exactly pinned, so nothing resolves a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# MovieLens-100K ships inside this wheel; its dependencies are not wanted.
+	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedshare data stats --dataset ml-100k
+	$(VENV)/bin/fedshare central --dataset ml-100k --model popularity
+	$(VENV)/bin/fedshare central --dataset ml-100k --model lightgcn --out runs/central-lightgcn
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
