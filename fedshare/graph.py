@@ -1,0 +1,49 @@
+"""The server's user-item graph: built once, normalised once, propagated many times.
+
+LightGCN propagation (Eq. 13) multiplies by the symmetrically normalised adjacency
+``D^-1/2 A D^-1/2`` of the bipartite graph; PyG's ``gcn_norm`` computes it and PyG's ``LGConv``
+(with ``normalize=False``) applies it. Normalising on every call costs about 10x on an ML-1M-size
+graph, so :class:`BipartiteGraph` keeps the normalised sparse matrix and reuses it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch_geometric.nn import LGConv
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
+from fedshare.data.interactions import Interactions
+
+
+class BipartiteGraph:
+    """Normalised adjacency of a user-item graph; users ``[0, U)``, items ``[U, U + I)``.
+
+    Args:
+        interactions: the edges (for the server, the shared data D_s, Eq. 11).
+    """
+
+    def __init__(self, interactions: Interactions) -> None:
+        self.num_users = interactions.num_users
+        self.num_items = interactions.num_items
+        self.num_edges = len(interactions)
+        num_nodes = self.num_users + self.num_items
+        edge_index, weight = gcn_norm(interactions.bipartite_edge_index(), None,
+                                      num_nodes=num_nodes, add_self_loops=False)
+        self.adj = torch.sparse_coo_tensor(edge_index.flip(0), weight,
+                                           (num_nodes, num_nodes)).coalesce().to_sparse_csr()
+        self._conv = LGConv(normalize=False)
+
+    def propagate(self, users: Tensor, items: Tensor, num_layers: int = 3
+                  ) -> tuple[Tensor, Tensor]:
+        """LightGCN (Eq. 13-14) with layer weights ``1 / (L + 1)``.
+
+        Returns the combined user and item embeddings; differentiable w.r.t. both inputs.
+        """
+        x = torch.cat([users, items])
+        total = x
+        for _ in range(num_layers):
+            x = self._conv(x, self.adj)
+            total = total + x
+        out = total / (num_layers + 1)
+        return out[: self.num_users], out[self.num_users:]

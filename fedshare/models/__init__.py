@@ -1,0 +1,1 @@
+"""Recommendation models: client-side ego-graph LightGCN, server/central LightGCN, MF."""
