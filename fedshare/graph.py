@@ -8,10 +8,13 @@ graph, so :class:`BipartiteGraph` keeps the normalised sparse matrix and reuses 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torch_geometric.nn import LGConv
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
+from torch_geometric.utils import to_torch_csr_tensor
 
 from fedshare.data.interactions import Interactions
 
@@ -30,8 +33,9 @@ class BipartiteGraph:
         num_nodes = self.num_users + self.num_items
         edge_index, weight = gcn_norm(interactions.bipartite_edge_index(), None,
                                       num_nodes=num_nodes, add_self_loops=False)
-        self.adj = torch.sparse_coo_tensor(edge_index.flip(0), weight,
-                                           (num_nodes, num_nodes)).coalesce().to_sparse_csr()
+        with warnings.catch_warnings():  # torch's notes that sparse CSR is "beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self.adj = to_torch_csr_tensor(edge_index.flip(0), weight, (num_nodes, num_nodes))
         self._conv = LGConv(normalize=False)
 
     def propagate(self, users: Tensor, items: Tensor, num_layers: int = 3

@@ -60,11 +60,11 @@ class Interactions:
 
     @property
     def users(self) -> np.ndarray:
-        return self.frame["user"].to_numpy(np.int64)
+        return self.frame["user"].to_numpy(np.int64, copy=True)
 
     @property
     def items(self) -> np.ndarray:
-        return self.frame["item"].to_numpy(np.int64)
+        return self.frame["item"].to_numpy(np.int64, copy=True)
 
     def subset(self, mask: np.ndarray) -> Interactions:
         """Rows where ``mask`` is true, in the same id space."""
