@@ -28,11 +28,23 @@ def _read_table(path: Path, **kwargs) -> pd.DataFrame:
         raise FedShareError(f"dataset file not found: {path}")
     try:
         frame = pd.read_csv(path, **kwargs)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+    except pd.errors.EmptyDataError:
+        raise FedShareError(f"{path} holds no interactions") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FedShareError(f"cannot parse {path}: {first}") from None
     if frame.empty:
         raise FedShareError(f"{path} holds no interactions")
+    return frame
+
+
+def _read_fields(path: Path, names: list[str], **kwargs) -> pd.DataFrame:
+    """A headerless table that must have exactly ``len(names)`` fields on every row."""
+    frame = _read_table(path, header=None, dtype=str, **kwargs)
+    if frame.shape[1] != len(names):
+        raise FedShareError(f"{path}: expected {len(names)} fields per row, found "
+                            f"{frame.shape[1]}")
+    frame.columns = names
     return frame
 
 
@@ -70,7 +82,7 @@ def read_ml100k(path: Path) -> pd.DataFrame:
             raise FedShareError(f"{path}: header is not RecBole's {expected}")
         frame.columns = RAW_COLUMNS
     else:
-        frame = _read_table(path, sep="\t", header=None, names=RAW_COLUMNS, dtype=str)
+        frame = _read_fields(path, RAW_COLUMNS, sep="\t")
     return _validated(frame, path, numeric_ids=True)
 
 
@@ -82,7 +94,7 @@ def read_ml100k_items(path: Path) -> pd.DataFrame:
             if (path / name).is_file():
                 return read_ml100k_items(path / name)
         raise FedShareError(f"{path} holds neither u.item nor ml-100k.item")
-    if path.suffix == ".item":
+    if path.name != "u.item" and path.suffix == ".item":  # RecBole atomic file
         frame = _read_table(path, sep="\t", dtype=str, encoding="latin-1").fillna("")
         return pd.DataFrame({"item": frame.iloc[:, 0], "title": frame.iloc[:, 1],
                              "genres": frame.iloc[:, -1].str.replace(" ", "|")})
@@ -125,8 +137,7 @@ def read_ml1m(path: Path) -> pd.DataFrame:
     path = Path(path)
     if path.is_dir():
         return read_ml1m(path / "ratings.dat")
-    frame = _read_table(path, sep="::", header=None, names=RAW_COLUMNS, dtype=str,
-                        engine="python")
+    frame = _read_fields(path, RAW_COLUMNS, sep="::", engine="python")
     return _validated(frame, path, numeric_ids=True)
 
 
@@ -161,8 +172,7 @@ def read_amazon(path: Path, category: str) -> pd.DataFrame:
     path = Path(path)
     if path.is_dir():
         path = path / AMAZON_FILES[category]
-    frame = _read_table(path, header=None, names=["item", "user", "rating", "timestamp"],
-                        dtype=str)
+    frame = _read_fields(path, ["item", "user", "rating", "timestamp"])
     return _validated(frame[RAW_COLUMNS].copy(), path, numeric_ids=False)
 
 

@@ -68,7 +68,10 @@ class PreparedData:
             meta = {"format": FORMAT_VERSION, "dataset": self.dataset,
                     "num_users": self.num_users, "num_items": self.num_items,
                     "split_seed": self.split_seed, "split_fractions": self.split_fractions,
-                    "sharing": self.plan.config.to_dict(), "fingerprint": self.fingerprint()}
+                    "sharing": self.plan.config.to_dict(), "fingerprint": self.fingerprint(),
+                    "plan_digest": _plan_digest({"group": self.plan.group,
+                                                 "shared": self.plan.shared,
+                                                 "unlearn": self.plan.unlearn})}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             os.replace(tmp, folder)
         except BaseException:
@@ -81,7 +84,7 @@ class PreparedData:
         folder = Path(folder)
         try:
             meta = json.loads((folder / "meta.json").read_text())
-            with np.load(folder / "interactions.npz") as z:
+            with np.load(folder / "interactions.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except FileNotFoundError as exc:
             raise FedShareError(f"{folder} is not a prepared-data folder ({exc.filename} "
@@ -90,16 +93,29 @@ class PreparedData:
             raise FedShareError(f"{folder} holds a corrupt prepared-data file") from None
         if meta.get("format") != FORMAT_VERSION:
             raise FedShareError(f"{folder}: unsupported format {meta.get('format')}")
+        try:
+            return cls._from_parts(meta, arrays)
+        except FedShareError as exc:
+            raise FedShareError(f"{folder}: {exc}") from None
+        except (KeyError, ValueError, TypeError) as exc:
+            raise FedShareError(f"{folder} holds inconsistent prepared data ({type(exc).__name__}: "
+                                f"{exc})") from None
+
+    @classmethod
+    def _from_parts(cls, meta: dict, arrays: dict[str, np.ndarray]) -> PreparedData:
         data = Interactions.from_arrays(arrays["user"], arrays["item"], meta["num_users"],
                                         meta["num_items"], arrays["timestamp"])
         split = split_by_parts(data, arrays["part"])
         if _fingerprint(split) != meta["fingerprint"]:
-            raise FedShareError(f"{folder}: interactions do not match their fingerprint")
+            raise FedShareError("interactions do not match their fingerprint")
+        if len(arrays["shared"]) != len(split.train) or len(arrays["unlearn"]) != len(
+                split.train) or len(arrays["group"]) != split.num_users:
+            raise FedShareError("sharing plan does not fit its training set")
+        if _plan_digest(arrays) != meta["plan_digest"]:
+            raise FedShareError("sharing plan does not match its checksum")
         sharing = meta["sharing"]
         config = SharingConfig(**{**sharing, "group_fractions": tuple(sharing["group_fractions"])})
         plan = SharingPlan(config, arrays["group"], arrays["shared"], arrays["unlearn"])
-        if len(plan.shared) != len(split.train) or len(plan.group) != split.num_users:
-            raise FedShareError(f"{folder}: sharing plan does not fit its training set")
         return cls(meta["dataset"], split, plan, meta["split_seed"],
                    tuple(meta["split_fractions"]))
 
@@ -110,6 +126,13 @@ def _fingerprint(split: Split) -> str:
         digest.update(np.ascontiguousarray(part.users).tobytes())
         digest.update(np.ascontiguousarray(part.items).tobytes())
         digest.update(b"|")
+    return digest.hexdigest()[:16]
+
+
+def _plan_digest(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in ("group", "shared", "unlearn"):
+        digest.update(np.ascontiguousarray(arrays[key]).astype(np.int8).tobytes())
     return digest.hexdigest()[:16]
 
 

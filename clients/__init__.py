@@ -1,0 +1,1 @@
+"""Flower ClientApps (Message API) that run ``fedshare``'s local training on a node."""

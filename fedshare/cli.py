@@ -1,0 +1,144 @@
+"""The ``fedshare`` command.
+
+Every user-caused problem ends as one line on stderr and exit status 2; outputs are written only
+when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedshare.data import PreparedData, SharingConfig, prepare
+from fedshare.data.loaders import SOURCES
+from fedshare.errors import FedShareError
+from fedshare.reports import data_stats, format_stats, write_json
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        message = f"expected comma-separated numbers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="ml-100k", help=f"one of {', '.join(SOURCES)}")
+    group.add_argument("--path", help="local folder or file in the publisher's format")
+    group.add_argument("--prepared", help="a folder written by 'fedshare data prepare' "
+                       "(replaces every other data option)")
+    group.add_argument("--min-user-interactions", type=int,
+                       help="user filter (default: the paper's value for the dataset)")
+    group.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
+                       help="train,valid,test fractions (default 0.8,0.1,0.1)")
+    group.add_argument("--split-seed", type=int, default=0)
+    group.add_argument("--groups", type=_fractions, default=(0.1, 0.2, 0.7),
+                       help="fractions of full,partial,non-sharing users (default 0.1,0.2,0.7)")
+    group.add_argument("--partial-share", type=float, default=0.3,
+                       help="fraction a partial sharer shares (default 0.3)")
+    group.add_argument("--unshare-users", type=float, default=0.3,
+                       help="gamma: fraction of sharing users who unshare (default 0.3)")
+    group.add_argument("--unshare-items", type=float, default=1.0,
+                       help="fraction of an unsharing user's shared data unshared (default 1)")
+    group.add_argument("--plan-seed", type=int, default=0)
+
+
+def _load(args: argparse.Namespace) -> PreparedData:
+    if args.prepared:
+        return PreparedData.load(args.prepared)
+    if len(args.split) != 3:
+        raise FedShareError("--split needs three fractions: train,valid,test")
+    sharing = SharingConfig(tuple(args.groups), args.partial_share, args.unshare_users,
+                            args.unshare_items, args.plan_seed)
+    return prepare(args.dataset, args.path, min_user_interactions=args.min_user_interactions,
+                   split_fractions=tuple(args.split), split_seed=args.split_seed,
+                   sharing=sharing)
+
+
+def _cmd_stats(args: argparse.Namespace) -> None:
+    stats = data_stats(_load(args))
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    data = _load(args)
+    folder = data.save(args.out)
+    print(f"wrote {folder} (fingerprint {data.fingerprint()})")
+
+
+def _cmd_central(args: argparse.Namespace) -> None:
+    from fedshare.central import CentralConfig, run_central
+
+    data = _load(args)
+    config = CentralConfig(max_epochs=args.epochs, seed=args.seed)
+    out = Path(args.out) if args.out else None
+    if out is not None and (out / "summary.json").exists():
+        raise FedShareError(f"{out / 'summary.json'} already exists; choose a new --out")
+
+    def progress(epoch: int, valid: dict) -> None:
+        print(f"  epoch {epoch:4d}  valid HR@20 {valid['hr@20']:.4f}  "
+              f"NDCG@20 {valid['ndcg@20']:.4f}", file=sys.stderr, flush=True)
+
+    result = run_central(data.split, args.model, config, progress)
+    summary = {"dataset": data.dataset, "fingerprint": data.fingerprint(), **result.to_dict()}
+    if out is not None:
+        write_json(out / "summary.json", summary)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"{args.model} on {data.dataset}: best epoch {result.best_epoch} "
+          f"({result.seconds:.1f} s)")
+    for part in ("valid", "test"):
+        m = getattr(result, part)
+        print(f"  {part:5s} HR@20 {m['hr@20']:.4f}  NDCG@20 {m['ndcg@20']:.4f}  "
+              f"Recall@20 {m['recall@20']:.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedshare", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="datasets, splits and sharing plans")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    stats = data_commands.add_parser("stats", help="sizes of a dataset, its split and plan")
+    _add_data_args(stats)
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(func=_cmd_stats)
+    prep = data_commands.add_parser("prepare", help="write a split and sharing plan to disk")
+    _add_data_args(prep)
+    prep.add_argument("--out", required=True, help="new folder to write")
+    prep.set_defaults(func=_cmd_prepare)
+
+    central = commands.add_parser("central", help="centralised reference run")
+    _add_data_args(central)
+    from fedshare.central import MODELS
+
+    central.add_argument("--model", choices=MODELS, default="lightgcn")
+    central.add_argument("--epochs", type=int, default=300, help="maximum epochs")
+    central.add_argument("--seed", type=int, default=0)
+    central.add_argument("--out", help="folder for summary.json")
+    central.add_argument("--json", action="store_true", help="print the summary as JSON")
+    central.set_defaults(func=_cmd_central)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FedShareError as exc:
+        print(f"fedshare: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedshare: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Settings of a federated run, as one flat mapping (Flower run-config keys use dashes).
+
+Defaults are the values chosen on the ML-100K validation split (see README, "Federated
+learning"); the faithful configuration of the paper is ``aggregation = "eq16"``,
+``server-lr = 1``, ``local-epochs = 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from fedshare.errors import FedShareError
+from fedshare.models.local import LocalTrainConfig
+
+VARIANTS = ("fedshare", "wo-cl", "wo-bpr", "fedshare-fedavg", "no-sharing")
+AGGREGATIONS = ("eq16", "touched")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """Every knob of the learning phase.
+
+    Args:
+        variant: ``fedshare`` (Eq. 18), ``wo-cl`` (lambda1 = 0), ``wo-bpr`` (contrastive term
+            only), ``fedshare-fedavg`` (the server is one more client holding D_s, averaged in by
+            |D_s|), ``no-sharing`` (every interaction stays local; no server training).
+        rounds: communication rounds T.
+        fraction: fraction of users sampled per round (Sec. IV-B1).
+        aggregation: ``eq16`` averages full tables (Eq. 16, literal); ``touched`` averages each
+            row over the sampled users whose update touched it.
+        server_lr: step on the aggregated update, ``V <- V + server_lr * (avg - V)``; 1 = Eq. 16.
+        local_epochs, local_lr, local_reg, num_negatives, local_batch_size: Eq. 15 training.
+        server_steps: refinement steps per round (Eq. 18).
+        server_refine_lr: Adam learning rate of the refinement.
+        server_batch_size: shared edges per BPR batch and items per InfoNCE batch.
+        tau: InfoNCE temperature (Eq. 17). lambda1: weight of InfoNCE. reg: lambda of Eq. 18.
+        num_layers: server LightGCN depth L.
+        snapshots: M, how many past global tables the server keeps for unlearning.
+        dim: embedding size d. seed: every draw. eval_every: validation period in rounds.
+    """
+
+    variant: str = "fedshare"
+    rounds: int = 100
+    fraction: float = 0.1
+    aggregation: str = "touched"
+    server_lr: float = 1.0
+    local_epochs: int = 5
+    local_lr: float = 0.5
+    local_reg: float = 1e-4
+    num_negatives: int = 1
+    local_batch_size: int = 0
+    server_steps: int = 10
+    server_refine_lr: float = 5e-3
+    server_batch_size: int = 2048
+    tau: float = 0.2
+    lambda1: float = 0.1
+    reg: float = 1e-4
+    num_layers: int = 3
+    snapshots: int = 5
+    dim: int = 32
+    seed: int = 0
+    eval_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise FedShareError(f"unknown variant {self.variant!r}; choose one of "
+                                f"{', '.join(VARIANTS)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise FedShareError(f"unknown aggregation {self.aggregation!r}; choose one of "
+                                f"{', '.join(AGGREGATIONS)}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise FedShareError(f"fraction must lie in (0, 1], got {self.fraction}")
+        for name in ("rounds", "local_epochs", "num_negatives", "server_batch_size", "dim",
+                     "eval_every"):
+            if getattr(self, name) < 1:
+                raise FedShareError(f"{name.replace('_', '-')} must be >= 1")
+        for name in ("server_steps", "local_batch_size", "snapshots", "num_layers"):
+            if getattr(self, name) < 0:
+                raise FedShareError(f"{name.replace('_', '-')} must be >= 0")
+        if self.tau <= 0:
+            raise FedShareError("tau must be > 0")
+
+    @property
+    def local(self) -> LocalTrainConfig:
+        return LocalTrainConfig(self.local_epochs, self.local_lr, self.local_reg,
+                                self.num_negatives, self.local_batch_size or None)
+
+    @property
+    def contrastive_weight(self) -> float:
+        return 0.0 if self.variant == "wo-cl" else self.lambda1
+
+    @property
+    def uses_bpr(self) -> bool:
+        return self.variant != "wo-bpr"
+
+    @property
+    def shares(self) -> bool:
+        return self.variant != "no-sharing"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> FederatedConfig:
+        """Build from run-config style keys (dashes or underscores); unknown keys are an error."""
+        known = {f.name: f.type for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        defaults = cls()
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise FedShareError(f"unknown setting {key!r}")
+            default = getattr(defaults, name)
+            try:
+                kwargs[name] = type(default)(value)
+            except (TypeError, ValueError):
+                raise FedShareError(f"setting {key!r} expects {type(default).__name__}, "
+                                    f"got {value!r}") from None
+        return cls(**kwargs)

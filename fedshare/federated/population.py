@@ -1,0 +1,138 @@
+"""The client side of the learning phase for a group of users (a cohort, or one user).
+
+A node serves some users: it holds all of their training interactions (sharing uploads a copy,
+Sec. III-B), trains each on its I_local only (shared data are trained by the server, Sec. IV-B2),
+keeps their user embeddings private and replies with the FedAvg mean of their item tables and the
+summed weights, so that averaging node replies gives exactly Eq. 16 over the users.
+
+Choices: a user's weight |D_u| is the number of interactions its update was computed from,
+|I_local(u)| (FedAvg's n_k); a full sharer has nothing local, weighs 0 and is not sampled for
+training, though it is still evaluated. For ranking, a user's vector is the one-layer ego-graph
+LightGCN over the user's *whole* training history (local and shared: the client holds both), and
+items are scored by cosine, the similarity the client is trained with (Eq. 15).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedshare.data.interactions import Interactions
+from fedshare.data.prepared import PreparedData
+from fedshare.metrics import topk_sums
+from fedshare.models.local import LocalTrainConfig, UserBatch, train_local, user_representation
+from fedshare.sampling import counter_uniform
+
+
+def initial_user_embeddings(users: np.ndarray, num_users: int, dim: int, seed: int) -> Tensor:
+    """Xavier-uniform rows for ``users`` of a ``[num_users, dim]`` table, drawn per user from
+    a counter-based stream so a user starts the same in any cohort."""
+    bound = (6.0 / (num_users + dim)) ** 0.5
+    u = counter_uniform(seed, 0x5EED, np.asarray(users, np.int64)[:, None], np.arange(dim))
+    return torch.from_numpy(((u * 2 - 1) * bound).astype(np.float32))
+
+
+@dataclass
+class NodeUpdate:
+    """One node's reply to a train message.
+
+    ``table`` is the weighted mean of its users' uploaded tables (the start table if the weight
+    is 0); ``weight`` the sum of their |D_u|; ``row_weight[i]`` the weight of the users whose
+    update touched row ``i`` (for row-wise averaging); ``num_users`` how many trained.
+    """
+
+    table: Tensor
+    weight: float
+    row_weight: Tensor
+    num_users: int
+
+
+class ClientPopulation:
+    """Data and private state of the users one node serves.
+
+    Args:
+        data: the prepared split and sharing plan.
+        users: the global ids this node serves.
+        dim, seed: embedding size; seed of the private user embeddings.
+        shares: ``False`` keeps every training interaction local (the no-sharing baseline).
+    """
+
+    def __init__(self, data: PreparedData, users: np.ndarray, dim: int, seed: int,
+                 shares: bool = True) -> None:
+        self.users = np.asarray(users, dtype=np.int64)
+        self.num_users = data.num_users
+        self.num_items = data.num_items
+        train = data.split.train
+        local = data.plan.local(train) if shares else train
+        self._local_ptr, self._local_items = local.items_by_user()
+        self._all_ptr, self._all_items = train.items_by_user()
+        self.valid, self.test = data.split.valid, data.split.test
+        self.train_data = train
+        self.embeddings = initial_user_embeddings(self.users, self.num_users, dim, seed)
+        self._row = {int(u): k for k, u in enumerate(self.users)}
+
+    def local_count(self, users: np.ndarray) -> np.ndarray:
+        users = np.asarray(users, dtype=np.int64)
+        return self._local_ptr[users + 1] - self._local_ptr[users]
+
+    def trainable(self) -> np.ndarray:
+        """Users with local interactions to train on."""
+        return self.users[self.local_count(self.users) > 0]
+
+    def _rows(self, users: np.ndarray) -> np.ndarray:
+        try:
+            return np.array([self._row[int(u)] for u in users], dtype=np.int64)
+        except KeyError as exc:
+            raise ValueError(f"user {exc.args[0]} is not served by this node") from None
+
+    def _items(self, ptr: np.ndarray, items: np.ndarray, u: int) -> np.ndarray:
+        return items[ptr[u]:ptr[u + 1]]
+
+    def train(self, users: np.ndarray, table: Tensor, config: LocalTrainConfig, seed: int,
+              round_: int) -> NodeUpdate:
+        """Train ``users`` from the global ``table`` (Eq. 12-15) and aggregate their uploads."""
+        users = np.asarray(users, dtype=np.int64)
+        users = users[self.local_count(users) > 0]
+        rows = self._rows(users)
+        if len(users) == 0:
+            return NodeUpdate(table.clone(), 0.0, torch.zeros(self.num_items), 0)
+        batch = UserBatch.from_lists(
+            users, [self._items(self._local_ptr, self._local_items, u) for u in users],
+            [self._items(self._all_ptr, self._all_items, u) for u in users], self.num_items)
+        update = train_local(batch, table, self.embeddings[rows], config, seed, round_)
+        self.embeddings[rows] = update.user_embeddings
+        weights = torch.from_numpy(batch.sizes).float()
+        total = float(weights.sum())
+        mean = update.weighted_sum(table, weights) / total
+        row_weight = torch.zeros(self.num_items).index_add(
+            0, update.row_item, weights[update.row_user])
+        return NodeUpdate(mean, total, row_weight, len(users))
+
+    def user_vectors(self, users: np.ndarray, table: Tensor) -> Tensor:
+        """Ranking vectors: ego-graph LightGCN over each user's whole history (Eq. 13-14)."""
+        users = np.asarray(users, dtype=np.int64)
+        sizes = self._all_ptr[users + 1] - self._all_ptr[users]
+        indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)]))
+        items = torch.from_numpy(np.concatenate(
+            [self._items(self._all_ptr, self._all_items, u) for u in users]))
+        return user_representation(self.embeddings[self._rows(users)], table, indptr, items)
+
+    def evaluate(self, users: np.ndarray, table: Tensor, part: str = "valid",
+                 ks: tuple[int, ...] = (20,)) -> tuple[dict[str, float], int]:
+        """Sums of HR/Recall/NDCG@K over ``users`` (client-side ranking of all items)."""
+        users = np.asarray(users, dtype=np.int64)
+        heldout: Interactions = self.valid if part == "valid" else self.test
+        exclude = [self.train_data] if part == "valid" else [self.train_data, self.valid]
+        items = F.normalize(table, dim=-1)
+        vectors = F.normalize(self.user_vectors(users, table), dim=-1)
+        position = torch.full((self.num_users,), -1, dtype=torch.long)
+        position[torch.from_numpy(users)] = torch.arange(len(users))
+
+        def scorer(chunk: Tensor) -> Tensor:
+            return vectors[position[chunk]] @ items.T
+
+        return topk_sums(scorer, heldout, exclude, ks, users=users)

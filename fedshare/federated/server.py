@@ -1,0 +1,120 @@
+"""The server of the learning phase: shared graph G_s, refinement (Eq. 17-18), snapshots.
+
+The server holds the global item table V_s, its own embeddings of the sharing users (for
+LightGCN on G_s; they never leave the server) and the last M tables for unlearning. After
+aggregation (Eq. 16) it refines V_s for a few Adam steps on
+
+    L = BPR(G_s) + lambda1 * InfoNCE(V_s[b], LightGCN_L(G_s)[b]) + lambda * ||.||^2   (Eq. 18)
+
+where the local view of item i is its row of the aggregated table and the global view its
+LightGCN (L = 3) embedding on G_s initialised from that table (Eq. 17, in-batch negatives).
+
+Choices: BPR on G_s scores with cosine, like the clients (Eq. 15), because clients rank by cosine;
+the L2 term covers the rows of the current batches; the Adam state persists across rounds;
+``fedshare-fedavg`` instead trains the same BPR alone from V_s and joins the average as one more
+client of weight |D_s|.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedshare.data.interactions import Interactions
+from fedshare.federated.config import FederatedConfig
+from fedshare.federated.population import NodeUpdate
+from fedshare.graph import BipartiteGraph
+from fedshare.losses import bpr_loss, info_nce
+from fedshare.models.embeddings import xavier_table
+from fedshare.sampling import sample_negatives
+
+
+class Server:
+    """Server state and the per-round server computation of Algorithm 1 (lines 11-13).
+
+    Args:
+        shared: D_s, the shared interactions (empty for no-sharing).
+        config: the run's settings.
+    """
+
+    def __init__(self, shared: Interactions, config: FederatedConfig) -> None:
+        self.config = config
+        self.num_items = shared.num_items
+        generator = torch.Generator().manual_seed(config.seed)
+        self.table = xavier_table(shared.num_items, config.dim, generator)
+        self.shared = shared
+        self.graph = BipartiteGraph(shared) if len(shared) and config.shares else None
+        self.user = torch.nn.Parameter(xavier_table(shared.num_users, config.dim, generator))
+        self.item = torch.nn.Parameter(self.table.clone())
+        self.optimizer = torch.optim.Adam([self.user, self.item], lr=config.server_refine_lr)
+        self._edges_u, self._edges_i = shared.users, shared.items
+        self._known = np.unique(self._edges_u * shared.num_items + self._edges_i)
+        self._graph_items = torch.from_numpy(np.flatnonzero(shared.item_degrees() > 0))
+        self.snapshots: deque[Tensor] = deque(maxlen=max(config.snapshots, 1))
+
+    @property
+    def trains_on_graph(self) -> bool:
+        return self.graph is not None and self.config.server_steps > 0
+
+    def snapshot_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.snapshots)
+
+    def _bpr(self, users_g: Tensor, items_g: Tensor, rng: np.random.Generator,
+             round_: int, step: int) -> Tensor:
+        n = min(self.config.server_batch_size, len(self._edges_u))
+        pick = rng.choice(len(self._edges_u), size=n, replace=False)
+        u, i = self._edges_u[pick], self._edges_i[pick]
+        j = sample_negatives(u, np.arange(n), self._known, self.num_items, self.config.seed,
+                             (round_ << 16) + step)
+        u_t, i_t, j_t = (torch.from_numpy(x) for x in (u, i, j))
+        uv = users_g[u_t]
+        pos = F.cosine_similarity(uv, items_g[i_t])
+        neg = F.cosine_similarity(uv, items_g[j_t])
+        reg = (self.user[u_t].pow(2).sum() + self.item[i_t].pow(2).sum()
+               + self.item[j_t].pow(2).sum()) / n
+        return bpr_loss(pos, neg).mean() + self.config.reg * reg
+
+    def _train_on_graph(self, start: Tensor, round_: int, contrastive: bool) -> Tensor:
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, round_, 0xC0FFEE])
+        with torch.no_grad():
+            self.item.copy_(start)
+        for step in range(cfg.server_steps):
+            users_g, items_g = self.graph.propagate(self.user, self.item, cfg.num_layers)
+            loss = torch.zeros(())
+            if cfg.uses_bpr or not contrastive:
+                loss = loss + self._bpr(users_g, items_g, rng, round_, step)
+            if contrastive and cfg.contrastive_weight > 0:
+                n = min(cfg.server_batch_size, len(self._graph_items))
+                b = self._graph_items[torch.from_numpy(
+                    rng.choice(len(self._graph_items), size=n, replace=False))]
+                loss = loss + cfg.contrastive_weight * info_nce(self.item[b], items_g[b], cfg.tau)
+                if not cfg.uses_bpr:
+                    loss = loss + cfg.reg * self.item[b].pow(2).sum() / n
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        return self.item.detach().clone()
+
+    def server_client_update(self, round_: int) -> NodeUpdate | None:
+        """FedShare-FedAvg: the server trains on D_s like one more client of weight |D_s|."""
+        if self.config.variant != "fedshare-fedavg" or not self.trains_on_graph:
+            return None
+        table = self._train_on_graph(self.table, round_, contrastive=False)
+        row_weight = torch.zeros(self.num_items)
+        row_weight[self._graph_items] = float(len(self.shared))
+        return NodeUpdate(table, float(len(self.shared)), row_weight, 1)
+
+    def finish_round(self, aggregated: Tensor, round_: int) -> Tensor:
+        """Refine the aggregated table on G_s (Eq. 18), keep a snapshot, return the new V_s."""
+        refine = self.config.variant in ("fedshare", "wo-cl", "wo-bpr") and self.trains_on_graph
+        table = self._train_on_graph(aggregated, round_, contrastive=True) if refine \
+            else aggregated.clone()
+        self.table = table
+        if self.config.snapshots > 0:
+            self.snapshots.append(table.clone())
+        return table

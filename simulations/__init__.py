@@ -1,0 +1,1 @@
+"""Runnable experiments, their configs (``simulations/configs``) and report writers."""
