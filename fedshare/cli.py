@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from fedshare.data import PreparedData, SharingConfig, prepare
 from fedshare.data.loaders import SOURCES
@@ -74,6 +75,8 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def _cmd_central(args: argparse.Namespace) -> None:
     from fedshare.central import CentralConfig, run_central
 
+    if args.epochs < 1:
+        raise FedShareError(f"--epochs must be >= 1, got {args.epochs}")
     data = _load(args)
     config = CentralConfig(max_epochs=args.epochs, seed=args.seed)
     out = Path(args.out) if args.out else None
@@ -99,8 +102,16 @@ def _cmd_central(args: argparse.Namespace) -> None:
               f"Recall@20 {m['recall@20']:.4f}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors reduced to the one-line form of every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"fedshare: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedshare", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fedshare", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="datasets, splits and sharing plans")
@@ -128,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return int(exc.code or 0)
     try:
         args.func(args)
     except FedShareError as exc:

@@ -91,6 +91,8 @@ class PreparedData:
                                 "missing)") from None
         except (json.JSONDecodeError, ValueError, OSError, zipfile.BadZipFile):
             raise FedShareError(f"{folder} holds a corrupt prepared-data file") from None
+        if not isinstance(meta, dict):
+            raise FedShareError(f"{folder}/meta.json is not a JSON object")
         if meta.get("format") != FORMAT_VERSION:
             raise FedShareError(f"{folder}: unsupported format {meta.get('format')}")
         try:

@@ -68,12 +68,20 @@ class ClientPopulation:
         self.num_items = data.num_items
         train = data.split.train
         local = data.plan.local(train) if shares else train
+        shared = data.plan.shared_data(train) if shares else train.subset(np.zeros(len(train),
+                                                                                     bool))
+        mine = np.isin(shared.users, self.users)
+        self._shared_users, self._shared_items = shared.users[mine], shared.items[mine]
         self._local_ptr, self._local_items = local.items_by_user()
         self._all_ptr, self._all_items = train.items_by_user()
         self.valid, self.test = data.split.valid, data.split.test
         self.train_data = train
         self.embeddings = initial_user_embeddings(self.users, self.num_users, dim, seed)
         self._row = {int(u): k for k, u in enumerate(self.users)}
+
+    def shared_interactions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(user, item) pairs of the served users' I_share: what sharing uploads (Eq. 7)."""
+        return self._shared_users.copy(), self._shared_items.copy()
 
     def local_count(self, users: np.ndarray) -> np.ndarray:
         users = np.asarray(users, dtype=np.int64)

@@ -1,0 +1,79 @@
+"""The FedShare ClientApp (Message API): one node serves one user or a cohort of users.
+
+Which users a node serves comes from its node config (``user-id``, or ``partition-id`` and
+``num-partitions`` in simulation); the round's sampled users arrive in each train message. A
+cohort trains all of them in one call of the batched local trainer and replies with the FedAvg
+mean and weight, which averages to exactly what per-user nodes would give (Eq. 16). User
+embeddings never leave the node: they live in the node's ``context.state`` across rounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedshare.federated.population import ClientPopulation
+from fedshare.federated.runconfig import data_key, federated_config, load_data, node_users
+from strategies.records import WEIGHT, int_array, table_from, update_records
+
+torch.set_num_threads(1)  # one CPU per virtual node on a small machine
+app = ClientApp()
+STATE = "fedshare-client"
+
+
+def _population(context: Context) -> ClientPopulation:
+    """This node's users and data, with the private embeddings restored from the node state."""
+    data = load_data(data_key(context.run_config, context.node_config))
+    config = federated_config(context.run_config)
+    users = node_users(context.node_config, data.num_users)
+    population = ClientPopulation(data, users, config.dim, config.seed, shares=config.shares)
+    if STATE in context.state:
+        population.embeddings = torch.from_numpy(
+            context.state[STATE]["user-embeddings"].numpy().copy())
+    return population
+
+
+def _save(population: ClientPopulation, context: Context) -> None:
+    context.state[STATE] = ArrayRecord({"user-embeddings": Array(population.embeddings.numpy())})
+
+
+@app.query("share")
+def share(msg: Message, context: Context) -> Message:
+    """Upload this node's I_share (and nothing of I_local) and describe its users."""
+    population = _population(context)
+    users, items = population.shared_interactions()
+    arrays = ArrayRecord({"served-users": int_array(population.users),
+                          "local-counts": int_array(population.local_count(population.users)),
+                          "share-users": int_array(users), "share-items": int_array(items)})
+    metrics = MetricRecord({"num-items": population.num_items,
+                            "num-users-total": population.num_users})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training of the round's sampled users of this node (Eq. 12-15)."""
+    population = _population(context)
+    config = federated_config(context.run_config)
+    settings = msg.content["config"]
+    users = np.asarray(settings["users"], dtype=np.int64)
+    table = table_from(msg.content["arrays"])
+    update = population.train(users, table, config.local, config.seed,
+                              int(settings["server-round"]))
+    _save(population, context)
+    arrays, metrics = update_records(update)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Rank all items for every served user; reply with metric means and the user count."""
+    population = _population(context)
+    settings: ConfigRecord = msg.content["config"]
+    sums, count = population.evaluate(population.users, table_from(msg.content["arrays"]),
+                                      str(settings.get("part", "valid")))
+    metrics = {name: value / max(count, 1) for name, value in sums.items()}
+    reply = MetricRecord({**metrics, WEIGHT: count})
+    return Message(RecordDict({"metrics": reply}), reply_to=msg)

@@ -1,0 +1,34 @@
+"""An optional log of every reply the server receives, for privacy audits.
+
+With ``audit-dir`` set in the run config, each reply's arrays and metrics are written to one
+``.npz`` file, so a test (or an auditor) can check afterwards what reached the server.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Message
+
+
+class MessageAudit:
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._count = 0
+
+    def record(self, kind: str, server_round: int, message: Message) -> None:
+        if message.has_error():
+            return
+        arrays: dict[str, np.ndarray] = {}
+        for name, record in message.content.array_records.items():
+            for key, value in record.items():
+                arrays[f"{name}/{key}"] = value.numpy()
+        metrics = {f"{name}/{k}": v for name, record in message.content.metric_records.items()
+                   for k, v in record.items()}
+        self._count += 1
+        stem = f"{self._count:06d}-{kind}-r{server_round}-n{message.metadata.src_node_id}"
+        np.savez(self.folder / f"{stem}.npz", **arrays)
+        (self.folder / f"{stem}.json").write_text(json.dumps(metrics))

@@ -1,0 +1,145 @@
+"""The FedShare learning-phase strategy on Flower's ``flwr.serverapp.strategy`` API.
+
+Each round (Algorithm 1): sample users (Sec. IV-B1), send V_s to the nodes serving them
+(configure_train), average the replies (Eq. 16, :func:`fedshare.federated.aggregation.aggregate`)
+and let the server refine the result on G_s (Eq. 17-18, :class:`fedshare.federated.server.Server`)
+in aggregate_train. Validation runs every ``eval-every`` rounds on every node. The ML lives in
+the Flower-free ``fedshare.federated`` package; this class only routes messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedshare.data.interactions import Interactions
+from fedshare.federated.aggregation import aggregate
+from fedshare.federated.config import FederatedConfig
+from fedshare.federated.server import Server
+from fedshare.federated.simulate import sample_users
+from strategies.audit import MessageAudit
+from strategies.records import WEIGHT, table_record, update_from
+
+
+@dataclass
+class Directory:
+    """What the server learned from the nodes' share replies: who is where, and D_s."""
+
+    node_users: dict[int, np.ndarray]
+    local_counts: dict[int, int]
+    shared: Interactions
+
+    @property
+    def user_node(self) -> dict[int, int]:
+        return {int(u): node for node, users in self.node_users.items() for u in users}
+
+
+class FedShareStrategy(FedAvg):
+    """FedShare and its learning-phase variants (``config.variant``).
+
+    Args:
+        config: the run's settings.
+        directory: node -> users map, |I_local| per user, and the shared data D_s.
+        progress: called with each validation row.
+        audit: optional log of every reply.
+    """
+
+    def __init__(self, config: FederatedConfig, directory: Directory,
+                 progress: Callable[[dict], None] | None = None,
+                 audit: MessageAudit | None = None) -> None:
+        nodes = len(directory.node_users)
+        super().__init__(fraction_train=config.fraction, min_train_nodes=1,
+                         min_evaluate_nodes=nodes, min_available_nodes=nodes)
+        self.config = config
+        self.directory = directory
+        self.server = Server(directory.shared, config)
+        self.user_node = directory.user_node
+        self.candidates = np.array(sorted(u for u, n in directory.local_counts.items() if n > 0),
+                                   dtype=np.int64)
+        self.progress = progress
+        self.audit = audit
+        self.history: list[dict] = []
+        self.started = time.perf_counter()
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> FedShare variant %s, %d nodes, %d trainable users",
+            self.config.variant, len(self.directory.node_users), len(self.candidates))
+        log(INFO, "\t└──> shared interactions |D_s| = %d", len(self.directory.shared))
+
+    def _messages(self, per_node: dict[int, ConfigRecord], arrays: ArrayRecord,
+                  message_type: str) -> list[Message]:
+        return [Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=node,
+                        message_type=message_type) for node, cfg in per_node.items()]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        users = sample_users(self.candidates, self.config.fraction, self.config.seed,
+                             server_round)
+        per_node: dict[int, list[int]] = {}
+        for u in users:
+            per_node.setdefault(self.user_node[int(u)], []).append(int(u))
+        return self._messages(
+            {node: ConfigRecord({"users": us, "server-round": server_round})
+             for node, us in per_node.items()}, arrays, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        for message in errors:
+            log(WARNING, "node %d failed: %s", message.metadata.src_node_id, message.error.reason)
+        if self.audit is not None:
+            for message in valid:
+                self.audit.record("train", server_round, message)
+        updates = [update_from(m.content["arrays"], m.content["metrics"]) for m in valid]
+        extra = self.server.server_client_update(server_round)
+        if extra is not None:
+            updates.append(extra)
+        local_view = aggregate(self.server.table, updates, self.config.aggregation,
+                               self.config.server_lr)
+        table = self.server.finish_round(local_view, server_round)
+        metrics = MetricRecord({"num-users": sum(u.num_users for u in updates),
+                                WEIGHT: float(sum(u.weight for u in updates))})
+        return table_record(table), metrics
+
+    def _is_eval_round(self, server_round: int) -> bool:
+        return server_round % self.config.eval_every == 0 or server_round == self.config.rounds
+
+    def evaluate_messages(self, arrays: ArrayRecord, part: str) -> list[Message]:
+        return self._messages({node: ConfigRecord({"part": part})
+                               for node in self.directory.node_users}, arrays,
+                              MessageType.EVALUATE)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.evaluate_messages(arrays, "valid") if self._is_eval_round(server_round) \
+            else []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        replies = list(replies)
+        if self.audit is not None:
+            for message in replies:
+                self.audit.record("evaluate", server_round, message)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None and server_round > 0:
+            row = {"round": server_round, "seconds": time.perf_counter() - self.started,
+                   **{f"valid_{k}": float(v) for k, v in metrics.items() if k != WEIGHT}}
+            self.history.append(row)
+            if self.progress is not None:
+                self.progress(row)
+        return metrics
+
+    def evaluate_now(self, grid: Grid, part: str, timeout: float = 3600) -> dict[str, float]:
+        """Score the current table on ``part`` across all nodes (after training)."""
+        replies = grid.send_and_receive(self.evaluate_messages(table_record(self.server.table),
+                                                               part), timeout=timeout)
+        metrics = super().aggregate_evaluate(-1, replies)
+        return {k: float(v) for k, v in (metrics or {}).items() if k != WEIGHT}

@@ -1,0 +1,109 @@
+"""The FedShare ServerApp: share round, learning rounds, final evaluation, run outputs.
+
+The server never loads interaction data itself: it learns D_s from the nodes' ``query.share``
+replies (each node uploads only its users' I_share) and scores the model through evaluate
+messages. Outputs go to ``out-dir``: ``config.json``, ``metrics.csv`` (one row per validation)
+and ``summary.json`` (final validation and test HR/NDCG/Recall@20, wall time, bytes kept).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedshare.data.interactions import Interactions
+from fedshare.errors import FedShareError
+from fedshare.federated.runconfig import federated_config
+from fedshare.reports import write_json
+from strategies.audit import MessageAudit
+from strategies.fedshare import Directory, FedShareStrategy
+
+app = ServerApp()
+PROGRESS = "fedshare-progress"
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    """Block until ``expected`` nodes are connected (simulated nodes register asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FedShareError(f"only {len(nodes)} of {expected} nodes connected")
+        time.sleep(0.5)
+
+
+def collect_shares(grid: Grid, nodes: list[int], audit: MessageAudit | None) -> Directory:
+    """Ask every node for its users and its I_share; build D_s (Eq. 7)."""
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+                        message_type="query.share") for node in nodes]
+    replies = list(grid.send_and_receive(messages))
+    failed = [r for r in replies if r.has_error()]
+    if failed:
+        raise FedShareError(f"share round failed on node {failed[0].metadata.src_node_id}: "
+                            f"{failed[0].error.reason}")
+    node_users, counts, users, items = {}, {}, [], []
+    num_items = num_users = 0
+    for reply in replies:
+        if audit is not None:
+            audit.record("share", 0, reply)
+        arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+        served = arrays["served-users"].numpy()
+        node_users[reply.metadata.src_node_id] = served
+        counts.update(zip(served.tolist(), arrays["local-counts"].numpy().tolist(), strict=True))
+        users.append(arrays["share-users"].numpy())
+        items.append(arrays["share-items"].numpy())
+        num_items = int(metrics["num-items"])
+        num_users = int(metrics["num-users-total"])
+    shared = Interactions.from_arrays(np.concatenate(users), np.concatenate(items), num_users,
+                                      num_items)
+    return Directory(node_users, counts, shared)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = context.run_config
+    config = federated_config(run_config)
+    out_dir = Path(str(run_config.get("out-dir") or f"runs/flwr-{time.strftime('%Y%m%d-%H%M%S')}"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    audit = MessageAudit(str(run_config["audit-dir"])) if run_config.get("audit-dir") else None
+    started = time.perf_counter()
+    nodes = wait_for_nodes(grid, int(run_config.get("num-nodes", 2)),
+                           float(run_config.get("node-timeout", 120)))
+    directory = collect_shares(grid, nodes, audit)
+
+    def progress(row: dict) -> None:
+        log(INFO, "%s round %d  %.1f s  valid HR@20 %.4f  NDCG@20 %.4f", PROGRESS, row["round"],
+            row["seconds"], row["valid_hr@20"], row["valid_ndcg@20"])
+
+    strategy = FedShareStrategy(config, directory, progress, audit)
+    write_json(out_dir / "config.json", {**config.to_dict(), **{
+        k: v for k, v in run_config.items() if k not in config.to_run_config()}})
+    strategy.start(grid, _initial(strategy), num_rounds=config.rounds)
+    valid = strategy.evaluate_now(grid, "valid")
+    test = strategy.evaluate_now(grid, "test")
+    pd.DataFrame(strategy.history).to_csv(out_dir / "metrics.csv", index=False)
+    summary = {"variant": config.variant, "rounds": config.rounds, "valid": valid,
+               "test": test, "seconds": time.perf_counter() - started,
+               "nodes": len(nodes), "shared_interactions": len(directory.shared),
+               "snapshot_bytes": strategy.server.snapshot_bytes(),
+               "snapshots": len(strategy.server.snapshots)}
+    write_json(out_dir / "summary.json", summary)
+    log(INFO, "%s done  test HR@20 %.4f  NDCG@20 %.4f  -> %s", PROGRESS,
+        test.get("hr@20", float("nan")), test.get("ndcg@20", float("nan")), out_dir)
+    print(json.dumps(summary))
+
+
+def _initial(strategy: FedShareStrategy):
+    from strategies.records import table_record
+
+    return table_record(strategy.server.table)
