@@ -110,6 +110,20 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _cmd_run(args: argparse.Namespace) -> None:
+    from simulations.experiment import resolve, run_experiment
+
+    experiment = resolve(args.config, args.set)
+    config = experiment.config
+    print(f"run {experiment.name}: {config.variant}, {config.rounds} rounds, "
+          f"{experiment.num_supernodes} nodes, engine {args.engine}", file=sys.stderr)
+    out, summary = run_experiment(experiment, args.out, args.engine,
+                                  lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    test = summary["test"]
+    print(f"{experiment.name}: test HR@20 {test['hr@20']:.4f}  NDCG@20 {test['ndcg@20']:.4f}  "
+          f"({summary['seconds']:.1f} s) -> {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedshare", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     central.add_argument("--out", help="folder for summary.json")
     central.add_argument("--json", action="store_true", help="print the summary as JSON")
     central.set_defaults(func=_cmd_central)
+
+    run = commands.add_parser("run", help="one federated learning run (Flower simulation)")
+    run.add_argument("--config", help="a config file, e.g. simulations/configs/fedshare.toml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a run setting (repeatable), e.g. --set rounds=50")
+    run.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
+                     help="flower: the real app on Ray virtual nodes; inprocess: same code, "
+                     "one process")
+    run.add_argument("--out", default="runs", help="parent folder of the run folder")
+    run.set_defaults(func=_cmd_run)
     return parser
 
 

@@ -25,6 +25,7 @@ from fedshare.federated.runconfig import federated_config
 from fedshare.reports import write_json
 from strategies.audit import MessageAudit
 from strategies.fedshare import Directory, FedShareStrategy
+from strategies.records import table_record
 
 app = ServerApp()
 PROGRESS = "fedshare-progress"
@@ -88,11 +89,13 @@ def main(grid: Grid, context: Context) -> None:
     strategy = FedShareStrategy(config, directory, progress, audit)
     write_json(out_dir / "config.json", {**config.to_dict(), **{
         k: v for k, v in run_config.items() if k not in config.to_run_config()}})
-    strategy.start(grid, _initial(strategy), num_rounds=config.rounds)
+    strategy.start(grid, table_record(strategy.server.table), num_rounds=config.rounds)
     valid = strategy.evaluate_now(grid, "valid")
     test = strategy.evaluate_now(grid, "test")
     pd.DataFrame(strategy.history).to_csv(out_dir / "metrics.csv", index=False)
-    summary = {"variant": config.variant, "rounds": config.rounds, "valid": valid,
+    np.save(out_dir / "item_table.npy", strategy.server.table.numpy())
+    summary = {"variant": config.variant, "rounds": config.rounds, "engine": "flower",
+               "valid": valid,
                "test": test, "seconds": time.perf_counter() - started,
                "nodes": len(nodes), "shared_interactions": len(directory.shared),
                "snapshot_bytes": strategy.server.snapshot_bytes(),
@@ -101,9 +104,3 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "%s done  test HR@20 %.4f  NDCG@20 %.4f  -> %s", PROGRESS,
         test.get("hr@20", float("nan")), test.get("ndcg@20", float("nan")), out_dir)
     print(json.dumps(summary))
-
-
-def _initial(strategy: FedShareStrategy):
-    from strategies.records import table_record
-
-    return table_record(strategy.server.table)

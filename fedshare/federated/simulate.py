@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from fedshare.data.prepared import PreparedData
 from fedshare.federated.aggregation import aggregate
@@ -33,6 +34,7 @@ class RunResult:
     test: dict[str, float] = field(default_factory=dict)
     valid: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    table: torch.Tensor | None = None
 
 
 def _means(sums: dict[str, float], n: int) -> dict[str, float]:
@@ -69,4 +71,5 @@ def simulate(data: PreparedData, config: FederatedConfig,
     result.valid = _means(*population.evaluate(everyone, server.table, "valid"))
     result.test = _means(*population.evaluate(everyone, server.table, "test"))
     result.seconds = time.perf_counter() - start_time
+    result.table = server.table.clone()
     return result
