@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/fedshare data stats --dataset ml-100k
-	$(VENV)/bin/fedshare central --dataset ml-100k --model popularity
-	$(VENV)/bin/fedshare central --dataset ml-100k --model lightgcn --out runs/central-lightgcn
+	$(VENV)/bin/fedshare run --config simulations/configs/fedshare.toml
+	$(VENV)/bin/fedshare learning-table
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -124,6 +124,23 @@ def _cmd_run(args: argparse.Namespace) -> None:
           f"({summary['seconds']:.1f} s) -> {out}")
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
+
+
+def _cmd_learning_table(args: argparse.Namespace) -> None:
+    from simulations.learning_table import learning_table, to_markdown
+
+    folder, stats = learning_table(args.seeds, args.set, args.engine, args.out, args.workers,
+                                   lambda line: print(line, file=sys.stderr, flush=True))
+    print(to_markdown(stats))
+    print(f"saved in {folder}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedshare", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "one process")
     run.add_argument("--out", default="runs", help="parent folder of the run folder")
     run.set_defaults(func=_cmd_run)
+
+    table = commands.add_parser("learning-table", help="every learning method over seeds")
+    table.add_argument("--seeds", type=_seeds, default=(0, 1, 2))
+    table.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a run setting for every federated cell")
+    table.add_argument("--engine", choices=("flower", "inprocess"), default="inprocess")
+    table.add_argument("--workers", type=int, default=2, help="parallel in-process cells")
+    table.add_argument("--out", default="runs")
+    table.set_defaults(func=_cmd_learning_table)
     return parser
 
 

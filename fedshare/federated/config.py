@@ -53,8 +53,8 @@ class FederatedConfig:
     server_steps: int = 10
     server_refine_lr: float = 5e-3
     server_batch_size: int = 2048
-    tau: float = 0.2
-    lambda1: float = 0.1
+    tau: float = 0.5
+    lambda1: float = 0.5
     reg: float = 1e-4
     num_layers: int = 3
     snapshots: int = 5
