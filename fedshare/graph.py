@@ -38,6 +38,9 @@ class BipartiteGraph:
             self.adj = to_torch_csr_tensor(edge_index.flip(0), weight, (num_nodes, num_nodes))
         self._conv = LGConv(normalize=False)
 
+    def __deepcopy__(self, memo: dict) -> BipartiteGraph:
+        return self  # immutable once built (torch cannot deep-copy sparse CSR tensors)
+
     def propagate(self, users: Tensor, items: Tensor, num_layers: int = 3
                   ) -> tuple[Tensor, Tensor]:
         """LightGCN (Eq. 13-14) with layer weights ``1 / (L + 1)``.

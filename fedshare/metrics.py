@@ -24,7 +24,7 @@ from fedshare.data.interactions import Interactions
 Scorer = Callable[[Tensor], Tensor]  # user ids [B] -> scores [B, num_items]
 
 
-def _csr_mask(users: Tensor, data: Sequence[Interactions], num_items: int) -> Tensor:
+def interaction_mask(users: Tensor, data: Sequence[Interactions], num_items: int) -> Tensor:
     """Dense boolean ``[B, num_items]`` marking the items of ``users`` in any of ``data``."""
     mask = torch.zeros(len(users), num_items, dtype=torch.bool)
     pos = torch.full((int(users.max()) + 1 if len(users) else 0,), -1, dtype=torch.long)
@@ -77,8 +77,8 @@ def topk_sums(scorer: Scorer, heldout: Interactions, exclude: Sequence[Interacti
         for start in range(0, len(candidates), chunk_size):
             chunk = torch.from_numpy(candidates[start:start + chunk_size])
             scores = scorer(chunk)
-            relevant = _csr_mask(chunk, [heldout], heldout.num_items)
-            masked = _csr_mask(chunk, exclude, heldout.num_items)
+            relevant = interaction_mask(chunk, [heldout], heldout.num_items)
+            masked = interaction_mask(chunk, exclude, heldout.num_items)
             for k in ks:
                 for name, values in topk_metrics(scores, relevant, masked, k).items():
                     sums[f"{name}@{k}"] += float(values.sum())

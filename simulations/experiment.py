@@ -90,7 +90,8 @@ def resolve(path: str | Path | None, sets: Sequence[str] = (), name: str | None 
     num_supernodes = federation.pop("num-supernodes", 2)
     if federation:
         raise FedShareError(f"unknown federation setting(s) {', '.join(sorted(federation))}")
-    if not isinstance(num_supernodes, int) or num_supernodes < 1:
+    if isinstance(num_supernodes, bool) or not isinstance(num_supernodes, int) \
+            or num_supernodes < 1:
         raise FedShareError("num-supernodes must be a positive integer")
     run["num-nodes"] = num_supernodes
     experiment = Experiment(name or (Path(path).stem if path else "default"), run,

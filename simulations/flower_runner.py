@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -49,8 +50,10 @@ def _superlink_running() -> bool:
         return False
 
 
-def _stop_processes_mentioning(text: str) -> None:
-    """Stop the SuperLink this run started (its command line names our FLWR_HOME)."""
+def _stop_processes_mentioning(text: str, wait: float = 15.0) -> None:
+    """Stop the SuperLink this run started (its command line names our FLWR_HOME) and wait
+    until it is gone, so that the next run starts its own."""
+    pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -59,6 +62,24 @@ def _stop_processes_mentioning(text: str) -> None:
         if text in cmdline and "flower-superlink" in cmdline:
             with contextlib.suppress(OSError):
                 os.kill(int(proc.name), signal.SIGTERM)
+                pids.append(int(proc.name))
+    deadline = time.monotonic() + wait
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists()
+                and "zombie" not in _state(p)]
+        time.sleep(0.2)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    while _superlink_running() and time.monotonic() < deadline + 5:
+        time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:

@@ -139,7 +139,10 @@ class FedShareStrategy(FedAvg):
 
     def evaluate_now(self, grid: Grid, part: str, timeout: float = 3600) -> dict[str, float]:
         """Score the current table on ``part`` across all nodes (after training)."""
-        replies = grid.send_and_receive(self.evaluate_messages(table_record(self.server.table),
-                                                               part), timeout=timeout)
+        replies = list(grid.send_and_receive(
+            self.evaluate_messages(table_record(self.server.table), part), timeout=timeout))
+        if self.audit is not None:
+            for message in replies:
+                self.audit.record("evaluate", self.config.rounds, message)
         metrics = super().aggregate_evaluate(-1, replies)
         return {k: float(v) for k, v in (metrics or {}).items() if k != WEIGHT}

@@ -115,6 +115,11 @@ class FederatedConfig:
             if name not in known:
                 raise FedShareError(f"unknown setting {key!r}")
             default = getattr(defaults, name)
+            exact_int = isinstance(default, int) and (
+                isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()))
+            if exact_int or (isinstance(default, str) and not isinstance(value, str)):
+                raise FedShareError(f"setting {key!r} expects {type(default).__name__}, "
+                                    f"got {value!r}")
             try:
                 kwargs[name] = type(default)(value)
             except (TypeError, ValueError):

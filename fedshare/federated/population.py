@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
-from fedshare.metrics import topk_sums
+from fedshare.metrics import Scorer, topk_sums
 from fedshare.models.local import LocalTrainConfig, UserBatch, train_local, user_representation
 from fedshare.sampling import counter_uniform
 
@@ -135,12 +135,17 @@ class ClientPopulation:
         users = np.asarray(users, dtype=np.int64)
         heldout: Interactions = self.valid if part == "valid" else self.test
         exclude = [self.train_data] if part == "valid" else [self.train_data, self.valid]
+        return topk_sums(self.scorer(table, users), heldout, exclude, ks, users=users)
+
+    def scorer(self, table: Tensor, users: np.ndarray | None = None) -> Scorer:
+        """Client-side ranking scores (cosine, see module docstring) of served ``users``."""
+        users = self.users if users is None else np.asarray(users, dtype=np.int64)
         items = F.normalize(table, dim=-1)
         vectors = F.normalize(self.user_vectors(users, table), dim=-1)
         position = torch.full((self.num_users,), -1, dtype=torch.long)
         position[torch.from_numpy(users)] = torch.arange(len(users))
 
-        def scorer(chunk: Tensor) -> Tensor:
+        def score(chunk: Tensor) -> Tensor:
             return vectors[position[chunk]] @ items.T
 
-        return topk_sums(scorer, heldout, exclude, ks, users=users)
+        return score

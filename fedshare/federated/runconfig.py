@@ -60,4 +60,6 @@ def node_users(node_config: Mapping[str, Any], num_users: int) -> np.ndarray:
     except KeyError:
         raise FedShareError("node config needs user-id, or partition-id and num-partitions")\
             from None
+    if parts < 1 or not 0 <= part < parts:
+        raise FedShareError(f"partition-id {part} outside [0, num-partitions={parts})")
     return np.array_split(np.arange(num_users, dtype=np.int64), parts)[part]

@@ -31,6 +31,7 @@ from fedshare.graph import BipartiteGraph
 from fedshare.losses import bpr_loss, info_nce
 from fedshare.models.embeddings import xavier_table
 from fedshare.sampling import sample_negatives
+from fedshare.unlearning.contrastive import contrastive_unlearning_loss
 
 
 class Server:
@@ -47,14 +48,26 @@ class Server:
         generator = torch.Generator().manual_seed(config.seed)
         self.table = xavier_table(shared.num_items, config.dim, generator)
         self.shared = shared
-        self.graph = BipartiteGraph(shared) if len(shared) and config.shares else None
         self.user = torch.nn.Parameter(xavier_table(shared.num_users, config.dim, generator))
         self.item = torch.nn.Parameter(self.table.clone())
         self.optimizer = torch.optim.Adam([self.user, self.item], lr=config.server_refine_lr)
+        self.set_shared(shared)
+        self.snapshots: deque[Tensor] = deque(maxlen=max(config.snapshots, 1))
+
+    def set_shared(self, shared: Interactions) -> None:
+        """(Re)build G_s from D_s, e.g. after unsharing (Eq. 19-20).
+
+        D_s is put in a canonical (user, item) order first: the server's batches are drawn by
+        position, and D_s arrives in whatever order the nodes' share replies come back.
+        """
+        keys = np.unique(shared.users * shared.num_items + shared.items)
+        shared = Interactions.from_arrays(keys // shared.num_items, keys % shared.num_items,
+                                          shared.num_users, shared.num_items)
+        self.shared = shared
+        self.graph = BipartiteGraph(shared) if len(shared) and self.config.shares else None
         self._edges_u, self._edges_i = shared.users, shared.items
         self._known = np.unique(self._edges_u * shared.num_items + self._edges_i)
         self._graph_items = torch.from_numpy(np.flatnonzero(shared.item_degrees() > 0))
-        self.snapshots: deque[Tensor] = deque(maxlen=max(config.snapshots, 1))
 
     @property
     def trains_on_graph(self) -> bool:
@@ -100,13 +113,38 @@ class Server:
             self.optimizer.step()
         return self.item.detach().clone()
 
+    def unlearn_round(self, local_view: Tensor, round_: int, forgotten: Tensor,
+                      has_forgotten: Tensor, steps: int, tau: float, bpr: bool) -> Tensor:
+        """Algorithm 2, lines 12-17: minimise L_CU (Eq. 25), optionally + BPR on the updated G_s,
+        starting from the new local view; the result becomes V_s."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, round_, 0xF0E7])
+        items = torch.unique(torch.cat([self._graph_items,
+                                        has_forgotten.nonzero().squeeze(1)]))
+        with torch.no_grad():
+            self.item.copy_(local_view)
+        for step in range(steps):
+            if self.graph is not None:
+                users_g, items_g = self.graph.propagate(self.user, self.item, cfg.num_layers)
+            else:
+                users_g, items_g = self.user, self.item / (cfg.num_layers + 1)
+            loss = contrastive_unlearning_loss(self.item[items], items_g[items],
+                                               forgotten[:, items], has_forgotten[items], tau)
+            if bpr and self.graph is not None:
+                loss = loss + self._bpr(users_g, items_g, rng, round_, step)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        self.table = self.item.detach().clone()
+        return self.table
+
     def server_client_update(self, round_: int) -> NodeUpdate | None:
         """FedShare-FedAvg: the server trains on D_s like one more client of weight |D_s|."""
         if self.config.variant != "fedshare-fedavg" or not self.trains_on_graph:
             return None
         table = self._train_on_graph(self.table, round_, contrastive=False)
-        row_weight = torch.zeros(self.num_items)
-        row_weight[self._graph_items] = float(len(self.shared))
+        changed = (table != self.table).any(dim=1)
+        row_weight = changed.float() * float(len(self.shared))
         return NodeUpdate(table, float(len(self.shared)), row_weight, 1)
 
     def finish_round(self, aggregated: Tensor, round_: int) -> Tensor:

@@ -22,7 +22,7 @@ from fedshare.federated.server import Server
 
 def sample_users(candidates: np.ndarray, fraction: float, seed: int, round_: int) -> np.ndarray:
     """The users of round ``round_`` (Sec. IV-B1): a seeded uniform sample without replacement."""
-    n = max(1, int(np.ceil(fraction * len(candidates))))
+    n = max(1, int(np.ceil(round(fraction * len(candidates), 9))))
     rng = np.random.default_rng([seed, round_, 0x5A3])
     return np.sort(rng.choice(candidates, size=min(n, len(candidates)), replace=False))
 
@@ -35,41 +35,69 @@ class RunResult:
     valid: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     table: torch.Tensor | None = None
+    federation: InProcessFederation | None = None
 
 
 def _means(sums: dict[str, float], n: int) -> dict[str, float]:
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
+class InProcessFederation:
+    """Server and every client in one process; the state the unlearning phase continues from.
+
+    Args:
+        data: split and sharing plan.
+        config: the run's settings.
+    """
+
+    def __init__(self, data: PreparedData, config: FederatedConfig) -> None:
+        self.data = data
+        self.config = config
+        shared = data.plan.shared_data(data.split.train)
+        if not config.shares:
+            shared = shared.subset(np.zeros(len(shared), bool))
+        self.server = Server(shared, config)
+        self.population = ClientPopulation(data, np.arange(data.num_users), config.dim,
+                                           config.seed, shares=config.shares)
+        self.candidates = self.population.trainable()
+
+    def train_round(self, round_: int) -> torch.Tensor:
+        """Sample, train locally and aggregate (Eq. 12-16): the round's local view."""
+        cfg = self.config
+        users = sample_users(self.candidates, cfg.fraction, cfg.seed, round_)
+        updates = [self.population.train(users, self.server.table, cfg.local, cfg.seed, round_)]
+        extra = self.server.server_client_update(round_)
+        if extra is not None:
+            updates.append(extra)
+        return aggregate(self.server.table, updates, cfg.aggregation, cfg.server_lr)
+
+    def round(self, round_: int) -> None:
+        """One round of Algorithm 1."""
+        self.server.finish_round(self.train_round(round_), round_)
+
+    def evaluate(self, part: str) -> dict[str, float]:
+        everyone = np.arange(self.data.num_users)
+        return _means(*self.population.evaluate(everyone, self.server.table, part))
+
+
 def simulate(data: PreparedData, config: FederatedConfig,
              progress: Callable[[dict], None] | None = None) -> RunResult:
     """Run ``config.rounds`` rounds of Algorithm 1 and evaluate like the Flower app does."""
     start_time = time.perf_counter()
-    shared = data.plan.shared_data(data.split.train)
-    server = Server(shared if config.shares else shared.subset(np.zeros(len(shared), bool)),
-                    config)
-    population = ClientPopulation(data, np.arange(data.num_users), config.dim, config.seed,
-                                  shares=config.shares)
-    candidates = population.trainable()
-    everyone = np.arange(data.num_users)
+    federation = InProcessFederation(data, config)
     result = RunResult(config.to_dict())
     for round_ in range(1, config.rounds + 1):
-        users = sample_users(candidates, config.fraction, config.seed, round_)
-        updates = [population.train(users, server.table, config.local, config.seed, round_)]
-        extra = server.server_client_update(round_)
-        if extra is not None:
-            updates.append(extra)
-        local_view = aggregate(server.table, updates, config.aggregation, config.server_lr)
-        server.finish_round(local_view, round_)
+        federation.round(round_)
         if round_ % config.eval_every == 0 or round_ == config.rounds:
-            valid = _means(*population.evaluate(everyone, server.table, "valid"))
+            valid = federation.evaluate("valid")
             row = {"round": round_, "seconds": time.perf_counter() - start_time,
                    **{f"valid_{k}": v for k, v in valid.items()}}
             result.history.append(row)
             if progress is not None:
                 progress(row)
-    result.valid = _means(*population.evaluate(everyone, server.table, "valid"))
-    result.test = _means(*population.evaluate(everyone, server.table, "test"))
+    result.valid = federation.evaluate("valid")
+    result.test = federation.evaluate("test")
     result.seconds = time.perf_counter() - start_time
-    result.table = server.table.clone()
+    result.table = federation.server.table.clone()
+    result.federation = federation
     return result
