@@ -41,16 +41,17 @@ class BipartiteGraph:
     def __deepcopy__(self, memo: dict) -> BipartiteGraph:
         return self  # immutable once built (torch cannot deep-copy sparse CSR tensors)
 
-    def propagate(self, users: Tensor, items: Tensor, num_layers: int = 3
-                  ) -> tuple[Tensor, Tensor]:
+    def propagate(self, users: Tensor, items: Tensor, num_layers: int = 3,
+                  include_input: bool = True) -> tuple[Tensor, Tensor]:
         """LightGCN (Eq. 13-14) with layer weights ``1 / (L + 1)``.
 
         Returns the combined user and item embeddings; differentiable w.r.t. both inputs.
+        ``include_input=False`` averages layers 1..L only: what reached a node over the edges.
         """
         x = torch.cat([users, items])
-        total = x
+        total = x if include_input else torch.zeros_like(x)
         for _ in range(num_layers):
             x = self._conv(x, self.adj)
             total = total + x
-        out = total / (num_layers + 1)
+        out = total / (num_layers + int(include_input))
         return out[: self.num_users], out[self.num_users:]

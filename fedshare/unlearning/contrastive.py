@@ -48,6 +48,7 @@ class UnlearningConfig:
     bpr: bool = True
     forgotten_graph: bool = True
     remaining_fl: bool = True
+    include_self: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.steps < 0 or self.tau <= 0 or self.lr <= 0:
@@ -74,7 +75,8 @@ def contrastive_unlearning_loss(local: Tensor, global_: Tensor, forgotten: Tenso
 
 
 def forgotten_views(snapshots: list[Tensor], users: Tensor, forgotten: Interactions,
-                    num_layers: int, use_graph: bool = True) -> Tensor:
+                    num_layers: int, use_graph: bool = True, include_self: bool = False
+                    ) -> Tensor:
     """Forgotten views ``[M, I, d]``: LightGCN on G_f (Eq. 23) from each snapshot (Eq. 24), or
     the raw snapshots (ablation w/o forgotten graph)."""
     if not snapshots:
@@ -83,4 +85,5 @@ def forgotten_views(snapshots: list[Tensor], users: Tensor, forgotten: Interacti
         return torch.stack(snapshots)
     graph = BipartiteGraph(forgotten)
     with torch.no_grad():
-        return torch.stack([graph.propagate(users, table, num_layers)[1] for table in snapshots])
+        return torch.stack([graph.propagate(users, table, num_layers, include_self)[1]
+                            for table in snapshots])

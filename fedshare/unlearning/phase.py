@@ -88,7 +88,8 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
                                                      "remaining_fl": False})}[method]
         forgotten = store.forgotten()
         views = forgotten_views(list(server.snapshots), server.user.detach(), forgotten,
-                                learned.config.num_layers, cfg.forgotten_graph)
+                                learned.config.num_layers, cfg.forgotten_graph,
+                                cfg.include_self)
         has_forgotten = torch.zeros(server.num_items, dtype=torch.bool)
         has_forgotten[torch.from_numpy(np.unique(forgotten.items))] = True
         for r in range(1, cfg.rounds + 1):

@@ -31,16 +31,29 @@ def remaining_data(data: PreparedData) -> PreparedData:
                         data.split_seed, data.split_fractions)
 
 
-def add_canaries(data: PreparedData, per_user: int = 5, seed: int = 0
+def add_canaries(data: PreparedData, per_user: int = 5, seed: int = 0, common: bool = False
                  ) -> tuple[PreparedData, Interactions]:
     """Add ``per_user`` canary interactions to every unsharing user's shared, to-unlearn data.
 
     Returns the new data and the canaries. Canary items are drawn uniformly among the items the
-    user has no interaction with in any part of the split.
+    user has no interaction with in any part of the split. ``common=True`` repeats one set of
+    canary items across all unsharing users (items none of them ever interacted with): each
+    canary then carries many forgotten edges, a much stronger memorisation signal.
     """
     train = data.split.train
     users = data.plan.unsharing_users(train)
     every = [data.split.train, data.split.valid, data.split.test]
+    if common:
+        touched = np.zeros(data.num_items, dtype=bool)
+        for part in every:
+            touched[part.items[np.isin(part.users, users)]] = True
+        pool = np.flatnonzero(~touched)
+        rng = np.random.default_rng([seed, 0xCA7A])
+        chosen = rng.choice(pool, size=min(per_user, len(pool)), replace=False)
+        owners = np.repeat(users, len(chosen))
+        items = np.tile(chosen, len(users))
+        return _with_canaries(data, Interactions.from_arrays(owners, items, data.num_users,
+                                                             data.num_items))
     known = np.unique(np.concatenate([p.users * data.num_items + p.items for p in every]))
     owners = np.repeat(users, per_user)
     slots = np.tile(np.arange(per_user), len(users))
@@ -54,7 +67,13 @@ def add_canaries(data: PreparedData, per_user: int = 5, seed: int = 0
             break
         items[dup] = sample_negatives(owners[dup], slots[dup] + attempt * per_user, known,
                                       data.num_items, seed, 0xCA7A)
-    canaries = Interactions.from_arrays(owners, items, data.num_users, data.num_items)
+    return _with_canaries(data, Interactions.from_arrays(owners, items, data.num_users,
+                                                         data.num_items))
+
+
+def _with_canaries(data: PreparedData, canaries: Interactions
+                   ) -> tuple[PreparedData, Interactions]:
+    train = data.split.train
     new_train = train.concat(canaries)
     ones = np.ones(len(canaries), dtype=bool)
     plan = SharingPlan(data.plan.config, data.plan.group,
