@@ -141,6 +141,20 @@ def _cmd_learning_table(args: argparse.Namespace) -> None:
     print(f"saved in {folder}")
 
 
+def _cmd_unlearning_table(args: argparse.Namespace) -> None:
+    from fedshare.unlearning.contrastive import UnlearningConfig
+    from simulations.unlearning_table import to_markdown, unlearning_table
+
+    config = UnlearningConfig(rounds=args.unlearn_rounds, steps=args.unlearn_steps,
+                              lr=args.unlearn_lr, tau=args.unlearn_tau, bpr=not args.no_bpr)
+    folder, stats, figures = unlearning_table(
+        args.seeds, args.set, config, args.canaries, not args.per_user_canaries, args.out,
+        lambda line: print(line, file=sys.stderr, flush=True))
+    print(to_markdown(stats))
+    print(json.dumps(figures, indent=2))
+    print(f"saved in {folder}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedshare", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--workers", type=int, default=2, help="parallel in-process cells")
     table.add_argument("--out", default="runs")
     table.set_defaults(func=_cmd_learning_table)
+
+    unl = commands.add_parser("unlearning-table", help="unlearning methods over seeds")
+    unl.add_argument("--seeds", type=_seeds, default=(0, 1, 2))
+    unl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a learning-phase setting")
+    unl.add_argument("--canaries", type=int, default=5,
+                     help="canary items per unsharing user for the audit (0 = off)")
+    unl.add_argument("--per-user-canaries", action="store_true",
+                     help="draw each user's canaries separately instead of one common set")
+    unl.add_argument("--unlearn-rounds", type=int, default=5, help="T_un")
+    unl.add_argument("--unlearn-steps", type=int, default=5, help="server steps per round")
+    unl.add_argument("--unlearn-lr", type=float, default=5e-3)
+    unl.add_argument("--unlearn-tau", type=float, default=0.5)
+    unl.add_argument("--no-bpr", action="store_true", help="L_CU alone, without BPR on G_s")
+    unl.add_argument("--out", default="runs")
+    unl.set_defaults(func=_cmd_unlearning_table)
     return parser
 
 

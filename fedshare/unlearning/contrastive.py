@@ -41,8 +41,8 @@ class UnlearningConfig:
         forgotten_graph, remaining_fl: off for the Table IV ablations.
     """
 
-    rounds: int = 10
-    steps: int = 10
+    rounds: int = 5
+    steps: int = 5
     lr: float = 5e-3
     tau: float = 0.5
     bpr: bool = True
