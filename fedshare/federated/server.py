@@ -114,7 +114,8 @@ class Server:
         return self.item.detach().clone()
 
     def unlearn_round(self, local_view: Tensor, round_: int, forgotten: Tensor,
-                      has_forgotten: Tensor, steps: int, tau: float, bpr: bool) -> Tensor:
+                      has_forgotten: Tensor, steps: int, tau: float, bpr: bool,
+                      lr: float | None = None) -> Tensor:
         """Algorithm 2, lines 12-17: minimise L_CU (Eq. 25), optionally + BPR on the updated G_s,
         starting from the new local view; the result becomes V_s."""
         cfg = self.config
@@ -123,6 +124,8 @@ class Server:
                                         has_forgotten.nonzero().squeeze(1)]))
         with torch.no_grad():
             self.item.copy_(local_view)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr or cfg.server_refine_lr
         for step in range(steps):
             if self.graph is not None:
                 users_g, items_g = self.graph.propagate(self.user, self.item, cfg.num_layers)

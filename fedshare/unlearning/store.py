@@ -54,6 +54,9 @@ class SharedStore:
         items = np.unique(np.asarray(items, dtype=np.int64))
         if len(items) == 0:
             raise FedShareError(f"unshare: user {user} named no items")
+        outside = items[(items < 0) | (items >= self.num_items)]
+        if len(outside):
+            raise FedShareError(f"unshare: unknown item {int(outside[0])}")
         keys = user * self.num_items + items
         pos = np.searchsorted(self._keys, keys).clip(max=max(len(self._keys) - 1, 0))
         present = (self._keys[pos] == keys) if len(self._keys) else np.zeros(len(keys), bool)
