@@ -15,17 +15,32 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedshare.federated.population import ClientPopulation
-from fedshare.federated.runconfig import data_key, federated_config, load_data, node_users
+from fedshare.federated.runconfig import (
+    data_key,
+    federated_config,
+    load_data,
+    load_remaining,
+    node_users,
+)
 from strategies.records import WEIGHT, int_array, table_from, update_records
 
 torch.set_num_threads(1)  # one CPU per virtual node on a small machine
 app = ClientApp()
 STATE = "fedshare-client"
+UNSHARED = "fedshare-unshared"
+
+
+def _unshared(context: Context) -> bool:
+    return UNSHARED in context.state and bool(context.state[UNSHARED]["done"])
 
 
 def _population(context: Context) -> ClientPopulation:
-    """This node's users and data, with the private embeddings restored from the node state."""
-    data = load_data(data_key(context.run_config, context.node_config))
+    """This node's users and data, with the private embeddings restored from the node state.
+
+    Once the node has sent its unsharing requests, its users hold only their remaining data.
+    """
+    key = data_key(context.run_config, context.node_config)
+    data = load_remaining(key) if _unshared(context) else load_data(key)
     config = federated_config(context.run_config)
     users = node_users(context.node_config, data.num_users)
     population = ClientPopulation(data, users, config.dim, config.seed, shares=config.shares)
@@ -50,6 +65,20 @@ def share(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"num-items": population.num_items,
                             "num-users-total": population.num_users})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.query("unshare")
+def unshare(msg: Message, context: Context) -> Message:
+    """Send this node's users' unsharing requests (I_unlearn, a subset of what they shared) and
+    from now on keep only the remaining data (the unshared interactions count nowhere, Eq. 9)."""
+    data = load_data(data_key(context.run_config, context.node_config))
+    users = node_users(context.node_config, data.num_users)
+    train = data.split.train
+    mine = data.plan.unlearn & np.isin(train.users, users)
+    arrays = ArrayRecord({"unshare-users": int_array(train.users[mine]),
+                          "unshare-items": int_array(train.items[mine])})
+    context.state[UNSHARED] = ConfigRecord({"done": True})
+    return Message(RecordDict({"arrays": arrays}), reply_to=msg)
 
 
 @app.train()

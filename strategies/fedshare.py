@@ -19,10 +19,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from torch import Tensor
 
 from fedshare.data.interactions import Interactions
 from fedshare.federated.aggregation import aggregate
 from fedshare.federated.config import FederatedConfig
+from fedshare.federated.population import NodeUpdate
 from fedshare.federated.server import Server
 from fedshare.federated.simulate import sample_users
 from strategies.audit import MessageAudit
@@ -90,8 +92,9 @@ class FedShareStrategy(FedAvg):
             {node: ConfigRecord({"users": us, "server-round": server_round})
              for node, us in per_node.items()}, arrays, MessageType.TRAIN)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def local_view(self, server_round: int, replies: Iterable[Message]
+                   ) -> tuple[Tensor, list[NodeUpdate]]:
+        """Average the nodes' replies into the round's local view (Eq. 16)."""
         valid, errors = self._check_and_log_replies(replies, is_train=True)
         for message in errors:
             log(WARNING, "node %d failed: %s", message.metadata.src_node_id, message.error.reason)
@@ -102,8 +105,13 @@ class FedShareStrategy(FedAvg):
         extra = self.server.server_client_update(server_round)
         if extra is not None:
             updates.append(extra)
-        local_view = aggregate(self.server.table, updates, self.config.aggregation,
-                               self.config.server_lr)
+        view = aggregate(self.server.table, updates, self.config.aggregation,
+                         self.config.server_lr)
+        return view, updates
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        local_view, updates = self.local_view(server_round, replies)
         table = self.server.finish_round(local_view, server_round)
         metrics = MetricRecord({"num-users": sum(u.num_users for u in updates),
                                 WEIGHT: float(sum(u.weight for u in updates))})

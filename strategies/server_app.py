@@ -21,11 +21,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedshare.data.interactions import Interactions
 from fedshare.errors import FedShareError
-from fedshare.federated.runconfig import federated_config
+from fedshare.federated.runconfig import federated_config, unlearning_config
 from fedshare.reports import write_json
 from strategies.audit import MessageAudit
 from strategies.fedshare import Directory, FedShareStrategy
 from strategies.records import table_record
+from strategies.unlearning import run_unlearning
 
 app = ServerApp()
 PROGRESS = "fedshare-progress"
@@ -74,6 +75,7 @@ def collect_shares(grid: Grid, nodes: list[int], audit: MessageAudit | None) -> 
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     config = federated_config(run_config)
+    unlearning = unlearning_config(run_config)
     out_dir = Path(str(run_config.get("out-dir") or f"runs/flwr-{time.strftime('%Y%m%d-%H%M%S')}"))
     out_dir.mkdir(parents=True, exist_ok=True)
     audit = MessageAudit(str(run_config["audit-dir"])) if run_config.get("audit-dir") else None
@@ -92,6 +94,12 @@ def main(grid: Grid, context: Context) -> None:
     strategy.start(grid, table_record(strategy.server.table), num_rounds=config.rounds)
     valid = strategy.evaluate_now(grid, "valid")
     test = strategy.evaluate_now(grid, "test")
+    phase: dict = {}
+    if unlearning is not None:
+        learned = {"learned_valid": valid, "learned_test": test}
+        phase = {**learned, **run_unlearning(grid, nodes, strategy, unlearning)}
+        valid = strategy.evaluate_now(grid, "valid")
+        test = strategy.evaluate_now(grid, "test")
     pd.DataFrame(strategy.history).to_csv(out_dir / "metrics.csv", index=False)
     np.save(out_dir / "item_table.npy", strategy.server.table.numpy())
     summary = {"variant": config.variant, "rounds": config.rounds, "engine": "flower",
@@ -99,7 +107,7 @@ def main(grid: Grid, context: Context) -> None:
                "test": test, "seconds": time.perf_counter() - started,
                "nodes": len(nodes), "shared_interactions": len(directory.shared),
                "snapshot_bytes": strategy.server.snapshot_bytes(),
-               "snapshots": len(strategy.server.snapshots)}
+               "snapshots": len(strategy.server.snapshots), **phase}
     write_json(out_dir / "summary.json", summary)
     log(INFO, "%s done  test HR@20 %.4f  NDCG@20 %.4f  -> %s", PROGRESS,
         test.get("hr@20", float("nan")), test.get("ndcg@20", float("nan")), out_dir)

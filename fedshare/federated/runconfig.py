@@ -17,9 +17,13 @@ from fedshare.data.prepared import PreparedData, prepare
 from fedshare.data.sharing import SharingConfig
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
+from fedshare.unlearning.contrastive import UnlearningConfig
+from fedshare.unlearning.remaining import remaining_data
 
 DATA_KEYS = ("dataset", "data-path", "prepared", "split-seed", "plan-seed")
-APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout")
+UNLEARN_KEYS = ("unlearn", "unlearn-rounds", "unlearn-steps", "unlearn-lr", "unlearn-tau",
+                "unlearn-bpr", "unlearn-forgotten-graph", "unlearn-remaining-fl")
+APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", *UNLEARN_KEYS)
 
 
 def federated_config(run_config: Mapping[str, Any]) -> FederatedConfig:
@@ -27,11 +31,30 @@ def federated_config(run_config: Mapping[str, Any]) -> FederatedConfig:
     return FederatedConfig.from_mapping(settings)
 
 
+def unlearning_config(run_config: Mapping[str, Any]) -> UnlearningConfig | None:
+    """The unlearning phase's settings, or ``None`` when the run has no unlearning phase."""
+    if not bool(run_config.get("unlearn", False)):
+        return None
+    defaults = UnlearningConfig()
+    values = {key.removeprefix("unlearn-").replace("-", "_"): run_config[key]
+              for key in UNLEARN_KEYS[1:] if key in run_config}
+    try:
+        return UnlearningConfig(**{k: type(getattr(defaults, k))(v) for k, v in values.items()})
+    except (TypeError, ValueError):
+        raise FedShareError(f"bad unlearning setting in {values}") from None
+
+
 def data_key(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> tuple:
     """What identifies the data: node settings (deployment) override the run's."""
     merged = {**{k: run_config.get(k, "") for k in DATA_KEYS},
               **{k: node_config[k] for k in DATA_KEYS if k in node_config}}
     return tuple(merged[k] for k in DATA_KEYS)
+
+
+@lru_cache(maxsize=4)
+def load_remaining(key: tuple) -> PreparedData:
+    """The same data after every planned unsharing request (what clients hold afterwards)."""
+    return remaining_data(load_data(key))
 
 
 @lru_cache(maxsize=4)

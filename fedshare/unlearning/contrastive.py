@@ -49,6 +49,7 @@ class UnlearningConfig:
     forgotten_graph: bool = True
     remaining_fl: bool = True
     include_self: bool = False
+    positive_in_denominator: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.steps < 0 or self.tau <= 0 or self.lr <= 0:
@@ -59,17 +60,23 @@ class UnlearningConfig:
 
 
 def contrastive_unlearning_loss(local: Tensor, global_: Tensor, forgotten: Tensor,
-                                has_forgotten: Tensor, tau: float) -> Tensor:
+                                has_forgotten: Tensor, tau: float,
+                                positive_in_denominator: bool = False) -> Tensor:
     """L_CU (Eq. 25), mean over items.
 
     Args:
         local: new local views ``[n, d]``. global_: new global views ``[n, d]``.
         forgotten: forgotten views ``[M, n, d]`` of the same items.
         has_forgotten: ``[n]`` boolean, items in I_f (only they get forgotten negatives).
+        positive_in_denominator: the usual InfoNCE form (softmax over the positive and the
+            forgotten views), which stops pushing once the positive dominates.
     """
     local_n = F.normalize(local, dim=-1)
     positive = (local_n * F.normalize(global_, dim=-1)).sum(-1) / tau
     negative = (local_n[None] * F.normalize(forgotten, dim=-1)).sum(-1) / tau  # [M, n]
+    if positive_in_denominator:
+        softmax = torch.logsumexp(torch.cat([positive[None], negative]), dim=0) - positive
+        return torch.where(has_forgotten, softmax, -positive).mean()
     denominator = torch.logsumexp(negative, dim=0)
     return (-positive + torch.where(has_forgotten, denominator, 0.0)).mean()
 

@@ -1,0 +1,77 @@
+"""The unlearning phase of the FedShare strategy (Sec. IV-C, IV-D, Algorithm 2) on Flower.
+
+After learning, a ``query.unshare`` round collects the nodes' unsharing requests (each is a set
+of interactions the user had shared, so nothing new reaches the server); the server applies them
+to its :class:`SharedStore` (all-or-nothing per request), rebuilds G_s (Eq. 19-20), builds the
+forgotten views from its M snapshots (Eq. 23-24), and runs T_un rounds of remaining-data training
+(the strategy's train messages; nodes now hold only their remaining data) followed by the
+contrastive unlearning update (Eq. 25). The pre-request snapshots and the pending interactions
+are deleted when the phase ends.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedshare.errors import FedShareError
+from fedshare.unlearning.contrastive import UnlearningConfig, forgotten_views
+from fedshare.unlearning.store import SharedStore
+from strategies.fedshare import FedShareStrategy
+from strategies.records import table_record
+
+
+def collect_requests(grid: Grid, nodes: list[int], strategy: FedShareStrategy
+                     ) -> list[tuple[int, np.ndarray]]:
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+                        message_type="query.unshare") for node in nodes]
+    requests = []
+    for reply in grid.send_and_receive(messages):
+        if reply.has_error():
+            raise FedShareError(f"unshare round failed on node {reply.metadata.src_node_id}: "
+                                f"{reply.error.reason}")
+        if strategy.audit is not None:
+            strategy.audit.record("unshare", strategy.config.rounds, reply)
+        users = reply.content["arrays"]["unshare-users"].numpy()
+        items = reply.content["arrays"]["unshare-items"].numpy()
+        requests += [(int(u), items[users == u]) for u in np.unique(users)]
+    return requests
+
+
+def run_unlearning(grid: Grid, nodes: list[int], strategy: FedShareStrategy,
+                   config: UnlearningConfig) -> dict:
+    """Algorithm 2 after ``strategy`` has learned; returns timing and storage figures."""
+    server = strategy.server
+    started = time.perf_counter()
+    kept = server.snapshot_bytes()
+    store = SharedStore(server.shared)
+    requests = collect_requests(grid, nodes, strategy)
+    for user, items in requests:
+        store.unshare(user, items)
+    server.set_shared(store.interactions())
+    forgotten = store.forgotten()
+    views = forgotten_views(list(server.snapshots), server.user.detach(), forgotten,
+                            strategy.config.num_layers, config.forgotten_graph,
+                            config.include_self)
+    has_forgotten = torch.zeros(server.num_items, dtype=torch.bool)
+    has_forgotten[torch.from_numpy(np.unique(forgotten.items))] = True
+    for r in range(1, config.rounds + 1):
+        round_ = strategy.config.rounds + r
+        if config.remaining_fl:
+            messages = strategy.configure_train(round_, table_record(server.table),
+                                                ConfigRecord(), grid)
+            local_view, _ = strategy.local_view(round_, grid.send_and_receive(messages))
+        else:
+            local_view = server.table
+        server.unlearn_round(local_view, round_, views, has_forgotten, config.steps,
+                             config.tau, config.bpr, config.lr, config.positive_in_denominator)
+    server.snapshots.clear()
+    server.snapshots.append(server.table.clone())
+    store.erase_pending()
+    return {"unlearning_seconds": time.perf_counter() - started,
+            "unlearning_kept_bytes": kept, "unshare_requests": len(requests),
+            "forgotten_interactions": len(forgotten), "unlearning": config.to_dict()}
