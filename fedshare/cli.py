@@ -146,7 +146,8 @@ def _cmd_unlearning_table(args: argparse.Namespace) -> None:
     from simulations.unlearning_table import to_markdown, unlearning_table
 
     config = UnlearningConfig(rounds=args.unlearn_rounds, steps=args.unlearn_steps,
-                              lr=args.unlearn_lr, tau=args.unlearn_tau, bpr=not args.no_bpr)
+                              lr=args.unlearn_lr, tau=args.unlearn_tau, bpr=not args.no_bpr,
+                              weight=args.unlearn_weight)
     folder, stats, figures = unlearning_table(
         args.seeds, args.set, config, args.canaries, not args.per_user_canaries, args.out,
         lambda line: print(line, file=sys.stderr, flush=True))
@@ -208,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="canary items per unsharing user for the audit (0 = off)")
     unl.add_argument("--per-user-canaries", action="store_true",
                      help="draw each user's canaries separately instead of one common set")
-    unl.add_argument("--unlearn-rounds", type=int, default=5, help="T_un")
-    unl.add_argument("--unlearn-steps", type=int, default=5, help="server steps per round")
+    unl.add_argument("--unlearn-rounds", type=int, default=10, help="T_un")
+    unl.add_argument("--unlearn-steps", type=int, default=10, help="server steps per round")
+    unl.add_argument("--unlearn-weight", type=float, default=0.1, help="weight of L_CU")
     unl.add_argument("--unlearn-lr", type=float, default=5e-3)
     unl.add_argument("--unlearn-tau", type=float, default=0.5)
     unl.add_argument("--no-bpr", action="store_true", help="L_CU alone, without BPR on G_s")

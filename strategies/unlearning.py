@@ -68,7 +68,8 @@ def run_unlearning(grid: Grid, nodes: list[int], strategy: FedShareStrategy,
         else:
             local_view = server.table
         server.unlearn_round(local_view, round_, views, has_forgotten, config.steps,
-                             config.tau, config.bpr, config.lr, config.positive_in_denominator)
+                             config.tau, config.bpr, config.lr, config.positive_in_denominator,
+                             config.weight)
     server.snapshots.clear()
     server.snapshots.append(server.table.clone())
     store.erase_pending()

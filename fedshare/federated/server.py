@@ -115,7 +115,8 @@ class Server:
 
     def unlearn_round(self, local_view: Tensor, round_: int, forgotten: Tensor,
                       has_forgotten: Tensor, steps: int, tau: float, bpr: bool,
-                      lr: float | None = None, positive_in_denominator: bool = False) -> Tensor:
+                      lr: float | None = None, positive_in_denominator: bool = False,
+                      weight: float = 1.0) -> Tensor:
         """Algorithm 2, lines 12-17: minimise L_CU (Eq. 25), optionally + BPR on the updated G_s,
         starting from the new local view; the result becomes V_s."""
         cfg = self.config
@@ -131,9 +132,9 @@ class Server:
                 users_g, items_g = self.graph.propagate(self.user, self.item, cfg.num_layers)
             else:
                 users_g, items_g = self.user, self.item / (cfg.num_layers + 1)
-            loss = contrastive_unlearning_loss(self.item[items], items_g[items],
-                                               forgotten[:, items], has_forgotten[items], tau,
-                                               positive_in_denominator)
+            loss = weight * contrastive_unlearning_loss(
+                self.item[items], items_g[items], forgotten[:, items], has_forgotten[items], tau,
+                positive_in_denominator)
             if bpr and self.graph is not None:
                 loss = loss + self._bpr(users_g, items_g, rng, round_, step)
             self.optimizer.zero_grad()

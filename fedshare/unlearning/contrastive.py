@@ -39,10 +39,13 @@ class UnlearningConfig:
         rounds: T_un. steps: server updates per round. lr: their Adam learning rate.
         tau: temperature of Eq. 25. bpr: add BPR on the updated G_s to L_CU.
         forgotten_graph, remaining_fl: off for the Table IV ablations.
+        include_self: keep the item's own (layer-0) term in its forgotten views.
+        positive_in_denominator: InfoNCE's usual softmax form of Eq. 25.
+        weight: weight of L_CU beside BPR.
     """
 
-    rounds: int = 5
-    steps: int = 5
+    rounds: int = 10
+    steps: int = 10
     lr: float = 5e-3
     tau: float = 0.5
     bpr: bool = True
@@ -50,6 +53,7 @@ class UnlearningConfig:
     remaining_fl: bool = True
     include_self: bool = False
     positive_in_denominator: bool = False
+    weight: float = 0.1
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.steps < 0 or self.tau <= 0 or self.lr <= 0:

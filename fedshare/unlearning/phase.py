@@ -96,7 +96,7 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
             round_ = round_offset + r
             local_view = federation.train_round(round_) if cfg.remaining_fl else server.table
             server.unlearn_round(local_view, round_, views, has_forgotten, cfg.steps, cfg.tau,
-                                 cfg.bpr, cfg.lr, cfg.positive_in_denominator)
+                                 cfg.bpr, cfg.lr, cfg.positive_in_denominator, cfg.weight)
         del views
         server.snapshots.clear()  # pre-request snapshots have served (erasure)
         server.snapshots.append(server.table.clone())

@@ -34,7 +34,9 @@ def unlearning_row(outcome: UnlearningOutcome, data: PreparedData,
                             canaries.users * data.num_items + canaries.items)
         forgotten = forgotten.subset(~is_canary)
     test = outcome.federation.evaluate("test")
-    row = {"method": outcome.method, "test_hr@20": test["hr@20"],
+    valid = outcome.federation.evaluate("valid")
+    row = {"method": outcome.method, "valid_hr@20": valid["hr@20"],
+           "valid_ndcg@20": valid["ndcg@20"], "test_hr@20": test["hr@20"],
            "test_ndcg@20": test["ndcg@20"], "seconds": outcome.seconds,
            "kept_bytes": outcome.kept_bytes,
            **forgotten_recall(scorer, forgotten, remaining),
