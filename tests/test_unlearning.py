@@ -656,8 +656,8 @@ def test_learned_state_is_still_unchanged_after_every_rerun(learned):
 
 
 # ---------------------------------------------------------------- report rows, end to end
-RATES = ("test_hr@20", "test_ndcg@20", "forgotten_hr@20", "forgotten_recall@20", "mia_auc",
-         "top20_jaccard", "canary_exposure", "canary_auc")
+RATES = ("valid_hr@20", "valid_ndcg@20", "test_hr@20", "test_ndcg@20", "forgotten_hr@20",
+         "forgotten_recall@20", "mia_auc", "top20_jaccard", "canary_exposure", "canary_auc")
 
 
 @pytest.fixture(scope="module")
