@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/fedshare data stats --dataset ml-100k
-	$(VENV)/bin/fedshare run --config simulations/configs/fedshare.toml
+	$(VENV)/bin/fedshare run --config simulations/configs/fedshare.toml --set unlearn=true
 	$(VENV)/bin/fedshare learning-table
+	$(VENV)/bin/fedshare unlearning-table
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
