@@ -19,7 +19,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedshare.errors import FedShareError
-from fedshare.unlearning.contrastive import UnlearningConfig, forgotten_views
+from fedshare.unlearning.algorithm import run_algorithm2
+from fedshare.unlearning.contrastive import UnlearningConfig
 from fedshare.unlearning.store import SharedStore
 from strategies.fedshare import FedShareStrategy
 from strategies.records import table_record
@@ -53,26 +54,14 @@ def run_unlearning(grid: Grid, nodes: list[int], strategy: FedShareStrategy,
     for user, items in requests:
         store.unshare(user, items)
     server.set_shared(store.interactions())
-    forgotten = store.forgotten()
-    views = forgotten_views(list(server.snapshots), server.user.detach(), forgotten,
-                            strategy.config.num_layers, config.forgotten_graph,
-                            config.include_self)
-    has_forgotten = torch.zeros(server.num_items, dtype=torch.bool)
-    has_forgotten[torch.from_numpy(np.unique(forgotten.items))] = True
-    for r in range(1, config.rounds + 1):
-        round_ = strategy.config.rounds + r
-        if config.remaining_fl:
-            messages = strategy.configure_train(round_, table_record(server.table),
-                                                ConfigRecord(), grid)
-            local_view, _ = strategy.local_view(round_, grid.send_and_receive(messages))
-        else:
-            local_view = server.table
-        server.unlearn_round(local_view, round_, views, has_forgotten, config.steps,
-                             config.tau, config.bpr, config.lr, config.positive_in_denominator,
-                             config.weight)
-    server.snapshots.clear()
-    server.snapshots.append(server.table.clone())
-    store.erase_pending()
+    forgotten = len(store.forgotten())
+
+    def remaining_round(round_: int) -> torch.Tensor:
+        messages = strategy.configure_train(round_, table_record(server.table), ConfigRecord(),
+                                            grid)
+        return strategy.local_view(round_, grid.send_and_receive(messages))[0]
+
+    run_algorithm2(server, store, config, strategy.config.rounds, remaining_round)
     return {"unlearning_seconds": time.perf_counter() - started,
             "unlearning_kept_bytes": kept, "unshare_requests": len(requests),
-            "forgotten_interactions": len(forgotten), "unlearning": config.to_dict()}
+            "forgotten_interactions": forgotten, "unlearning": config.to_dict()}

@@ -10,13 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import tiny_prepared
 
 import simulations.experiment as experiment_module
 from fedshare.cli import main
-from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
-from fedshare.data.sharing import SharingConfig, make_plan
-from fedshare.data.split import random_split
 from fedshare.errors import FedShareError
 from fedshare.federated.config import VARIANTS, FederatedConfig
 from fedshare.federated.runconfig import APP_KEYS, DATA_KEYS
@@ -25,21 +23,6 @@ from simulations.experiment import DATA_DEFAULTS, Experiment, parse_value, resol
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "simulations" / "configs").glob("*.toml"))
 NUM_USERS, NUM_ITEMS, DIM = 10, 40, 8
-
-
-def tiny_prepared(num_users: int = NUM_USERS, num_items: int = NUM_ITEMS,
-                  seed: int = 0) -> PreparedData:
-    """8-15 distinct items per user, rows shuffled (users interleave, as in real logs)."""
-    rng = np.random.default_rng(seed)
-    degrees = rng.integers(8, 16, num_users)
-    users = np.repeat(np.arange(num_users), degrees)
-    items = np.concatenate([rng.choice(num_items, d, replace=False) for d in degrees])
-    order = rng.permutation(len(users))
-    data = Interactions.from_arrays(users[order], items[order], num_users, num_items,
-                                    np.arange(len(users)))
-    split = random_split(data, (0.8, 0.1, 0.1), seed=0)
-    plan = make_plan(split.train, SharingConfig(group_fractions=(0.25, 0.25, 0.5), seed=0))
-    return PreparedData("synthetic", split, plan, 0, (0.8, 0.1, 0.1))
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from synthetic import tiny_prepared
 
 from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
-from fedshare.data.sharing import FULL, NONE, PARTIAL, SharingConfig, make_plan
-from fedshare.data.split import random_split
+from fedshare.data.sharing import FULL, NONE, PARTIAL
 from fedshare.errors import FedShareError
 from fedshare.federated.aggregation import aggregate
 from fedshare.federated.config import AGGREGATIONS, VARIANTS, FederatedConfig
@@ -34,21 +34,6 @@ from fedshare.models.local import LocalTrainConfig
 NUM_USERS, NUM_ITEMS, DIM, SEED = 10, 40, 8, 0
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 LOCAL = LocalTrainConfig(epochs=2, lr=0.5, reg=1e-3, num_negatives=1)
-
-
-def tiny_prepared(num_users: int = NUM_USERS, num_items: int = NUM_ITEMS,
-                  seed: int = 0) -> PreparedData:
-    """8-15 distinct items per user, rows shuffled (users interleave, as in real logs)."""
-    rng = np.random.default_rng(seed)
-    degrees = rng.integers(8, 16, num_users)
-    users = np.repeat(np.arange(num_users), degrees)
-    items = np.concatenate([rng.choice(num_items, d, replace=False) for d in degrees])
-    order = rng.permutation(len(users))
-    data = Interactions.from_arrays(users[order], items[order], num_users, num_items,
-                                    np.arange(len(users)))
-    split = random_split(data, (0.8, 0.1, 0.1), seed=0)
-    plan = make_plan(split.train, SharingConfig(group_fractions=(0.25, 0.25, 0.5), seed=0))
-    return PreparedData("synthetic", split, plan, 0, (0.8, 0.1, 0.1))
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import tiny_prepared
 
-from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
-from fedshare.data.sharing import FULL, NONE, PARTIAL, SharingConfig, make_plan
-from fedshare.data.split import random_split
+from fedshare.data.sharing import FULL, NONE, PARTIAL
 from fedshare.federated.simulate import sample_users
 from simulations.experiment import resolve, run_experiment
 
@@ -36,21 +35,6 @@ SHARE_ARRAYS = {"arrays/served-users", "arrays/local-counts", "arrays/share-user
                 "arrays/share-items"}
 TRAIN_ARRAYS = {"arrays/item-table", "arrays/row-weight"}
 STEM = re.compile(r"^\d{6}-(?P<kind>share|train|evaluate)-r(?P<round>-?\d+)-n(?P<node>\d+)$")
-
-
-def tiny_prepared(num_users: int = NUM_USERS, num_items: int = NUM_ITEMS,
-                  seed: int = 0) -> PreparedData:
-    """8-15 distinct items per user, rows shuffled (users interleave, as in real logs)."""
-    rng = np.random.default_rng(seed)
-    degrees = rng.integers(8, 16, num_users)
-    users = np.repeat(np.arange(num_users), degrees)
-    items = np.concatenate([rng.choice(num_items, d, replace=False) for d in degrees])
-    order = rng.permutation(len(users))
-    data = Interactions.from_arrays(users[order], items[order], num_users, num_items,
-                                    np.arange(len(users)))
-    split = random_split(data, (0.8, 0.1, 0.1), seed=0)
-    plan = make_plan(split.train, SharingConfig(group_fractions=(0.25, 0.25, 0.5), seed=0))
-    return PreparedData("synthetic", split, plan, 0, (0.8, 0.1, 0.1))
 
 
 def _superlinks() -> dict[int, str]:

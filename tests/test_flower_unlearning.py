@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_flower_app import tiny_prepared
+from synthetic import tiny_prepared
 
 from fedshare.federated.runconfig import federated_config
 from fedshare.unlearning.contrastive import UnlearningConfig

@@ -31,7 +31,7 @@ from fedshare.graph import BipartiteGraph
 from fedshare.losses import bpr_loss, info_nce
 from fedshare.models.embeddings import xavier_table
 from fedshare.sampling import sample_negatives
-from fedshare.unlearning.contrastive import contrastive_unlearning_loss
+from fedshare.unlearning.contrastive import UnlearningConfig, contrastive_unlearning_loss
 
 
 class Server:
@@ -114,9 +114,7 @@ class Server:
         return self.item.detach().clone()
 
     def unlearn_round(self, local_view: Tensor, round_: int, forgotten: Tensor,
-                      has_forgotten: Tensor, steps: int, tau: float, bpr: bool,
-                      lr: float | None = None, positive_in_denominator: bool = False,
-                      weight: float = 1.0) -> Tensor:
+                      has_forgotten: Tensor, unlearning: UnlearningConfig) -> Tensor:
         """Algorithm 2, lines 12-17: minimise L_CU (Eq. 25), optionally + BPR on the updated G_s,
         starting from the new local view; the result becomes V_s."""
         cfg = self.config
@@ -126,16 +124,16 @@ class Server:
         with torch.no_grad():
             self.item.copy_(local_view)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr or cfg.server_refine_lr
-        for step in range(steps):
+            group["lr"] = unlearning.lr
+        for step in range(unlearning.steps):
             if self.graph is not None:
                 users_g, items_g = self.graph.propagate(self.user, self.item, cfg.num_layers)
             else:
                 users_g, items_g = self.user, self.item / (cfg.num_layers + 1)
-            loss = weight * contrastive_unlearning_loss(
-                self.item[items], items_g[items], forgotten[:, items], has_forgotten[items], tau,
-                positive_in_denominator)
-            if bpr and self.graph is not None:
+            loss = unlearning.weight * contrastive_unlearning_loss(
+                self.item[items], items_g[items], forgotten[:, items], has_forgotten[items],
+                unlearning.tau, unlearning.positive_in_denominator)
+            if unlearning.bpr and self.graph is not None:
                 loss = loss + self._bpr(users_g, items_g, rng, round_, step)
             self.optimizer.zero_grad()
             loss.backward()

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 from fedshare.data.prepared import PreparedData
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import ClientPopulation
 from fedshare.federated.simulate import InProcessFederation, simulate
-from fedshare.unlearning.contrastive import UnlearningConfig, forgotten_views
+from fedshare.unlearning.algorithm import complete_erasure, run_algorithm2
+from fedshare.unlearning.contrastive import UnlearningConfig
 from fedshare.unlearning.remaining import remaining_data
 from fedshare.unlearning.store import SharedStore
 
@@ -41,7 +41,6 @@ class UnlearningOutcome:
     seconds: float
     kept_bytes: int
     store: SharedStore | None = None
-    history: list[dict] = field(default_factory=list)
 
 
 def issue_requests(data: PreparedData, store: SharedStore) -> None:
@@ -79,33 +78,14 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
     issue_requests(data, store)
     server.set_shared(store.interactions())  # Eq. 19-20
     switch_to_remaining(federation, data)
-    history: list[dict] = []
-    if method != "no-unlearning":
-        cfg = {"fedshare": config,
-               "wo-forgotten-graph": UnlearningConfig(**{**config.to_dict(),
-                                                        "forgotten_graph": False}),
-               "wo-remaining-fl": UnlearningConfig(**{**config.to_dict(),
-                                                     "remaining_fl": False})}[method]
-        forgotten = store.forgotten()
-        views = forgotten_views(list(server.snapshots), server.user.detach(), forgotten,
-                                learned.config.num_layers, cfg.forgotten_graph,
-                                cfg.include_self)
-        has_forgotten = torch.zeros(server.num_items, dtype=torch.bool)
-        has_forgotten[torch.from_numpy(np.unique(forgotten.items))] = True
-        for r in range(1, cfg.rounds + 1):
-            round_ = round_offset + r
-            local_view = federation.train_round(round_) if cfg.remaining_fl else server.table
-            server.unlearn_round(local_view, round_, views, has_forgotten, cfg.steps, cfg.tau,
-                                 cfg.bpr, cfg.lr, cfg.positive_in_denominator, cfg.weight)
-        del views
-        server.snapshots.clear()  # pre-request snapshots have served (erasure)
-        server.snapshots.append(server.table.clone())
-    store.erase_pending()
     if method == "no-unlearning":
-        server.snapshots.clear()
-        server.snapshots.append(server.table.clone())
-    return UnlearningOutcome(method, federation, time.perf_counter() - start, kept, store,
-                             history)
+        complete_erasure(server, store)
+    else:
+        ablation = {"fedshare": {}, "wo-forgotten-graph": {"forgotten_graph": False},
+                    "wo-remaining-fl": {"remaining_fl": False}}[method]
+        run_algorithm2(server, store, replace(config, **ablation), round_offset,
+                       federation.train_round)
+    return UnlearningOutcome(method, federation, time.perf_counter() - start, kept, store)
 
 
 def learn(data: PreparedData, config: FederatedConfig) -> InProcessFederation:

@@ -1,0 +1,24 @@
+"""A tiny synthetic federated dataset shared by the federated and Flower tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedshare.data.interactions import Interactions
+from fedshare.data.prepared import PreparedData
+from fedshare.data.sharing import SharingConfig, make_plan
+from fedshare.data.split import random_split
+
+
+def tiny_prepared(num_users: int = 10, num_items: int = 40, seed: int = 0) -> PreparedData:
+    """8-15 distinct items per user, rows shuffled (users interleave, as in real logs)."""
+    rng = np.random.default_rng(seed)
+    degrees = rng.integers(8, 16, num_users)
+    users = np.repeat(np.arange(num_users), degrees)
+    items = np.concatenate([rng.choice(num_items, d, replace=False) for d in degrees])
+    order = rng.permutation(len(users))
+    data = Interactions.from_arrays(users[order], items[order], num_users, num_items,
+                                    np.arange(len(users)))
+    split = random_split(data, (0.8, 0.1, 0.1), seed=0)
+    plan = make_plan(split.train, SharingConfig(group_fractions=(0.25, 0.25, 0.5), seed=0))
+    return PreparedData("synthetic", split, plan, 0, (0.8, 0.1, 0.1))
