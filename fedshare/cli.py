@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     unl.add_argument("--unlearn-rounds", type=int, default=10, help="T_un")
     unl.add_argument("--unlearn-steps", type=int, default=10, help="server steps per round")
     unl.add_argument("--unlearn-weight", type=float, default=0.1, help="weight of L_CU")
-    unl.add_argument("--unlearn-lr", type=float, default=5e-3)
+    unl.add_argument("--unlearn-lr", type=float, default=5e-2)
     unl.add_argument("--unlearn-tau", type=float, default=0.5)
     unl.add_argument("--no-bpr", action="store_true", help="L_CU alone, without BPR on G_s")
     unl.add_argument("--out", default="runs")

@@ -10,12 +10,16 @@ minimising
 with forgotten views as negatives only for items in I_f; for other items the term reduces to
 the alignment ``-cos(l_i, g_i)/tau``.
 
-Choices: Eq. 25 is used as written (the positive is not in the denominator). The forgotten views
-depend only on the snapshots, the fixed G_f and the server's user embeddings, so they are computed
-once per phase rather than every round (same values). The paper does not say whether BPR on the
-updated G_s joins L_CU: ``bpr`` switches it (default chosen on validation, see README). Ablations:
-``forgotten_graph=False`` uses the raw snapshots as forgotten views; ``remaining_fl=False`` reuses
-the previous table as the local view.
+Choices: Eq. 25 is used as written (the positive is not in the denominator;
+``positive_in_denominator`` gives the usual InfoNCE form). Forgotten views are Eq. 14 on G_f,
+layer 0 included (``include_self``), with the server's user embeddings for the users of G_f; they
+depend only on the snapshots, the fixed G_f and those embeddings, so they are computed once per
+phase rather than every round (same values). The paper does not say whether BPR on the updated G_s
+joins L_CU: ``bpr`` switches it, and it does by default (decided on validation: without it the
+table collapses). L_CU enters with ``weight`` beside BPR. Defaults (README, "Unlearning"): 10
+rounds x 10 Adam steps at lr 0.05, tau 0.5, weight 0.1. Ablations: ``forgotten_graph=False`` uses
+the raw snapshots as forgotten views; ``remaining_fl=False`` reuses the previous table as the
+local view.
 """
 
 from __future__ import annotations
@@ -46,12 +50,12 @@ class UnlearningConfig:
 
     rounds: int = 10
     steps: int = 10
-    lr: float = 5e-3
+    lr: float = 5e-2
     tau: float = 0.5
     bpr: bool = True
     forgotten_graph: bool = True
     remaining_fl: bool = True
-    include_self: bool = False
+    include_self: bool = True
     positive_in_denominator: bool = False
     weight: float = 0.1
 
@@ -86,7 +90,7 @@ def contrastive_unlearning_loss(local: Tensor, global_: Tensor, forgotten: Tenso
 
 
 def forgotten_views(snapshots: list[Tensor], users: Tensor, forgotten: Interactions,
-                    num_layers: int, use_graph: bool = True, include_self: bool = False
+                    num_layers: int, use_graph: bool = True, include_self: bool = True
                     ) -> Tensor:
     """Forgotten views ``[M, I, d]``: LightGCN on G_f (Eq. 23) from each snapshot (Eq. 24), or
     the raw snapshots (ablation w/o forgotten graph)."""
