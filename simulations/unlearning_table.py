@@ -5,8 +5,9 @@ users: forgotten-interaction HR/Recall@20, membership-inference AUC, top-20 Jacc
 agreement with Retrain, canary exposure and AUC (with ``canaries > 0``); wall time and bytes kept.
 
 Runs in process (the same server and client code as the Flower app). Saved as
-``unlearning_table.csv`` (method x seed), ``unlearning_table.md`` and ``targets.json`` (the
-issue's acceptance ratios, computed from the means).
+``unlearning_table.csv`` (method x seed), ``unlearning_table.md`` and ``summary.json`` (per
+method: mean wall time, bytes kept and every metric; and the acceptance ratios of the unlearning
+issue, computed from the means).
 """
 
 from __future__ import annotations
@@ -105,9 +106,12 @@ def unlearning_table(seeds: Sequence[int] = (0, 1, 2), sets: Sequence[str] = (),
     stats = stats.reindex([m for m in METHODS if m in stats.index])
     (folder / "unlearning_table.md").write_text(to_markdown(stats))
     figures = targets(stats)
-    (folder / "targets.json").write_text(json.dumps(
-        {"figures": figures, "unlearning": unlearning.to_dict(), "canaries": canaries,
-         "common_canaries": common_canaries, "seeds": list(seeds)}, indent=2))
+    means = stats.xs("mean", axis=1, level=1)
+    methods = {m: {k: float(v) for k, v in means.loc[m].items()} for m in means.index}
+    (folder / "summary.json").write_text(json.dumps(
+        {"targets": figures, "methods": methods, "unlearning": unlearning.to_dict(),
+         "canaries": canaries, "common_canaries": common_canaries, "seeds": list(seeds)},
+        indent=2))
     return folder, stats, figures
 
 
