@@ -24,9 +24,17 @@ import pandas as pd
 
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
-from fedshare.federated.runconfig import APP_KEYS, DATA_KEYS, data_key, federated_config, load_data
+from fedshare.federated.runconfig import (
+    APP_KEYS,
+    DATA_KEYS,
+    data_key,
+    federated_config,
+    load_data,
+    unlearning_config,
+)
 from fedshare.federated.simulate import simulate
 from fedshare.reports import write_json
+from fedshare.unlearning.phase import unlearn
 from simulations.flower_runner import run_flower, write_toml
 
 ENGINES = ("flower", "inprocess")
@@ -134,10 +142,23 @@ def _run_inprocess(run: dict[str, Any], out: Path,
                      f"{row['valid_hr@20']:.4f}  NDCG@20 {row['valid_ndcg@20']:.4f}")
 
     result = simulate(data, config, report)
-    np.save(out / "item_table.npy", result.table.numpy())
+    assert result.federation is not None
+    federation, valid, test, phase = result.federation, result.valid, result.test, {}
+    unlearning = unlearning_config(run)
+    if unlearning is not None:  # the same Algorithm 2 the Flower strategy runs
+        outcome = unlearn(federation, data, "fedshare", unlearning, config.rounds)
+        federation = outcome.federation
+        valid, test = federation.evaluate("valid"), federation.evaluate("test")
+        phase = {"learned_valid": result.valid, "learned_test": result.test,
+                 "unlearning_seconds": outcome.seconds,
+                 "unlearning_kept_bytes": outcome.kept_bytes,
+                 "forgotten_interactions": int(data.plan.unlearn.sum()),
+                 "unlearning": unlearning.to_dict()}
+    np.save(out / "item_table.npy", federation.server.table.numpy())
     pd.DataFrame(result.history).to_csv(out / "metrics.csv", index=False)
-    summary = {"variant": config.variant, "rounds": config.rounds, "valid": result.valid,
-               "test": result.test, "seconds": result.seconds, "engine": "inprocess",
-               "shared_interactions": int(data.plan.shared.sum()) if config.shares else 0}
+    summary = {"variant": config.variant, "rounds": config.rounds, "valid": valid,
+               "test": test, "seconds": result.seconds, "engine": "inprocess",
+               "shared_interactions": int(data.plan.shared.sum()) if config.shares else 0,
+               **phase}
     write_json(out / "summary.json", summary)
     return summary
