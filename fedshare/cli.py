@@ -209,10 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="canary items per unsharing user for the audit (0 = off)")
     unl.add_argument("--per-user-canaries", action="store_true",
                      help="draw each user's canaries separately instead of one common set")
-    unl.add_argument("--unlearn-rounds", type=int, default=10, help="T_un")
+    unl.add_argument("--unlearn-rounds", type=int, default=20, help="T_un")
     unl.add_argument("--unlearn-steps", type=int, default=10, help="server steps per round")
     unl.add_argument("--unlearn-weight", type=float, default=0.1, help="weight of L_CU")
-    unl.add_argument("--unlearn-lr", type=float, default=5e-2)
+    unl.add_argument("--unlearn-lr", type=float, default=3e-2)
     unl.add_argument("--unlearn-tau", type=float, default=0.5)
     unl.add_argument("--no-bpr", action="store_true", help="L_CU alone, without BPR on G_s")
     unl.add_argument("--out", default="runs")

@@ -717,3 +717,22 @@ def test_unlearning_row_without_retrain_or_canaries(data, outcomes):
     assert "top20_jaccard" not in row and "spearman" not in row
     assert "canary_exposure" not in row and "canary_auc" not in row
     assert 0.0 <= row["forgotten_hr@20"] <= 1.0
+
+
+@pytest.mark.parametrize("common", [False, True])
+def test_canaries_are_erased_with_the_rest(data, common):
+    """Canaries ride along with the unshared data: after the phase no server store holds one."""
+    torch.set_num_threads(1)
+    canary_data, canaries = add_canaries(data, 3, seed=1, common=common)
+    federation = phase.learn(canary_data, CONFIG)
+    assert pairs(canaries) <= pairs(federation.server.shared)  # learned with them
+    outcome = phase.unlearn(federation, canary_data, "fedshare", UNLEARNING, CONFIG.rounds)
+    server = outcome.federation.server
+    assert not pairs(server.shared) & pairs(canaries)
+    adj = server.graph.adj.to_dense()
+    for user, item in pairs(canaries):
+        assert adj[user, NUM_USERS + item] == 0 and adj[NUM_USERS + item, user] == 0
+    assert len(server.snapshots) == 1 and torch.equal(server.snapshots[0], server.table)
+    assert not any(torch.equal(server.snapshots[0], s) for s in federation.server.snapshots)
+    assert len(outcome.store.forgotten()) == 0
+    assert not pairs(outcome.federation.population.train_data) & pairs(canaries)

@@ -16,8 +16,8 @@ layer 0 included (``include_self``), with the server's user embeddings for the u
 depend only on the snapshots, the fixed G_f and those embeddings, so they are computed once per
 phase rather than every round (same values). The paper does not say whether BPR on the updated G_s
 joins L_CU: ``bpr`` switches it, and it does by default (decided on validation: without it the
-table collapses). L_CU enters with ``weight`` beside BPR. Defaults (README, "Unlearning"): 10
-rounds x 10 Adam steps at lr 0.05, tau 0.5, weight 0.1. Ablations: ``forgotten_graph=False`` uses
+table collapses). L_CU enters with ``weight`` beside BPR. Defaults (README, "Unlearning"): 20
+rounds x 10 Adam steps at lr 0.03, tau 0.5, weight 0.1. Ablations: ``forgotten_graph=False`` uses
 the raw snapshots as forgotten views; ``remaining_fl=False`` reuses the previous table as the
 local view.
 """
@@ -48,9 +48,9 @@ class UnlearningConfig:
         weight: weight of L_CU beside BPR.
     """
 
-    rounds: int = 10
+    rounds: int = 20
     steps: int = 10
-    lr: float = 5e-2
+    lr: float = 3e-2
     tau: float = 0.5
     bpr: bool = True
     forgotten_graph: bool = True
