@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
 from fedshare.data.prepared import PreparedData
 
 
@@ -21,6 +23,16 @@ def write_json(path: Path, payload: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def metrics_frame(rounds: list[dict], validations: list[dict]) -> pd.DataFrame:
+    """``metrics.csv``: one row per round (who trained, elapsed time), validation metrics on
+    the rounds that were validated."""
+    frame = pd.DataFrame(rounds)
+    if not validations:
+        return frame
+    valid = pd.DataFrame(validations).drop(columns=["seconds"], errors="ignore")
+    return frame.merge(valid, on="round", how="left") if len(frame) else valid
 
 
 def data_stats(data: PreparedData) -> dict:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
@@ -33,7 +32,7 @@ from fedshare.federated.runconfig import (
     unlearning_config,
 )
 from fedshare.federated.simulate import simulate
-from fedshare.reports import write_json
+from fedshare.reports import metrics_frame, write_json
 from fedshare.unlearning.phase import unlearn
 from simulations.flower_runner import run_flower, write_toml
 
@@ -155,7 +154,7 @@ def _run_inprocess(run: dict[str, Any], out: Path,
                  "forgotten_interactions": int(data.plan.unlearn.sum()),
                  "unlearning": unlearning.to_dict()}
     np.save(out / "item_table.npy", federation.server.table.numpy())
-    pd.DataFrame(result.history).to_csv(out / "metrics.csv", index=False)
+    metrics_frame(result.rounds, result.history).to_csv(out / "metrics.csv", index=False)
     summary = {"variant": config.variant, "rounds": config.rounds, "valid": valid,
                "test": test, "seconds": result.seconds, "engine": "inprocess",
                "shared_interactions": int(data.plan.shared.sum()) if config.shares else 0,

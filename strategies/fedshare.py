@@ -69,6 +69,7 @@ class FedShareStrategy(FedAvg):
         self.progress = progress
         self.audit = audit
         self.history: list[dict] = []
+        self.rounds: list[dict] = []
         self.started = time.perf_counter()
 
     def summary(self) -> None:
@@ -113,6 +114,10 @@ class FedShareStrategy(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         local_view, updates = self.local_view(server_round, replies)
         table = self.server.finish_round(local_view, server_round)
+        self.rounds.append({"round": server_round,
+                            "seconds": time.perf_counter() - self.started,
+                            "num-users": sum(u.num_users for u in updates),
+                            "num-examples": sum(u.weight for u in updates)})
         metrics = MetricRecord({"num-users": sum(u.num_users for u in updates),
                                 WEIGHT: float(sum(u.weight for u in updates))})
         return table_record(table), metrics

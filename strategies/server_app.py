@@ -14,7 +14,6 @@ from logging import INFO
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -22,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedshare.data.interactions import Interactions
 from fedshare.errors import FedShareError
 from fedshare.federated.runconfig import federated_config, unlearning_config
-from fedshare.reports import write_json
+from fedshare.reports import metrics_frame, write_json
 from strategies.audit import MessageAudit
 from strategies.fedshare import Directory, FedShareStrategy
 from strategies.records import table_record
@@ -100,7 +99,8 @@ def main(grid: Grid, context: Context) -> None:
         phase = {**learned, **run_unlearning(grid, nodes, strategy, unlearning)}
         valid = strategy.evaluate_now(grid, "valid")
         test = strategy.evaluate_now(grid, "test")
-    pd.DataFrame(strategy.history).to_csv(out_dir / "metrics.csv", index=False)
+    metrics_frame(strategy.rounds, strategy.history).to_csv(out_dir / "metrics.csv",
+                                                            index=False)
     np.save(out_dir / "item_table.npy", strategy.server.table.numpy())
     summary = {"variant": config.variant, "rounds": config.rounds, "engine": "flower",
                "valid": valid,

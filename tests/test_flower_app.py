@@ -119,7 +119,10 @@ def test_flower_run_folder(runs, data):
         assert summary["shared_interactions"] == int(data.plan.shared.sum())
         assert summary["snapshots"] == ROUNDS
         assert summary["snapshot_bytes"] == ROUNDS * NUM_ITEMS * DIM * 4
-        assert pd.read_csv(out / "metrics.csv")["round"].tolist() == [ROUNDS]
+        metrics = pd.read_csv(out / "metrics.csv")  # one row per round, validated at the last
+        assert metrics["round"].tolist() == list(range(1, ROUNDS + 1))
+        assert metrics["valid_hr@20"].notna().tolist() == [False] * (ROUNDS - 1) + [True]
+        assert (metrics["num-users"] > 0).all()
         table = np.load(out / "item_table.npy")
         assert table.shape == (NUM_ITEMS, DIM) and np.isfinite(table).all()
         for part in ("valid", "test"):

@@ -31,6 +31,7 @@ def sample_users(candidates: np.ndarray, fraction: float, seed: int, round_: int
 class RunResult:
     config: dict
     history: list[dict] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)
     test: dict[str, float] = field(default_factory=dict)
     valid: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -60,6 +61,7 @@ class InProcessFederation:
         self.population = ClientPopulation(data, np.arange(data.num_users), config.dim,
                                            config.seed, shares=config.shares)
         self.candidates = self.population.trainable()
+        self.last_round: dict = {}
 
     def train_round(self, round_: int) -> torch.Tensor:
         """Sample, train locally and aggregate (Eq. 12-16): the round's local view."""
@@ -69,6 +71,8 @@ class InProcessFederation:
         extra = self.server.server_client_update(round_)
         if extra is not None:
             updates.append(extra)
+        self.last_round = {"num-users": sum(u.num_users for u in updates),
+                           "num-examples": sum(u.weight for u in updates)}
         return aggregate(self.server.table, updates, cfg.aggregation, cfg.server_lr)
 
     def round(self, round_: int) -> None:
@@ -88,6 +92,8 @@ def simulate(data: PreparedData, config: FederatedConfig,
     result = RunResult(config.to_dict())
     for round_ in range(1, config.rounds + 1):
         federation.round(round_)
+        result.rounds.append({"round": round_, "seconds": time.perf_counter() - start_time,
+                              **federation.last_round})
         if round_ % config.eval_every == 0 or round_ == config.rounds:
             valid = federation.evaluate("valid")
             row = {"round": round_, "seconds": time.perf_counter() - start_time,
