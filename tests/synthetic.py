@@ -10,7 +10,8 @@ from fedshare.data.sharing import SharingConfig, make_plan
 from fedshare.data.split import random_split
 
 
-def tiny_prepared(num_users: int = 10, num_items: int = 40, seed: int = 0) -> PreparedData:
+def tiny_prepared(num_users: int = 10, num_items: int = 40, seed: int = 0,
+                  unshare_user_fraction: float = 0.3) -> PreparedData:
     """8-15 distinct items per user, rows shuffled (users interleave, as in real logs)."""
     rng = np.random.default_rng(seed)
     degrees = rng.integers(8, 16, num_users)
@@ -20,5 +21,7 @@ def tiny_prepared(num_users: int = 10, num_items: int = 40, seed: int = 0) -> Pr
     data = Interactions.from_arrays(users[order], items[order], num_users, num_items,
                                     np.arange(len(users)))
     split = random_split(data, (0.8, 0.1, 0.1), seed=0)
-    plan = make_plan(split.train, SharingConfig(group_fractions=(0.25, 0.25, 0.5), seed=0))
+    sharing = SharingConfig(group_fractions=(0.25, 0.25, 0.5),
+                            unshare_user_fraction=unshare_user_fraction, seed=0)
+    plan = make_plan(split.train, sharing)
     return PreparedData("synthetic", split, plan, 0, (0.8, 0.1, 0.1))

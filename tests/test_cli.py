@@ -24,15 +24,7 @@ needs_ml100k = pytest.mark.skipif(not ML100K_AVAILABLE,
 CONSOLE_SCRIPT = Path(sys.executable).with_name("fedshare")
 
 
-@pytest.fixture(autouse=True)
-def _offline(tmp_path, monkeypatch):
-    """An empty data cache and no downloads."""
-    monkeypatch.setenv("FEDSHARE_DATA", str(tmp_path / "cache"))
-
-    def no_network(url, *args, **kwargs):
-        raise AssertionError(f"test tried to download {url}")
-
-    monkeypatch.setattr(loaders, "fetch", no_network)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 
 from fedshare.data import load_dataset
-from fedshare.data import loaders as loaders_module
 from fedshare.data.download import extract_zip, fetch
 from fedshare.data.preprocess import deduplicate, filter_users, to_implicit
 from fedshare.errors import FedShareError
@@ -24,16 +23,7 @@ ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "C
                  "Romance", "Sci-Fi", "Thriller", "War", "Western"]
 
 
-@pytest.fixture(autouse=True)
-def _offline(tmp_path, monkeypatch):
-    """Point the cache at a fresh folder and make any download attempt fail loudly."""
-    monkeypatch.setenv("FEDSHARE_DATA", str(tmp_path / "cache"))
-
-    def no_network(*args, **kwargs):
-        raise AssertionError(f"a test tried to download: {args}")
-
-    monkeypatch.setattr(loaders_module, "fetch", no_network)
-    monkeypatch.setattr("urllib.request.urlopen", no_network)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def triples(dataset) -> list[tuple[int, int, int]]:

@@ -10,20 +10,10 @@ import numpy as np
 import pytest
 
 from fedshare.data import Interactions, PreparedData, SharingConfig, make_plan, prepare
-from fedshare.data import loaders as loaders_module
 from fedshare.data.split import split_by_parts, split_parts
 from fedshare.errors import FedShareError
 
-
-@pytest.fixture(autouse=True)
-def _offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDSHARE_DATA", str(tmp_path / "cache"))
-
-    def no_network(*args, **kwargs):
-        raise AssertionError(f"a test tried to download: {args}")
-
-    monkeypatch.setattr(loaders_module, "fetch", no_network)
-    monkeypatch.setattr("urllib.request.urlopen", no_network)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def build(seed: int = 0, split_seed: int = 0) -> PreparedData:

@@ -16,12 +16,11 @@ import time
 
 import numpy as np
 import pytest
+import synthetic
 import torch
 
 from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
-from fedshare.data.sharing import SharingConfig, make_plan
-from fedshare.data.split import random_split
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import ClientPopulation
@@ -46,17 +45,7 @@ FEDSHARE_TYPE = ("fedshare", "wo-forgotten-graph", "wo-remaining-fl")
 
 def tiny_prepared(seed: int = 0) -> PreparedData:
     """12 users x 40 items, 8-15 distinct items per user; half of the sharers unshare."""
-    rng = np.random.default_rng(seed)
-    degrees = rng.integers(8, 16, NUM_USERS)
-    users = np.repeat(np.arange(NUM_USERS), degrees)
-    items = np.concatenate([rng.choice(NUM_ITEMS, d, replace=False) for d in degrees])
-    order = rng.permutation(len(users))
-    data = Interactions.from_arrays(users[order], items[order], NUM_USERS, NUM_ITEMS,
-                                    np.arange(len(users)))
-    split = random_split(data, (0.8, 0.1, 0.1), seed=0)
-    plan = make_plan(split.train, SharingConfig(group_fractions=(0.25, 0.25, 0.5),
-                                                unshare_user_fraction=0.5, seed=0))
-    return PreparedData("synthetic", split, plan, 0, (0.8, 0.1, 0.1))
+    return synthetic.tiny_prepared(NUM_USERS, NUM_ITEMS, seed, unshare_user_fraction=0.5)
 
 
 def pairs(data: Interactions) -> set[tuple[int, int]]:
