@@ -1,10 +1,11 @@
 """Launch the FedShare Flower app as a local simulation and wait for it to finish.
 
-``flwr run`` submits the app (this repository) to a local SuperLink, which it starts in the
-background when none answers; the Ray simulation engine then runs the ServerApp and the virtual
-SuperNodes. This wrapper sets the offline settings (no runtime dependency installation, no
-telemetry, no update check), a private ``FLWR_HOME``, streams the logs to a file and passes the
-FedShare progress lines to a callback, and stops the SuperLink again if it started one.
+``flwr run`` submits the app (this repository) to a SuperLink in simulation mode; the Ray
+simulation engine then runs the ServerApp and the virtual SuperNodes. This wrapper starts a
+private SuperLink on a free port for each run (so concurrent runs never share one), sets the
+offline settings (no runtime dependency installation, no telemetry, no update check) and a
+private ``FLWR_HOME``, streams the logs to a file, passes the FedShare progress lines to a
+callback, and stops the SuperLink when the run ends.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ from fedshare.errors import FedShareError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROGRESS = "fedshare-progress"
-SUPERLINK_HEALTH = "http://127.0.0.1:39091/health"  # Flower's managed local SuperLink
 
 
 def toml_value(value: Any) -> str:
@@ -42,44 +42,52 @@ def write_toml(path: Path, values: Mapping[str, Any]) -> None:
     path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
 
 
-def _superlink_running() -> bool:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _healthy(port: int) -> bool:
     try:
-        with urllib.request.urlopen(SUPERLINK_HEALTH, timeout=1) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
             return response.status == 200
     except OSError:
         return False
 
 
-def _stop_processes_mentioning(text: str, wait: float = 15.0) -> None:
-    """Stop the SuperLink this run started (its command line names our FLWR_HOME) and wait
-    until it is gone, so that the next run starts its own."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline and "flower-superlink" in cmdline:
-            with contextlib.suppress(OSError):
-                os.kill(int(proc.name), signal.SIGTERM)
-                pids.append(int(proc.name))
-    deadline = time.monotonic() + wait
-    while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if Path(f"/proc/{p}").exists()
-                and "zombie" not in _state(p)]
-        time.sleep(0.2)
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    while _superlink_running() and time.monotonic() < deadline + 5:
-        time.sleep(0.2)
+@contextlib.contextmanager
+def private_superlink(home: Path, env: dict[str, str], startup: float = 60.0
+                      ) -> Iterator[str]:
+    """A simulation SuperLink of our own on a free port, stopped on exit.
 
-
-def _state(pid: int) -> str:
+    Flower's managed local SuperLink listens on one fixed port and is shared by every ``flwr
+    run`` on the machine: a second run would borrow it and lose it when the first stops it.
+    Yields the connection name written to ``home/config.toml``.
+    """
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure",
+               "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+               "--port", str(port), "--log-file", str(home / "superlink.log")]
+    with open(home / "superlink.out", "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
-    except (OSError, IndexError):
-        return "zombie"
+        deadline = time.monotonic() + startup
+        while not _healthy(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise FedShareError(f"the Flower SuperLink did not start; see {home}")
+            time.sleep(0.3)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedshare"\n\n[superlink.fedshare]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        yield "fedshare"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -103,25 +111,23 @@ def run_flower(run_config: Mapping[str, Any], num_supernodes: int, log_path: Pat
     if not flwr.exists():
         raise FedShareError(f"flwr not found beside {sys.executable}; install the project")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fedshare-flwr-") as home:
-        overrides = Path(home) / "run-config.toml"
+    with tempfile.TemporaryDirectory(prefix="fedshare-flwr-") as tmp:
+        home = Path(tmp)
+        env = flower_env(home)
+        overrides = home / "run-config.toml"
         write_toml(overrides, run_config)
-        started_here = not _superlink_running()
-        command = [str(flwr), "run", str(REPO_ROOT), "--run-config", str(overrides),
-                   "--federation-config",
-                   f"num-supernodes={num_supernodes} client-resources-num-cpus=1", "--stream"]
-        try:
+        with private_superlink(home, env) as connection:
+            command = [str(flwr), "run", str(REPO_ROOT), connection, "--run-config",
+                       str(overrides), "--federation-config",
+                       f"num-supernodes={num_supernodes} client-resources-num-cpus=1", "--stream"]
             with open(log_path, "w") as log, subprocess.Popen(
-                    command, env=flower_env(Path(home)), stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT) as process:
+                    command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True, cwd=REPO_ROOT) as process:
                 assert process.stdout is not None
                 for line in process.stdout:
                     log.write(line)
                     if on_progress is not None and PROGRESS in line:
                         on_progress(line.split(PROGRESS, 1)[1].strip())
                 code = process.wait(timeout=timeout)
-        finally:
-            if started_here:
-                _stop_processes_mentioning(home)
     if code != 0:
         raise FedShareError(f"flwr run failed with exit status {code}; see {log_path}")

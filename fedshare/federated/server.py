@@ -17,8 +17,6 @@ client of weight |D_s|.
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ from fedshare.graph import BipartiteGraph
 from fedshare.losses import bpr_loss, info_nce
 from fedshare.models.embeddings import xavier_table
 from fedshare.sampling import sample_negatives
+from fedshare.storage import SnapshotStore, StorageLedger
 from fedshare.unlearning.contrastive import UnlearningConfig, contrastive_unlearning_loss
 
 
@@ -42,7 +41,8 @@ class Server:
         config: the run's settings.
     """
 
-    def __init__(self, shared: Interactions, config: FederatedConfig) -> None:
+    def __init__(self, shared: Interactions, config: FederatedConfig,
+                 ledger: StorageLedger | None = None) -> None:
         self.config = config
         self.num_items = shared.num_items
         generator = torch.Generator().manual_seed(config.seed)
@@ -52,7 +52,7 @@ class Server:
         self.item = torch.nn.Parameter(self.table.clone())
         self.optimizer = torch.optim.Adam([self.user, self.item], lr=config.server_refine_lr)
         self.set_shared(shared)
-        self.snapshots: deque[Tensor] = deque(maxlen=max(config.snapshots, 1))
+        self.snapshots = SnapshotStore(config.snapshots, ledger)
 
     def set_shared(self, shared: Interactions) -> None:
         """(Re)build G_s from D_s, e.g. after unsharing (Eq. 19-20).
@@ -73,8 +73,12 @@ class Server:
     def trains_on_graph(self) -> bool:
         return self.graph is not None and self.config.server_steps > 0
 
+    @property
+    def ledger(self) -> StorageLedger:
+        return self.snapshots.ledger
+
     def snapshot_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.snapshots)
+        return self.snapshots.nbytes
 
     def _bpr(self, users_g: Tensor, items_g: Tensor, rng: np.random.Generator,
              round_: int, step: int) -> Tensor:
@@ -157,5 +161,5 @@ class Server:
             else aggregated.clone()
         self.table = table
         if self.config.snapshots > 0:
-            self.snapshots.append(table.clone())
+            self.snapshots.append(table)
         return table

@@ -40,5 +40,5 @@ def complete_erasure(server: Server, store: SharedStore) -> None:
     """The pre-request snapshots have served: delete them (the current table starts the next
     history), and drop the unshared interactions from the store."""
     server.snapshots.clear()
-    server.snapshots.append(server.table.clone())
+    server.snapshots.append(server.table)
     store.erase_pending()
