@@ -103,8 +103,7 @@ def main(grid: Grid, context: Context) -> None:
                                                             index=False)
     np.save(out_dir / "item_table.npy", strategy.server.table.numpy())
     summary = {"variant": config.variant, "rounds": config.rounds, "engine": "flower",
-               "valid": valid,
-               "test": test, "seconds": time.perf_counter() - started,
+               "valid": valid, "test": test, "seconds": time.perf_counter() - started,
                "nodes": len(nodes), "shared_interactions": len(directory.shared),
                "snapshot_bytes": strategy.server.snapshot_bytes(),
                "snapshots": len(strategy.server.snapshots), **phase}
