@@ -114,9 +114,6 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from simulations.experiment import resolve, run_experiment
 
     experiment = resolve(args.config, args.set)
-    config = experiment.config
-    print(f"run {experiment.name}: {config.variant}, {config.rounds} rounds, "
-          f"{experiment.num_supernodes} nodes, engine {args.engine}", file=sys.stderr)
     out, summary = run_experiment(experiment, args.out, args.engine,
                                   lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     test = summary["test"]

@@ -112,6 +112,11 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
     """Run ``experiment``; return its folder and summary."""
     if engine not in ENGINES:
         raise FedShareError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    load_data(data_key(experiment.run, {}))  # bad data fail here, before any folder or process
+    if progress is not None:
+        config = experiment.config
+        progress(f"run {experiment.name}: {config.variant}, {config.rounds} rounds, "
+                 f"{experiment.num_supernodes} nodes, engine {engine}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(out_root).resolve() / f"{experiment.name}-{stamp}"
     suffix = 1

@@ -189,7 +189,8 @@ def test_run_experiment_inprocess_writes_the_run_folder(prepared, tmp_path):
     metrics = pd.read_csv(out / "metrics.csv")
     assert metrics["round"].tolist() == [1, 2]
     assert {"valid_hr@20", "valid_ndcg@20", "valid_recall@20"} <= set(metrics.columns)
-    assert len(lines) == 2 and lines[0].startswith("round 1")
+    assert len(lines) == 3 and lines[0].startswith("run tiny: fedshare, 2 rounds")
+    assert lines[1].startswith("round 1")
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["engine"] == "inprocess" and summary["rounds"] == 2
     assert summary["variant"] == "fedshare"
@@ -271,3 +272,10 @@ def test_cli_run_inprocess(capsys, tmp_path, prepared, monkeypatch):
     summary = json.loads((folder / "summary.json").read_text())
     assert f"{summary['test']['hr@20']:.4f}" in out
     assert tomllib.loads((folder / "config.toml").read_text())["fraction"] == 0.5
+
+
+def test_bad_data_fails_before_any_folder_or_process(tmp_path, capsys):
+    code, _, err = _run(capsys, "run", "--set", f"prepared={tmp_path / 'missing'}",
+                        "--out", str(tmp_path / "runs"))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("fedshare: error:")
+    assert not (tmp_path / "runs").exists()
