@@ -83,10 +83,11 @@ def learning_table(seeds: Sequence[int] = (0, 1, 2), sets: Sequence[str] = (),
                    engine: str = "inprocess", out: str | Path = "runs", workers: int = 2,
                    progress: Callable[[str], None] = print) -> tuple[Path, pd.DataFrame]:
     """Run every cell, write the table files, return the folder and the summary frame."""
-    folder = Path(out).resolve() / f"learning-table-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder.mkdir(parents=True)
     experiment = resolve(CONFIGS / "fedshare.toml", list(sets))  # validates --set early
     key = data_key(experiment.run, {})
+    load_data(key)  # and the data, before any folder is made
+    folder = Path(out).resolve() / f"learning-table-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir(parents=True)
     federated = [(label, name, s, list(sets), engine, folder / "runs")
                  for label, name in METHODS for s in seeds]
     central = [(model, s, key) for model in ("lightgcn", "popularity") for s in seeds]

@@ -88,6 +88,7 @@ def unlearning_table(seeds: Sequence[int] = (0, 1, 2), sets: Sequence[str] = (),
                      common_canaries: bool = True, out: str | Path = "runs",
                      progress: Callable[[str], None] = print) -> tuple[Path, pd.DataFrame, dict]:
     unlearning = unlearning or UnlearningConfig()
+    load_data(data_key(resolve(CONFIGS / "fedshare.toml", list(sets)).run, {}))  # fail early
     folder = Path(out).resolve() / f"unlearning-table-{time.strftime('%Y%m%d-%H%M%S')}"
     folder.mkdir(parents=True)
     rows: list[dict] = []
