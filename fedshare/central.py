@@ -8,7 +8,6 @@ stopping; test metrics are those of the chosen epoch.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -84,7 +83,7 @@ def train_bpr(split: Split, model_name: str, config: CentralConfig | None = None
     users, items = split.train.users, split.train.items
     known = np.unique(users * split.num_items + items)
     rng = np.random.default_rng(config.seed)
-    best = (-1.0, 0, None, None, None)
+    best: tuple = (-1.0, 0, None, None)
     bad = 0
     for epoch in range(1, config.max_epochs + 1):
         order = rng.permutation(len(users))
@@ -109,13 +108,13 @@ def train_bpr(split: Split, model_name: str, config: CentralConfig | None = None
         if progress is not None:
             progress(epoch, valid)
         if valid["ndcg@20"] > best[0]:
-            best = (valid["ndcg@20"], epoch, valid, test, copy.deepcopy(model.state_dict()))
+            best = (valid["ndcg@20"], epoch, valid, test)
             bad = 0
         else:
             bad += 1
             if bad >= config.patience:
                 break
-    _, epoch, valid, test, _ = best
+    _, epoch, valid, test = best
     return CentralResult(model_name, epoch, valid, test, time.perf_counter() - start,
                          asdict(config))
 

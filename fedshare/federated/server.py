@@ -127,7 +127,7 @@ class Server:
                                         has_forgotten.nonzero().squeeze(1)]))
         with torch.no_grad():
             self.item.copy_(local_view)
-        for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups:  # the phase's own step size, then back
             group["lr"] = unlearning.lr
         for step in range(unlearning.steps):
             if self.graph is not None:
@@ -142,6 +142,8 @@ class Server:
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.server_refine_lr
         self.table = self.item.detach().clone()
         return self.table
 
