@@ -153,6 +153,25 @@ def _cmd_unlearning_table(args: argparse.Namespace) -> None:
     print(f"saved in {folder}")
 
 
+def _cmd_storage(args: argparse.Namespace) -> None:
+    from fedshare.unlearning.replay import ReplayConfig
+    from simulations.storage_study import storage_study, to_markdown
+
+    if not args.snapshots or min(args.snapshots) < 1:
+        raise FedShareError("--snapshots needs values M >= 1")
+    try:
+        replay = ReplayConfig(args.alpha, args.epoch_fraction, args.interval)
+    except ValueError as exc:
+        raise FedShareError(str(exc)) from None
+    folder, means, figures = storage_study(
+        args.seeds, args.set, args.snapshots, replay=replay, out=args.out,
+        progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(to_markdown(means))
+    for key, value in figures.items():
+        print(f"{key}: {value:.4g}")
+    print(f"saved in {folder}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedshare", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     unl.add_argument("--no-bpr", action="store_true", help="L_CU alone, without BPR on G_s")
     unl.add_argument("--out", default="runs")
     unl.set_defaults(func=_cmd_unlearning_table)
+
+    store = commands.add_parser("storage", help="storage and time of every unlearning method")
+    store.add_argument("--seeds", type=_seeds, default=(0,))
+    store.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a learning-phase setting")
+    store.add_argument("--snapshots", type=_seeds, default=(1, 2, 3, 5, 10),
+                       help="FedShare's M values (default 1,2,3,5,10)")
+    store.add_argument("--alpha", type=float, default=0.5,
+                       help="FRU: fraction of touched rows stored per round")
+    store.add_argument("--epoch-fraction", type=float, default=0.1,
+                       help="FRU/CUFRU: lambda, the replay's share of epochs and steps")
+    store.add_argument("--interval", type=int, default=10,
+                       help="CUFRU: a calibration round every this many rounds")
+    store.add_argument("--out", default="runs")
+    store.set_defaults(func=_cmd_storage)
     return parser
 
 

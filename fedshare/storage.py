@@ -9,7 +9,7 @@ total instead of computing sizes from formulas (tests compare the two).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import pandas as pd
 import torch
@@ -86,6 +86,13 @@ class SnapshotStore:
         self._tables.clear()
         self._report()
 
+    def keep_last(self, count: int) -> None:
+        """Keep only the newest ``count`` tables from now on (a smaller M)."""
+        if count < 1:
+            raise ValueError(f"M must be at least 1, got {count}")
+        self._tables = deque(list(self._tables)[-count:], maxlen=count)
+        self._report()
+
     def __len__(self) -> int:
         return len(self._tables)
 
@@ -97,3 +104,46 @@ class SnapshotStore:
 
     def stacked(self) -> Tensor:
         return torch.stack(list(self._tables))
+
+
+class RowStore:
+    """Sparse per-round records (e.g. a client's update rows of round t), accounted in a ledger.
+
+    Every record is a tuple of tensors under a key (a round, or a (round, user) pair); adding to
+    an existing key concatenates along the first dimension (several cohorts in one round).
+    """
+
+    def __init__(self, owner: str, kind: str, ledger: StorageLedger) -> None:
+        self.owner, self.kind, self.ledger = owner, kind, ledger
+        self._records: dict[Hashable, tuple[Tensor, ...]] = {}
+        self._nbytes = 0
+        self._report()
+
+    def _report(self) -> None:
+        self.ledger.set(self.owner, self.kind, self._nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def add(self, key: Hashable, *tensors: Tensor) -> None:
+        new = tuple(t.detach().clone() for t in tensors)
+        if key in self._records:
+            old = self._records[key]
+            new = tuple(torch.cat([a, b]) for a, b in zip(old, new, strict=True))
+            self._nbytes -= tensor_bytes(*old)
+        self._records[key] = new
+        self._nbytes += tensor_bytes(*new)
+        self._report()
+
+    def get(self, key: Hashable) -> tuple[Tensor, ...] | None:
+        return self._records.get(key)
+
+    def keys(self) -> list:
+        return sorted(self._records)
+
+    def drop(self) -> None:
+        """Forget everything (the owner leaves, or the store has served)."""
+        self._records.clear()
+        self._nbytes = 0
+        self._report()

@@ -1,8 +1,10 @@
 """The unlearning table (paper Table III right half and Table IV): learn once per seed, let
-gamma = 0.3 of the sharing users unshare, then run no-unlearning, FedShare, its two ablations and
-Retrain from the same learned state. Columns: test HR/NDCG@20 over all users; on the unsharing
+gamma = 0.3 of the sharing users unshare, then run no-unlearning, FedShare, its two ablations,
+FRU, CUFRU and Retrain from the same learned state (learned once, with the FRU / CUFRU histories
+recorded). Columns: test HR/NDCG@20 over all users; on the unsharing
 users: forgotten-interaction HR/Recall@20, membership-inference AUC, top-20 Jaccard and Spearman
-agreement with Retrain, canary exposure and AUC (with ``canaries > 0``); wall time and bytes kept.
+agreement with Retrain, canary exposure and AUC (with ``canaries > 0``); wall time and bytes kept
+(in total and on the clients, read from the run's storage ledger).
 
 Runs in process (the same server and client code as the Flower app). Saved as
 ``unlearning_table.csv`` (method x seed), ``unlearning_table.md`` and ``summary.json`` (per
@@ -30,7 +32,7 @@ from simulations.experiment import resolve
 CONFIGS = Path(__file__).parent / "configs"
 COLUMNS = ("test_hr@20", "test_ndcg@20", "forgotten_hr@20", "forgotten_recall@20", "mia_auc",
            "top20_jaccard", "spearman", "canary_exposure", "canary_auc", "seconds",
-           "kept_bytes")
+           "kept_bytes", "client_bytes", "server_bytes")
 
 
 def unlearning_cells(seed: int, sets: Sequence[str], unlearning: UnlearningConfig,
@@ -43,7 +45,7 @@ def unlearning_cells(seed: int, sets: Sequence[str], unlearning: UnlearningConfi
     if canaries > 0:
         data, canary_set = add_canaries(data, canaries, seed, common=common_canaries)
     config = experiment.config
-    learned = learn(data, config)
+    learned = learn(data, config, record=True)
     outcomes = {m: unlearn(learned, data, m, unlearning, config.rounds) for m in METHODS}
     rows = []
     for method in METHODS:
@@ -78,7 +80,7 @@ def to_markdown(stats: pd.DataFrame) -> str:
         cells = []
         for c in columns:
             m, s = stats.loc[method, (c, "mean")], stats.loc[method, (c, "std")]
-            cells.append(f"{m:.0f}" if c == "kept_bytes" else f"{m:.4f} ± {s:.4f}")
+            cells.append(f"{m:.0f}" if c.endswith("_bytes") else f"{m:.4f} ± {s:.4f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

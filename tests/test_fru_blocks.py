@@ -8,13 +8,8 @@ import torch
 
 from fedshare.models.local import LocalTrainConfig, UserBatch, train_local
 from fedshare.storage import StorageLedger, client
-from fedshare.unlearning.fru import (
-    KIND,
-    calibrated_step,
-    expected_bytes,
-    select_important_rows,
-    store_round,
-)
+from fedshare.unlearning.fru import KIND, expected_bytes, select_important_rows, store_round
+from fedshare.unlearning.replay import calibrated_step
 
 
 def test_selection_keeps_the_largest_rows_by_hand():

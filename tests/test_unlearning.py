@@ -489,7 +489,7 @@ def _state(federation) -> dict:
 @pytest.fixture(scope="module")
 def learned(data):
     torch.set_num_threads(1)
-    federation = phase.learn(data, CONFIG)
+    federation = phase.learn(data, CONFIG, record=True)
     assert len(federation.server.snapshots) == CONFIG.snapshots
     return federation, _state(federation)
 
@@ -502,7 +502,7 @@ def outcomes(data, learned):
 
 
 def test_methods_are_listed():
-    assert set(phase.METHODS) == {"no-unlearning", "retrain", *FEDSHARE_TYPE}
+    assert set(phase.METHODS) == {"no-unlearning", "retrain", "fru", "cufru", *FEDSHARE_TYPE}
 
 
 def _assert_unchanged(federation, before: dict) -> None:
@@ -581,9 +581,16 @@ def test_pre_request_snapshots_are_deleted(learned, outcomes, method):
 
 
 @pytest.mark.parametrize("method", phase.METHODS)
-def test_kept_bytes(outcomes, method):
+def test_kept_bytes(learned, outcomes, method):
     expected = CONFIG.snapshots * NUM_ITEMS * DIM * 4 if method in FEDSHARE_TYPE else 0
+    if method in ("fru", "cufru"):  # every store of the method (formulas: test_fru_cufru.py)
+        ledger = learned[0].ledger
+        expected = sum(ledger.held(kind=k) for k in phase.KEPT_KINDS[method])
+        assert expected > 0
     assert outcomes[method].kept_bytes == expected
+    assert outcomes[method].client_bytes == (expected if method == "fru" else 0) - (
+        sum(learned[0].ledger.held("server", k) for k in phase.KEPT_KINDS["fru"])
+        if method == "fru" else 0)
     assert outcomes[method].seconds > 0
 
 
@@ -593,7 +600,7 @@ def test_which_methods_change_the_model(learned, outcomes):
     embeddings = {m: o.federation.population.embeddings for m, o in outcomes.items()}
     assert torch.equal(tables["no-unlearning"], before["table"])
     assert torch.equal(embeddings["no-unlearning"], before["embeddings"])
-    for method in (*FEDSHARE_TYPE, "retrain"):
+    for method in (*FEDSHARE_TYPE, "fru", "cufru", "retrain"):
         assert not torch.equal(tables[method], before["table"]), method
     assert not torch.equal(tables["fedshare"], tables["wo-forgotten-graph"])
     # wo-remaining-fl reuses the table as the local view: no client trains
@@ -610,9 +617,9 @@ def test_client_training_calls(data, learned, monkeypatch, method, rounds_traine
     calls = []
     original = ClientPopulation.train
 
-    def counting(self, users, table, config, seed, round_):
+    def counting(self, users, table, config, seed, round_, observe=None):
         calls.append(round_)
-        return original(self, users, table, config, seed, round_)
+        return original(self, users, table, config, seed, round_, observe)
 
     monkeypatch.setattr(ClientPopulation, "train", counting)
     phase.unlearn(federation, data, method, UNLEARNING, CONFIG.rounds)
@@ -653,7 +660,7 @@ RATES = ("valid_hr@20", "valid_ndcg@20", "test_hr@20", "test_ndcg@20", "forgotte
 def report(data):
     torch.set_num_threads(1)
     canary_data, canaries = add_canaries(data, 3, seed=0, common=True)
-    federation = phase.learn(canary_data, CONFIG)
+    federation = phase.learn(canary_data, CONFIG, record=True)
     outcomes = {m: phase.unlearn(federation, canary_data, m, UNLEARNING, CONFIG.rounds)
                 for m in phase.METHODS}
     rows = {m: unlearning_row(outcomes[m], canary_data, canaries, outcomes["retrain"])
@@ -665,13 +672,15 @@ def report(data):
 def test_unlearning_row(report, method):
     _, _, outcomes, rows = report
     row = rows[method]
-    assert set(row) == {"method", "seconds", "kept_bytes", "spearman", *RATES}
+    assert set(row) == {"method", "seconds", "kept_bytes", "client_bytes", "server_bytes",
+                        "spearman", *RATES}
     assert row["method"] == method
     for key in RATES:
         assert 0.0 <= row[key] <= 1.0, key
     assert -1.0 <= row["spearman"] <= 1.0
     assert row["seconds"] == outcomes[method].seconds > 0
     assert row["kept_bytes"] == outcomes[method].kept_bytes
+    assert row["client_bytes"] + row["server_bytes"] == row["kept_bytes"]
     test = outcomes[method].federation.evaluate("test")
     assert row["test_hr@20"] == test["hr@20"]
     assert row["test_ndcg@20"] == test["ndcg@20"]

@@ -14,6 +14,7 @@ items are scored by cosine, the similarity the client is trained with (Eq. 15).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,13 @@ from torch import Tensor
 from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
 from fedshare.metrics import Scorer, topk_sums
-from fedshare.models.local import LocalTrainConfig, UserBatch, train_local, user_representation
+from fedshare.models.local import (
+    LocalTrainConfig,
+    LocalUpdate,
+    UserBatch,
+    train_local,
+    user_representation,
+)
 from fedshare.sampling import counter_uniform
 
 
@@ -101,8 +108,13 @@ class ClientPopulation:
         return items[ptr[u]:ptr[u + 1]]
 
     def train(self, users: np.ndarray, table: Tensor, config: LocalTrainConfig, seed: int,
-              round_: int) -> NodeUpdate:
-        """Train ``users`` from the global ``table`` (Eq. 12-15) and aggregate their uploads."""
+              round_: int, observe: Callable[[LocalUpdate, Tensor], None] | None = None
+              ) -> NodeUpdate:
+        """Train ``users`` from the global ``table`` (Eq. 12-15) and aggregate their uploads.
+
+        ``observe(update, weights)`` sees the per-user rows before they are averaged (the
+        client-side stores of unlearning baselines).
+        """
         users = np.asarray(users, dtype=np.int64)
         users = users[self.local_count(users) > 0]
         rows = self._rows(users)
@@ -115,6 +127,8 @@ class ClientPopulation:
         self.embeddings[rows] = update.user_embeddings
         weights = torch.from_numpy(batch.sizes).float()
         total = float(weights.sum())
+        if observe is not None:
+            observe(update, weights)
         mean = update.weighted_sum(table, weights) / total
         row_weight = torch.zeros(self.num_items).index_add(
             0, update.row_item, weights[update.row_user])

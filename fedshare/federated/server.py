@@ -95,12 +95,13 @@ class Server:
                + self.item[j_t].pow(2).sum()) / n
         return bpr_loss(pos, neg).mean() + self.config.reg * reg
 
-    def _train_on_graph(self, start: Tensor, round_: int, contrastive: bool) -> Tensor:
+    def _train_on_graph(self, start: Tensor, round_: int, contrastive: bool,
+                        steps: int | None = None) -> Tensor:
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, round_, 0xC0FFEE])
         with torch.no_grad():
             self.item.copy_(start)
-        for step in range(cfg.server_steps):
+        for step in range(cfg.server_steps if steps is None else steps):
             users_g, items_g = self.graph.propagate(self.user, self.item, cfg.num_layers)
             loss = torch.zeros(())
             if cfg.uses_bpr or not contrastive:
@@ -156,11 +157,33 @@ class Server:
         row_weight = changed.float() * float(len(self.shared))
         return NodeUpdate(table, float(len(self.shared)), row_weight, 1)
 
+    @property
+    def refines(self) -> bool:
+        """Whether a round ends with the refinement of Eq. 18."""
+        return self.config.variant in ("fedshare", "wo-cl", "wo-bpr") and self.trains_on_graph
+
+    def refine(self, aggregated: Tensor, round_: int, steps: int | None = None) -> Tensor:
+        """Eq. 18 from ``aggregated`` for ``steps`` Adam steps (default: the configured ones)."""
+        if not self.refines:
+            return aggregated.clone()
+        return self._train_on_graph(aggregated, round_, contrastive=True, steps=steps)
+
+    def checkpoint(self) -> tuple[Tensor, Tensor]:
+        """The item table and the server's user embeddings, for a later :meth:`restore`."""
+        return self.table.clone(), self.user.detach().clone()
+
+    def restore(self, checkpoint: tuple[Tensor, Tensor]) -> None:
+        """Roll the server back to a checkpoint; the refinement optimiser starts afresh."""
+        table, user = checkpoint
+        self.table = table.clone()
+        with torch.no_grad():
+            self.user.copy_(user)
+            self.item.copy_(table)
+        self.optimizer = torch.optim.Adam([self.user, self.item], lr=self.config.server_refine_lr)
+
     def finish_round(self, aggregated: Tensor, round_: int) -> Tensor:
         """Refine the aggregated table on G_s (Eq. 18), keep a snapshot, return the new V_s."""
-        refine = self.config.variant in ("fedshare", "wo-cl", "wo-bpr") and self.trains_on_graph
-        table = self._train_on_graph(aggregated, round_, contrastive=True) if refine \
-            else aggregated.clone()
+        table = self.refine(aggregated, round_)
         self.table = table
         if self.config.snapshots > 0:
             self.snapshots.append(table)

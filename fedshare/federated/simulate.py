@@ -17,7 +17,10 @@ from fedshare.data.prepared import PreparedData
 from fedshare.federated.aggregation import aggregate
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import ClientPopulation
+from fedshare.federated.recording import RoundRecorder
 from fedshare.federated.server import Server
+from fedshare.models.local import LocalUpdate
+from fedshare.storage import StorageLedger
 
 
 def sample_users(candidates: np.ndarray, fraction: float, seed: int, round_: int) -> np.ndarray:
@@ -49,15 +52,23 @@ class InProcessFederation:
     Args:
         data: split and sharing plan.
         config: the run's settings.
+        recorders: learning-phase hooks (the FRU / CUFRU histories); they report their bytes
+            to :attr:`ledger`, the one ledger of every store of the run.
     """
 
-    def __init__(self, data: PreparedData, config: FederatedConfig) -> None:
+    def __init__(self, data: PreparedData, config: FederatedConfig,
+                 recorders: tuple[RoundRecorder, ...] = ()) -> None:
         self.data = data
         self.config = config
         shared = data.plan.shared_data(data.split.train)
         if not config.shares:
             shared = shared.subset(np.zeros(len(shared), bool))
-        self.server = Server(shared, config)
+        self.ledger = StorageLedger()
+        self.server = Server(shared, config, self.ledger)
+        self.recorders = recorders
+        self.histories: dict[str, RoundRecorder] = {}
+        for recorder in recorders:
+            recorder.begin(self.ledger, *self.server.checkpoint(), np.unique(shared.users))
         self.population = ClientPopulation(data, np.arange(data.num_users), config.dim,
                                            config.seed, shares=config.shares)
         self.candidates = self.population.trainable()
@@ -67,7 +78,14 @@ class InProcessFederation:
         """Sample, train locally and aggregate (Eq. 12-16): the round's local view."""
         cfg = self.config
         users = sample_users(self.candidates, cfg.fraction, cfg.seed, round_)
-        updates = [self.population.train(users, self.server.table, cfg.local, cfg.seed, round_)]
+        start = self.server.table
+
+        def observe(update: LocalUpdate, weights: torch.Tensor) -> None:
+            for recorder in self.recorders:
+                recorder.clients(round_, update, weights, start)
+
+        observer = observe if self.recorders else None
+        updates = [self.population.train(users, start, cfg.local, cfg.seed, round_, observer)]
         extra = self.server.server_client_update(round_)
         if extra is not None:
             updates.append(extra)
@@ -77,7 +95,15 @@ class InProcessFederation:
 
     def round(self, round_: int) -> None:
         """One round of Algorithm 1."""
-        self.server.finish_round(self.train_round(round_), round_)
+        aggregated = self.train_round(round_)
+        table = self.server.finish_round(aggregated, round_)
+        for recorder in self.recorders:
+            recorder.refined(round_, aggregated, table)
+
+    def stop_recording(self) -> None:
+        """Learning is over: later rounds (unlearning's) are not part of the history."""
+        self.histories = {r.name: r for r in self.recorders}
+        self.recorders = ()
 
     def evaluate(self, part: str) -> dict[str, float]:
         everyone = np.arange(self.data.num_users)
@@ -85,10 +111,11 @@ class InProcessFederation:
 
 
 def simulate(data: PreparedData, config: FederatedConfig,
-             progress: Callable[[dict], None] | None = None) -> RunResult:
+             progress: Callable[[dict], None] | None = None,
+             recorders: tuple[RoundRecorder, ...] = ()) -> RunResult:
     """Run ``config.rounds`` rounds of Algorithm 1 and evaluate like the Flower app does."""
     start_time = time.perf_counter()
-    federation = InProcessFederation(data, config)
+    federation = InProcessFederation(data, config, recorders)
     result = RunResult(config.to_dict())
     for round_ in range(1, config.rounds + 1):
         federation.round(round_)
@@ -101,6 +128,7 @@ def simulate(data: PreparedData, config: FederatedConfig,
             result.history.append(row)
             if progress is not None:
                 progress(row)
+    federation.stop_recording()
     result.valid = federation.evaluate("valid")
     result.test = federation.evaluate("test")
     result.seconds = time.perf_counter() - start_time

@@ -1,30 +1,48 @@
-"""Building blocks of the FRU baseline (Yuan et al., WSDM 2023; ``shared/specs/baselines.md``).
+"""FRU baseline (Yuan et al., WSDM 2023; ``shared/specs/baselines.md``): client-side histories.
 
-FRU keeps, on each client and for every round it took part in, the most important rows of its
+Learning: every client keeps, for every round it took part in, the most important rows of its
 item-embedding update: among the rows it touched (its positives and sampled negatives), the
-top-``alpha`` fraction by L2 norm of ``v_i(after) - v_i(received)``. Unlearning replays the rounds
-without the leaving users and calibrates each round with the stored update's length and the new
-update's direction (FedEraser-style): ``step = ||old|| * new / ||new||``.
+top-``alpha`` fraction by L2 norm of ``v_i(after) - v_i(received)``. The server's refinement on
+the shared graph (Eq. 18) is stored and selected the same way, as one more participant: here the
+unlearned data are shared interactions, which only the server trains on. The server also keeps
+round 0 (its initial table and user embeddings) and who took part in each round with |D_u|.
 
-This module holds the Flower-free pieces: row selection, the per-client store (accounted in the
-storage ledger) and the calibration step. The replay itself is not built yet (issue 5).
-Choices: ``ceil(alpha * touched rows)`` rows are kept (at least one when any row was touched);
-item ids are stored as int64 beside float32 rows, and both count in the ledger.
+Unlearning: roll back to round 0 and replay every round with the same participants; round 1
+applies the stored client updates as they are; later rounds run ``ceil(lambda * L)`` local epochs
+from the replayed table and step by the stored aggregate's length in the new aggregate's direction
+(:mod:`fedshare.unlearning.replay`). No participant leaves: unsharing users keep their local data.
+
+Choices: ``ceil(alpha * touched rows)`` rows are kept; item ids are stored as int64 beside the
+float32 rows and both count in the ledger; the stored aggregate divides like the run's Eq. 16
+mode, over the stored rows. FRU's optional semi-hard negative sampling is not used: clients
+replay with the learning phase's uniform negatives.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fedshare.federated.recording import RoundRecorder
+from fedshare.federated.simulate import InProcessFederation
 from fedshare.models.local import LocalUpdate
-from fedshare.storage import StorageLedger, client, tensor_bytes
+from fedshare.storage import SERVER, RowStore, StorageLedger, client
+from fedshare.unlearning.replay import (
+    ReplayConfig,
+    calibrated_step,
+    dense,
+    finish,
+    fresh_client_step,
+    server_step,
+    sparse_aggregate,
+)
 
 KIND = "fru-updates"
+SERVER_KINDS = ("fru-server-updates", "fru-rounds", "fru-checkpoint")
+KINDS = (KIND, *SERVER_KINDS)
 
 
 def select_important_rows(items: Tensor, deltas: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
@@ -37,54 +55,96 @@ def select_important_rows(items: Tensor, deltas: Tensor, alpha: float) -> tuple[
     return items[chosen], deltas[chosen]
 
 
-def calibrated_step(old: Tensor, new: Tensor) -> Tensor:
-    """FRU/FedEraser calibration: the stored update's length in the new update's direction."""
-    norm = new.norm()
-    if norm == 0:
-        return torch.zeros_like(new)
-    return old.norm() * new / norm
-
-
-@dataclass
-class ClientUpdateStore:
-    """One client's stored updates: round -> (item ids, update rows)."""
-
-    user: int
-    ledger: StorageLedger
-    rounds: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-
-    def add(self, round_: int, items: Tensor, deltas: Tensor) -> None:
-        self.rounds[round_] = (items.to(torch.int64).clone(), deltas.detach().clone())
-        self._report()
-
-    def drop(self) -> None:
-        """Forget everything (the client leaves, or the store has served)."""
-        self.rounds.clear()
-        self._report()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(tensor_bytes(i, d) for i, d in self.rounds.values())
-
-    def _report(self) -> None:
-        self.ledger.set(client(self.user), KIND, self.nbytes)
-
-
-def store_round(stores: dict[int, ClientUpdateStore], update: LocalUpdate, start: Tensor,
-                round_: int, alpha: float, ledger: StorageLedger) -> None:
+def store_round(stores: dict[int, RowStore], update: LocalUpdate, start: Tensor, round_: int,
+                alpha: float, ledger: StorageLedger) -> None:
     """After a round of local training, every trained user keeps its important rows."""
     for b, user in enumerate(update.users.tolist()):
         mine = update.row_user == b
         if not bool(mine.any()):
             continue
         items = update.row_item[mine]
-        deltas = update.row_value[mine] - start[items]
-        kept_items, kept_rows = select_important_rows(items, deltas, alpha)
-        store = stores.setdefault(user, ClientUpdateStore(user, ledger))
-        store.add(round_, kept_items, kept_rows)
+        kept_items, kept_rows = select_important_rows(items, update.row_value[mine] - start[items],
+                                                      alpha)
+        store = stores.setdefault(user, RowStore(client(user), KIND, ledger))
+        store.add(round_, kept_items.to(torch.int64), kept_rows)
+
+
+def row_bytes(rows: int, dim: int) -> int:
+    """One stored row: ``dim`` float32 values and an int64 item id."""
+    return rows * (dim * 4 + 8)
 
 
 def expected_bytes(touched_rows: list[int], alpha: float, dim: int) -> int:
-    """The analytic size of one client's store: per round, ceil(alpha * touched) rows of
-    ``dim`` float32 plus one int64 id each."""
-    return sum(math.ceil(alpha * n) * (dim * 4 + 8) for n in touched_rows)
+    """The analytic size of one participant's store: ceil(alpha * touched) rows per round."""
+    return sum(row_bytes(math.ceil(alpha * n), dim) for n in touched_rows)
+
+
+class FruHistory(RoundRecorder):
+    """What FRU keeps during learning: per-client stores, the server's store, round 0."""
+
+    name = "fru"
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        self.alpha = alpha
+
+    def begin(self, ledger: StorageLedger, table: Tensor, user: Tensor,
+              sharers: np.ndarray) -> None:
+        self.ledger = ledger
+        self.clients_: dict[int, RowStore] = {}
+        self.server = RowStore(SERVER, "fru-server-updates", ledger)
+        self.rounds = RowStore(SERVER, "fru-rounds", ledger)
+        self.checkpoint = RowStore(SERVER, "fru-checkpoint", ledger)
+        self.checkpoint.add(0, table, user)
+
+    def clients(self, round_: int, update: LocalUpdate, weights: Tensor, start: Tensor) -> None:
+        store_round(self.clients_, update, start, round_, self.alpha, self.ledger)
+        self.rounds.add(round_, torch.from_numpy(update.users), weights.float())
+
+    def refined(self, round_: int, aggregated: Tensor, refined: Tensor) -> None:
+        delta = refined - aggregated
+        items = (delta != 0).any(dim=1).nonzero().squeeze(1)
+        if len(items):
+            self.server.add(round_, *select_important_rows(items, delta[items], self.alpha))
+
+    def replayed_rounds(self) -> list[int]:
+        return sorted(set(self.rounds.keys()) | set(self.server.keys()))
+
+    def stored_client_step(self, round_: int, users: Tensor, weights: Tensor, num_items: int,
+                           mode: str, server_lr: float) -> Tensor:
+        """The round's aggregate rebuilt from what its participants stored."""
+        dim = self.checkpoint.get(0)[0].shape[1]
+        numerator, row_weight = torch.zeros(num_items, dim), torch.zeros(num_items)
+        for user, weight in zip(users.tolist(), weights.tolist(), strict=True):
+            record = self.clients_[user].get(round_) if user in self.clients_ else None
+            if record is None:
+                continue
+            items, rows = record
+            numerator.index_add_(0, items, rows * weight)
+            row_weight.index_add_(0, items, torch.full((len(items),), weight))
+        return sparse_aggregate(numerator, row_weight, float(weights.sum()), mode, server_lr)
+
+
+def fru_unlearn(federation: InProcessFederation, history: FruHistory, config: ReplayConfig,
+                first_round: int) -> None:
+    """Roll back and replay with calibration (module docstring). ``federation`` already holds
+    the updated D_s / G_s and the clients' remaining data; replayed rounds are numbered on
+    after ``first_round`` for their random streams."""
+    server, cfg = federation.server, federation.config
+    server.restore(history.checkpoint.get(0))
+    table = server.table
+    local, steps = config.local(cfg.local), config.server_steps(cfg.server_steps)
+    for k, round_ in enumerate(history.replayed_rounds()):
+        participants = history.rounds.get(round_)
+        if participants is not None:
+            users, weights = participants
+            old = history.stored_client_step(round_, users, weights, server.num_items,
+                                             cfg.aggregation, cfg.server_lr)
+            if k > 0:
+                new = fresh_client_step(federation, users.numpy(), table, local,
+                                        first_round + round_)
+                old = calibrated_step(old, new)
+            table = table + old
+        record = history.server.get(round_)
+        stored = dense(*record, server.num_items) if record else torch.zeros_like(table)
+        table = table + server_step(server, table, stored, first_round + round_, steps)
+    finish(server, table)

@@ -6,7 +6,13 @@ usable model:
 
 - ``no-unlearning``: the data are deleted from D_s / G_s, the model is left as it is;
 - ``fedshare`` (Algorithm 2) and its ablations ``wo-forgotten-graph``, ``wo-remaining-fl``;
+- ``fru`` and ``cufru``: roll back and calibrated replay from client-side update histories
+  (:mod:`fedshare.unlearning.fru`) or a server-side transfer station
+  (:mod:`fedshare.unlearning.cufru`), both recorded during learning (``learn(record=True)``);
 - ``retrain``: the whole learning phase from scratch on the remaining data, same config.
+
+Bytes kept to unlearn are read from the run's storage ledger: the M snapshots for FedShare's
+methods, every FRU or CUFRU store for those, nothing for no-unlearning and Retrain.
 
 After a FedShare phase the snapshots taken before the requests are deleted and the store drops
 the pending interactions: no server store holds a forgotten interaction (a test checks it).
@@ -21,26 +27,48 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fedshare.data.prepared import PreparedData
+from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import ClientPopulation
 from fedshare.federated.simulate import InProcessFederation, simulate
+from fedshare.storage import SERVER, StorageLedger
+from fedshare.unlearning import cufru, fru
 from fedshare.unlearning.algorithm import complete_erasure, run_algorithm2
 from fedshare.unlearning.contrastive import UnlearningConfig
 from fedshare.unlearning.remaining import remaining_data
+from fedshare.unlearning.replay import ReplayConfig
 from fedshare.unlearning.store import SharedStore
 
-METHODS = ("no-unlearning", "fedshare", "wo-forgotten-graph", "wo-remaining-fl", "retrain")
+METHODS = ("no-unlearning", "fedshare", "wo-forgotten-graph", "wo-remaining-fl", "fru", "cufru",
+           "retrain")
+FEDSHARE_METHODS = ("fedshare", "wo-forgotten-graph", "wo-remaining-fl")
+KEPT_KINDS = {**{m: ("snapshots",) for m in FEDSHARE_METHODS}, "fru": fru.KINDS,
+              "cufru": cufru.KINDS}
 
 
 @dataclass
 class UnlearningOutcome:
-    """A method's unlearned federation, its wall time and the bytes it kept to unlearn."""
+    """A method's unlearned federation, its wall time and the bytes it kept to unlearn
+    (in total and on the clients; the rest is on the server)."""
 
     method: str
     federation: InProcessFederation
     seconds: float
     kept_bytes: int
     store: SharedStore | None = None
+    client_bytes: int = 0
+
+    @property
+    def server_bytes(self) -> int:
+        return self.kept_bytes - self.client_bytes
+
+
+def kept_bytes(ledger: StorageLedger, method: str) -> tuple[int, int]:
+    """(total, on clients) bytes the method's stores hold, from the ledger."""
+    kinds = KEPT_KINDS.get(method, ())
+    server = sum(ledger.held(SERVER, kind) for kind in kinds)
+    total = sum(ledger.held(kind=kind) for kind in kinds)
+    return total, total - server
 
 
 def issue_requests(data: PreparedData, store: SharedStore) -> None:
@@ -63,32 +91,55 @@ def switch_to_remaining(federation: InProcessFederation, data: PreparedData) -> 
 
 
 def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
-            config: UnlearningConfig, round_offset: int) -> UnlearningOutcome:
+            config: UnlearningConfig, round_offset: int,
+            replay: ReplayConfig | None = None) -> UnlearningOutcome:
     """Apply ``method`` to a copy of ``learned`` (which holds ``data``, requests included)."""
+    if method not in METHODS:
+        raise FedShareError(f"unknown unlearning method {method!r}; one of {', '.join(METHODS)}")
     if method == "retrain":
         start = time.perf_counter()
         result = simulate(remaining_data(data), learned.config)
         assert result.federation is not None
         return UnlearningOutcome(method, result.federation, time.perf_counter() - start, 0)
+    if method in ("fru", "cufru"):
+        if method not in learned.histories:
+            raise FedShareError(f"{method} needs the history recorded while learning "
+                                "(learn with record=True)")
+        if learned.config.variant == "fedshare-fedavg":
+            raise FedShareError(f"{method} replays refinement variants, not fedshare-fedavg")
     federation = copy.deepcopy(learned)
     server = federation.server
-    kept = 0 if method == "no-unlearning" else server.snapshot_bytes()
+    kept, on_clients = kept_bytes(federation.ledger, method)
     start = time.perf_counter()
     store = SharedStore(server.shared)
     issue_requests(data, store)
     server.set_shared(store.interactions())  # Eq. 19-20
     switch_to_remaining(federation, data)
+    replay = replay or ReplayConfig()
     if method == "no-unlearning":
+        complete_erasure(server, store)
+    elif method == "fru":
+        fru.fru_unlearn(federation, learned.histories["fru"], replay, round_offset)
+        complete_erasure(server, store)
+    elif method == "cufru":
+        leaving = set(np.unique(store.forgotten().users).tolist())
+        cufru.cufru_unlearn(federation, learned.histories["cufru"], leaving, replay,
+                            round_offset)
         complete_erasure(server, store)
     else:
         ablation = {"fedshare": {}, "wo-forgotten-graph": {"forgotten_graph": False},
                     "wo-remaining-fl": {"remaining_fl": False}}[method]
         run_algorithm2(server, store, replace(config, **ablation), round_offset,
                        federation.train_round)
-    return UnlearningOutcome(method, federation, time.perf_counter() - start, kept, store)
+    return UnlearningOutcome(method, federation, time.perf_counter() - start, kept, store,
+                             on_clients)
 
 
-def learn(data: PreparedData, config: FederatedConfig) -> InProcessFederation:
-    result = simulate(data, config)
+def learn(data: PreparedData, config: FederatedConfig, record: bool = False,
+          alpha: float = ReplayConfig.alpha) -> InProcessFederation:
+    """The learning phase; ``record`` keeps the FRU and CUFRU histories (``alpha``: FRU's
+    fraction of stored rows)."""
+    recorders = (fru.FruHistory(alpha), cufru.TransferStation()) if record else ()
+    result = simulate(data, config, recorders=recorders)
     assert result.federation is not None
     return result.federation

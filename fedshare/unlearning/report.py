@@ -38,7 +38,8 @@ def unlearning_row(outcome: UnlearningOutcome, data: PreparedData,
     row = {"method": outcome.method, "valid_hr@20": valid["hr@20"],
            "valid_ndcg@20": valid["ndcg@20"], "test_hr@20": test["hr@20"],
            "test_ndcg@20": test["ndcg@20"], "seconds": outcome.seconds,
-           "kept_bytes": outcome.kept_bytes,
+           "kept_bytes": outcome.kept_bytes, "client_bytes": outcome.client_bytes,
+           "server_bytes": outcome.server_bytes,
            **forgotten_recall(scorer, forgotten, remaining),
            "mia_auc": membership_auc(scorer, forgotten, data.split.test)}
     users = np.unique(forgotten.users)

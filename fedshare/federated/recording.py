@@ -1,0 +1,40 @@
+"""Hooks through which unlearning baselines record the learning phase they will later undo.
+
+FRU keeps client-side update histories and CUFRU a server-side "transfer station"; both watch
+the same three moments of every round of Algorithm 1: the clients' local updates, the aggregate
+(Eq. 16) and the server's refinement (Eq. 18). A recorder sees them through
+:class:`RoundRecorder` instead of patching the training loop, so learning code stays one path.
+
+A recorder is read-only once learning ends: deep copies of a learned federation share it (every
+unlearning method starts from a copy, and copying hundreds of MB of history per method would
+measure the copy, not the method).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor
+
+from fedshare.models.local import LocalUpdate
+from fedshare.storage import StorageLedger
+
+
+class RoundRecorder:
+    """No-op base: override the moments a baseline needs."""
+
+    name = "recorder"
+
+    def begin(self, ledger: StorageLedger, table: Tensor, user: Tensor,
+              sharers: np.ndarray) -> None:
+        """Before round 1: the run's ledger (every store reports to it), the initial table,
+        the server's initial user embeddings and the users holding shared data."""
+
+    def clients(self, round_: int, update: LocalUpdate, weights: Tensor, start: Tensor) -> None:
+        """Local training of round ``round_`` from ``start``; ``weights[b]`` is |D_u| of batch
+        position ``b``."""
+
+    def refined(self, round_: int, aggregated: Tensor, refined: Tensor) -> None:
+        """The server turned the aggregate of ``round_`` into the new global table."""
+
+    def __deepcopy__(self, memo: dict) -> RoundRecorder:
+        return self
