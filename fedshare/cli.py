@@ -114,8 +114,11 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from simulations.experiment import resolve, run_experiment
 
     experiment = resolve(args.config, args.set)
+    if args.ray_address and args.engine != "flower":
+        raise FedShareError("--ray-address needs --engine flower")
     out, summary = run_experiment(experiment, args.out, args.engine,
-                                  lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+                                  lambda line: print(f"  {line}", file=sys.stderr, flush=True),
+                                  ray_address=args.ray_address)
     test = summary["test"]
     print(f"{experiment.name}: test HR@20 {test['hr@20']:.4f}  NDCG@20 {test['ndcg@20']:.4f}  "
           f"({summary['seconds']:.1f} s) -> {out}")
@@ -205,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
                      help="flower: the real app on Ray virtual nodes; inprocess: same code, "
                      "one process")
+    run.add_argument("--ray-address", help="attach the virtual nodes to this Ray cluster "
+                     "(e.g. 10.0.0.1:6379, started with 'ray start --head')")
     run.add_argument("--out", default="runs", help="parent folder of the run folder")
     run.set_defaults(func=_cmd_run)
 

@@ -108,8 +108,10 @@ def resolve(path: str | Path | None, sets: Sequence[str] = (), name: str | None 
 
 
 def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine: str = "flower",
-                   progress: Callable[[str], None] | None = None) -> tuple[Path, dict]:
-    """Run ``experiment``; return its folder and summary."""
+                   progress: Callable[[str], None] | None = None,
+                   ray_address: str | None = None) -> tuple[Path, dict]:
+    """Run ``experiment``; return its folder and summary. ``ray_address``: run the Flower
+    engine's virtual nodes on that Ray cluster."""
     if engine not in ENGINES:
         raise FedShareError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     load_data(data_key(experiment.run, {}))  # bad data fail here, before any folder or process
@@ -127,7 +129,8 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
     run = {**experiment.run, "out-dir": str(out)}
     write_toml(out / "config.toml", run)
     if engine == "flower":
-        run_flower(run, experiment.num_supernodes, out / "flower.log", progress)
+        run_flower(run, experiment.num_supernodes, out / "flower.log", progress,
+                   ray_address=ray_address)
         summary_path = out / "summary.json"
         if not summary_path.exists():
             raise FedShareError(f"the Flower run ended without a summary; see {out}/flower.log")

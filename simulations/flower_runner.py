@@ -6,6 +6,13 @@ private SuperLink on a free port for each run (so concurrent runs never share on
 offline settings (no runtime dependency installation, no telemetry, no update check) and a
 private ``FLWR_HOME``, streams the logs to a file, passes the FedShare progress lines to a
 callback, and stops the SuperLink when the run ends.
+
+Scale-out is Ray's: with ``ray_address`` (a cluster started with ``ray start --head`` and joined
+with ``ray start --address=...``) the SuperLink's simulation engine calls ``ray.init()`` with
+``RAY_ADDRESS`` set, so it attaches to that cluster instead of starting a local one, and Flower's
+actor pool (one actor per ``client-resources-num-cpus`` of the cluster's CPUs) spreads the virtual
+SuperNodes over every node of it. An exported ``RAY_ADDRESS`` counts as given; otherwise the run
+uses a Ray instance of its own (``RAY_ADDRESS=local``), never one it happens to detect.
 """
 
 from __future__ import annotations
@@ -102,8 +109,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 def run_flower(run_config: Mapping[str, Any], num_supernodes: int, log_path: Path,
                on_progress: Callable[[str], None] | None = None, timeout: float = 6 * 3600,
-               ) -> None:
-    """Run the app with ``run_config`` on ``num_supernodes`` virtual nodes (1 CPU each).
+               ray_address: str | None = None) -> None:
+    """Run the app with ``run_config`` on ``num_supernodes`` virtual nodes (1 CPU each),
+    on a local Ray instance or on the Ray cluster at ``ray_address``.
 
     Raises :class:`FedShareError` when the run fails; its logs stay in ``log_path``.
     """
@@ -114,6 +122,9 @@ def run_flower(run_config: Mapping[str, Any], num_supernodes: int, log_path: Pat
     with tempfile.TemporaryDirectory(prefix="fedshare-flwr-") as tmp:
         home = Path(tmp)
         env = flower_env(home)
+        # Without an address, a private local Ray: ray.init() would otherwise attach to any
+        # cluster it detects on this machine (a `ray start` left running, another test's).
+        env["RAY_ADDRESS"] = ray_address or os.environ.get("RAY_ADDRESS") or "local"
         overrides = home / "run-config.toml"
         write_toml(overrides, run_config)
         with private_superlink(home, env) as connection:
