@@ -9,6 +9,8 @@ embeddings never leave the node: they live in the node's ``context.state`` acros
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -89,8 +91,10 @@ def train(msg: Message, context: Context) -> Message:
     settings = msg.content["config"]
     users = np.asarray(settings["users"], dtype=np.int64)
     table = table_from(msg.content["arrays"])
-    update = population.train(users, table, config.local, config.seed,
-                              int(settings["server-round"]))
+    local = config.local
+    if "local-epochs" in settings:  # the unlearning phase's remaining-data rounds
+        local = replace(local, epochs=int(settings["local-epochs"]))
+    update = population.train(users, table, local, config.seed, int(settings["server-round"]))
     _save(population, context)
     arrays, metrics = update_records(update)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -147,7 +147,8 @@ def _cmd_unlearning_table(args: argparse.Namespace) -> None:
 
     config = UnlearningConfig(rounds=args.unlearn_rounds, steps=args.unlearn_steps,
                               lr=args.unlearn_lr, tau=args.unlearn_tau, bpr=not args.no_bpr,
-                              weight=args.unlearn_weight)
+                              weight=args.unlearn_weight,
+                              local_epochs=args.unlearn_local_epochs)
     folder, stats, figures = unlearning_table(
         args.seeds, args.set, config, args.canaries, not args.per_user_canaries, args.out,
         lambda line: print(line, file=sys.stderr, flush=True))
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     unl.add_argument("--unlearn-steps", type=int, default=10, help="server steps per round")
     unl.add_argument("--unlearn-weight", type=float, default=0.1, help="weight of L_CU")
     unl.add_argument("--unlearn-lr", type=float, default=3e-2)
+    unl.add_argument("--unlearn-local-epochs", type=int, default=1,
+                     help="local epochs of the remaining-data rounds")
     unl.add_argument("--unlearn-tau", type=float, default=0.5)
     unl.add_argument("--no-bpr", action="store_true", help="L_CU alone, without BPR on G_s")
     unl.add_argument("--out", default="runs")

@@ -90,7 +90,7 @@ class FedShareStrategy(FedAvg):
         for u in users:
             per_node.setdefault(self.user_node[int(u)], []).append(int(u))
         return self._messages(
-            {node: ConfigRecord({"users": us, "server-round": server_round})
+            {node: ConfigRecord({**config, "users": us, "server-round": server_round})
              for node, us in per_node.items()}, arrays, MessageType.TRAIN)
 
     def local_view(self, server_round: int, replies: Iterable[Message]

@@ -57,8 +57,9 @@ def run_unlearning(grid: Grid, nodes: list[int], strategy: FedShareStrategy,
     forgotten = len(store.forgotten())
 
     def remaining_round(round_: int) -> torch.Tensor:
-        messages = strategy.configure_train(round_, table_record(server.table), ConfigRecord(),
-                                            grid)
+        messages = strategy.configure_train(
+            round_, table_record(server.table),
+            ConfigRecord({"local-epochs": config.local_epochs}), grid)
         return strategy.local_view(round_, grid.send_and_receive(messages))[0]
 
     run_algorithm2(server, store, config, strategy.config.rounds, remaining_round)

@@ -223,3 +223,9 @@ def test_train_bpr_runs_on_tiny_split(model_name):
             assert 0.0 <= value <= 1.0
     assert result.config["max_epochs"] == 2
     assert result.to_dict()["model"] == model_name
+
+
+def test_normalised_adjacency_is_symmetric():
+    """The propagation's backward pass relies on A = A^T (fedshare/graph.py)."""
+    dense = BipartiteGraph(_interactions()).adj.to_dense()
+    assert torch.equal(dense, dense.T)

@@ -23,7 +23,7 @@ from fedshare.unlearning.remaining import remaining_data
 DATA_KEYS = ("dataset", "data-path", "prepared", "split-seed", "plan-seed")
 UNLEARN_KEYS = ("unlearn", "unlearn-rounds", "unlearn-steps", "unlearn-lr", "unlearn-tau",
                 "unlearn-bpr", "unlearn-forgotten-graph", "unlearn-remaining-fl",
-                "unlearn-weight", "unlearn-include-self")
+                "unlearn-weight", "unlearn-include-self", "unlearn-local-epochs")
 APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", *UNLEARN_KEYS)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -74,9 +74,11 @@ class InProcessFederation:
         self.candidates = self.population.trainable()
         self.last_round: dict = {}
 
-    def train_round(self, round_: int) -> torch.Tensor:
-        """Sample, train locally and aggregate (Eq. 12-16): the round's local view."""
+    def train_round(self, round_: int, epochs: int | None = None) -> torch.Tensor:
+        """Sample, train locally (``epochs``: other than the configured local epochs) and
+        aggregate (Eq. 12-16): the round's local view."""
         cfg = self.config
+        local = cfg.local if epochs is None else replace(cfg.local, epochs=epochs)
         users = sample_users(self.candidates, cfg.fraction, cfg.seed, round_)
         start = self.server.table
 
@@ -85,7 +87,7 @@ class InProcessFederation:
                 recorder.clients(round_, update, weights, start)
 
         observer = observe if self.recorders else None
-        updates = [self.population.train(users, start, cfg.local, cfg.seed, round_, observer)]
+        updates = [self.population.train(users, start, local, cfg.seed, round_, observer)]
         extra = self.server.server_client_update(round_)
         if extra is not None:
             updates.append(extra)

@@ -130,7 +130,7 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
         ablation = {"fedshare": {}, "wo-forgotten-graph": {"forgotten_graph": False},
                     "wo-remaining-fl": {"remaining_fl": False}}[method]
         run_algorithm2(server, store, replace(config, **ablation), round_offset,
-                       federation.train_round)
+                       lambda r: federation.train_round(r, config.local_epochs))
     return UnlearningOutcome(method, federation, time.perf_counter() - start, kept, store,
                              on_clients)
 

@@ -1,0 +1,57 @@
+"""Smoke test of the ML-1M benchmark on a tiny dataset: figures exist, no timing is checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedshare.data.synthetic import synthetic_prepared
+from fedshare.federated.config import FederatedConfig
+from simulations import bench
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_prepared(60, 200, 2_400, seed=1)
+
+
+CONFIG = FederatedConfig(local_epochs=2, server_steps=2, server_batch_size=64)
+
+
+def test_client_throughput_compares_modes_on_the_same_users(data):
+    figures = bench.client_throughput(data, CONFIG, per_user_sample=5)
+    assert figures["users"] > 5 and figures["per_user_sample"] == 5
+    for key in ("cohort_updates_per_s", "per_user_updates_per_s", "cohort_speedup",
+                "per_user_extrapolated_seconds"):
+        assert figures[key] > 0
+    assert figures["modes_agree"], figures["modes_max_abs_diff"]
+
+
+def test_propagation_matches_pyg(data):
+    figures = bench.propagation(data, dim=8, repeats=2)
+    assert figures["outputs_agree"], figures["outputs_max_abs_diff"]
+    assert figures["edges"] == 2 * len(data.split.train) and figures["layers"] == 3
+    assert figures["fedshare_ms"] > 0 and figures["pyg_lightgcn_ms"] > 0
+
+
+def test_learning_round_trains_every_user(data):
+    figures = bench.learning_round(data, CONFIG)
+    trainable = (data.plan.local(data.split.train).user_degrees() > 0).sum()
+    assert figures["users_trained"] == trainable
+    assert figures["round_seconds"] > 0 and figures["server_refinement_seconds"] > 0
+
+
+def test_main_quick_run_prints_and_writes_figures(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "QUICK_SIZE", {"num_users": 40, "num_items": 150,
+                                              "num_interactions": 1_600})
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--per-user-sample", "3", "--repeats", "1", "--dim", "8",
+                       "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"environment", "data", "client_throughput", "propagation",
+                            "learning_round"}
+    assert "synthetic" in figures["data"]["data"] and figures["data"]["users"] == 40
+    assert figures["learning_round"]["peak_rss_mb"] > 0
+    assert "cohort_updates_per_s" in printed and "pyg_over_fedshare" in printed
