@@ -176,6 +176,14 @@ def _cmd_storage(args: argparse.Namespace) -> None:
     print(f"saved in {folder}")
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from simulations import bench
+
+    if args.threads is not None and args.threads < 1:
+        raise FedShareError(f"--threads must be >= 1, got {args.threads}")
+    bench.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedshare", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CUFRU: a calibration round every this many rounds")
     store.add_argument("--out", default="runs")
     store.set_defaults(func=_cmd_storage)
+
+    from simulations.bench import add_arguments
+
+    bench = commands.add_parser("bench", help="speed and memory figures at ML-1M scale")
+    add_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

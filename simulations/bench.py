@@ -12,6 +12,13 @@ Prints every figure and checks none of them: timings depend on the machine (the 
   ``LightGCN.get_embedding(edge_index)`` with the same weights, outputs compared.
 * one learning round of FedShare with every user participating (fraction 1), split into
   clients + aggregation and server refinement.
+* a complete learn, unshare, unlearn run (in process, default settings) at that scale: wall time
+  of each phase and peak resident memory;
+* FedShare's unlearning wall time over Retrain's at the ML-100K defaults (same learned model,
+  same requests);
+* the README's main job (``make demo``'s commands) on ML-100K: wall time and the peak of the
+  summed resident memory of its process tree (the Flower run's SuperLink, ServerApp, Ray
+  workers), sampled every 0.2 s;
 * peak resident memory after each part.
 
 Data: real ML-1M when ``--path`` (or the download cache) has ``ratings.dat``, else the seeded
@@ -27,6 +34,7 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -35,15 +43,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch_geometric.nn.models import LightGCN
 
 from fedshare.data.download import cache_dir
 from fedshare.data.prepared import PreparedData, prepare
 from fedshare.data.synthetic import synthetic_prepared
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import ClientPopulation
-from fedshare.federated.simulate import InProcessFederation
-from fedshare.graph import BipartiteGraph
 from fedshare.models.embeddings import xavier_table
 
 QUICK_SIZE = {"num_users": 600, "num_items": 1500, "num_interactions": 60_000}
@@ -144,6 +149,10 @@ def _timed_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[
 def propagation(data: PreparedData, dim: int = 32, num_layers: int = 3, repeats: int = 10,
                 seed: int = 0) -> dict[str, Any]:
     """:meth:`BipartiteGraph.propagate` over all training edges vs PyG's LightGCN, same run."""
+    from torch_geometric.nn.models import LightGCN
+
+    from fedshare.graph import BipartiteGraph
+
     train = data.split.train
     start = time.perf_counter()
     graph = BipartiteGraph(train)
@@ -177,6 +186,8 @@ def propagation(data: PreparedData, dim: int = 32, num_layers: int = 3, repeats:
 
 def learning_round(data: PreparedData, config: FederatedConfig) -> dict[str, Any]:
     """One round of Algorithm 1 with every user sampled: clients + aggregation, then server."""
+    from fedshare.federated.simulate import InProcessFederation
+
     config = replace(config, fraction=1.0)
     start = time.perf_counter()
     federation = InProcessFederation(data, config)
@@ -193,6 +204,100 @@ def learning_round(data: PreparedData, config: FederatedConfig) -> dict[str, Any
             "server_refinement_seconds": server_s, "round_seconds": clients_s + server_s}
 
 
+def full_run(data: PreparedData, config: FederatedConfig) -> dict[str, Any]:
+    """Learn, let the planned users unshare, unlearn with FedShare (Algorithm 2), in process."""
+    from fedshare.unlearning.contrastive import UnlearningConfig
+    from fedshare.unlearning.phase import learn, unlearn
+
+    start = time.perf_counter()
+    learned = learn(data, config)
+    learn_s = time.perf_counter() - start
+    outcome = unlearn(learned, data, "fedshare", UnlearningConfig(), config.rounds)
+    test = outcome.federation.evaluate("test")
+    return {"rounds": config.rounds, "fraction": config.fraction,
+            "unshared_interactions": int(data.plan.unlearn.sum()),
+            "learn_seconds": learn_s, "unshare_and_unlearn_seconds": outcome.seconds,
+            "total_seconds": time.perf_counter() - start,
+            "test_hr@20_after_unlearning": test["hr@20"],
+            "test_ndcg@20_after_unlearning": test["ndcg@20"]}
+
+
+def unlearning_ratio(config: FederatedConfig) -> dict[str, Any]:
+    """FedShare unlearning time / Retrain time at the ML-100K defaults."""
+    from fedshare.federated.runconfig import data_key, load_data
+    from fedshare.unlearning.contrastive import UnlearningConfig
+    from fedshare.unlearning.phase import learn, unlearn
+    from simulations.experiment import resolve
+
+    experiment = resolve(Path(__file__).parent / "configs" / "fedshare.toml",
+                         [f"seed={config.seed}"])
+    data = load_data(data_key(experiment.run, {}))
+    learned = learn(data, experiment.config)
+    fedshare = unlearn(learned, data, "fedshare", UnlearningConfig(), experiment.config.rounds)
+    retrain = unlearn(learned, data, "retrain", UnlearningConfig(), experiment.config.rounds)
+    return {"dataset": "ml-100k", "fedshare_seconds": fedshare.seconds,
+            "retrain_seconds": retrain.seconds,
+            "fedshare_over_retrain": fedshare.seconds / retrain.seconds,
+            "fedshare_test_hr@20": fedshare.federation.evaluate("test")["hr@20"],
+            "retrain_test_hr@20": retrain.federation.evaluate("test")["hr@20"]}
+
+
+MAIN_JOB = (["fedshare", "data", "stats", "--dataset", "ml-100k"],
+            ["fedshare", "run", "--config", "simulations/configs/fedshare.toml",
+             "--set", "unlearn=true"],
+            ["fedshare", "unlearning-table", "--seeds", "0"],
+            ["fedshare", "storage"])
+"""The README's main job (``make demo`` runs exactly these)."""
+
+
+def _tree_rss_bytes(root: int) -> int:
+    """Summed resident memory of ``root`` and every descendant (from /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        rss[pid] = int(fields[21]) * resource.getpagesize()
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
+
+
+def main_job(out: Path, commands: Sequence[Sequence[str]] = MAIN_JOB) -> dict[str, Any]:
+    """Run the main job's commands one after the other; wall time and peak tree memory."""
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    root = Path(__file__).resolve().parent.parent
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Any] = {}
+    peak, start = 0, time.perf_counter()
+    for command in commands:
+        argv = [str(bin_dir / command[0]), *command[1:]]
+        if command[1] in ("run", "unlearning-table", "storage"):
+            argv += ["--out", str(out)]
+        began = time.perf_counter()
+        with open(out / "main-job.log", "a") as log:
+            process = subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+            while process.poll() is None:
+                peak = max(peak, _tree_rss_bytes(process.pid))
+                time.sleep(0.2)
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed; see {out / 'main-job.log'}")
+        figures[f"{' '.join(command[:2])}_seconds"] = time.perf_counter() - began
+    figures.update({"wall_seconds": time.perf_counter() - start,
+                    "peak_tree_rss_mb": peak / 2**20})
+    return figures
+
+
 def _print_section(title: str, figures: dict[str, Any]) -> None:
     print(f"\n== {title}", flush=True)
     for key, value in figures.items():
@@ -200,21 +305,34 @@ def _print_section(title: str, figures: dict[str, Any]) -> None:
         print(f"  {key:32s} {text}", flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fedshare bench`` (and ``python -m simulations.bench``)."""
     parser.add_argument("--path", help="ML-1M folder or ratings.dat (else the cache, else "
                                        "synthetic data)")
-    parser.add_argument("--quick", action="store_true", help="a small synthetic dataset")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small synthetic dataset; skips the ML-100K parts")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--dim", type=int, default=FederatedConfig().dim)
     parser.add_argument("--per-user-sample", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=10, help="timed propagation calls")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["clients", "propagation", "round"])
+                        choices=["clients", "propagation", "round", "full-run", "ratio",
+                                 "main-job"])
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
-    args = parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure and print every figure not skipped."""
+    if args.quick:
+        args.skip = [*args.skip, "ratio", "main-job"]
     if args.threads:
         torch.set_num_threads(args.threads)
     config = FederatedConfig(dim=args.dim, seed=args.seed)
@@ -229,12 +347,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "propagation": ("propagation", lambda: propagation(
             data, args.dim, config.num_layers, args.repeats, args.seed)),
         "round": ("learning_round", lambda: learning_round(data, config)),
+        "full-run": ("full_run", lambda: full_run(data, config)),
+        "ratio": ("unlearning_ratio_ml100k", lambda: unlearning_ratio(config)),
+        "main-job": ("main_job_ml100k", lambda: main_job(
+            Path(tempfile.mkdtemp(prefix="fedshare-main-job-")))),
     }
-    for key, (title, run) in parts.items():
+    for key, (title, measure) in parts.items():
         if key in args.skip:
             continue
         start = time.perf_counter()
-        figures[title] = run()
+        figures[title] = measure()
         figures[title]["section_seconds"] = time.perf_counter() - start
         figures[title]["peak_rss_mb"] = peak_rss_mb()
         _print_section(title, figures[title])

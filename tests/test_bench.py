@@ -51,7 +51,32 @@ def test_main_quick_run_prints_and_writes_figures(tmp_path, monkeypatch, capsys)
     printed = capsys.readouterr().out
     figures = json.loads(out.read_text())
     assert set(figures) == {"environment", "data", "client_throughput", "propagation",
-                            "learning_round"}
+                            "learning_round", "full_run"}  # --quick skips the ML-100K parts
+    assert figures["full_run"]["learn_seconds"] > 0
+    assert 0 <= figures["full_run"]["test_hr@20_after_unlearning"] <= 1
     assert "synthetic" in figures["data"]["data"] and figures["data"]["users"] == 40
     assert figures["learning_round"]["peak_rss_mb"] > 0
     assert "cohort_updates_per_s" in printed and "pyg_over_fedshare" in printed
+
+
+def test_tree_rss_counts_this_process():
+    import os
+
+    assert bench._tree_rss_bytes(os.getpid()) > 10 * 2**20
+
+
+def test_main_job_runs_its_commands_and_measures_them(tmp_path):
+    figures = bench.main_job(tmp_path, [["fedshare", "data", "stats", "--dataset", "ml-100k"]])
+    assert figures["wall_seconds"] > 0 and figures["peak_tree_rss_mb"] > 0
+    assert "943" in (tmp_path / "main-job.log").read_text().replace(",", "")
+    with pytest.raises(RuntimeError):
+        bench.main_job(tmp_path, [["fedshare", "data", "stats", "--dataset", "nope"]])
+
+
+def test_main_job_is_what_make_demo_runs():
+    from pathlib import Path
+
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    commands = [line.strip().split()[1:] for line in recipe.splitlines()[1:]]
+    assert [["fedshare", *c] for c in commands] == [list(c) for c in bench.MAIN_JOB]
