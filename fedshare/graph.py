@@ -53,7 +53,10 @@ class BipartiteGraph:
                                       num_nodes=num_nodes, add_self_loops=False)
         with warnings.catch_warnings():  # torch's notes that sparse CSR is "beta"
             warnings.simplefilter("ignore", UserWarning)
-            self.adj = to_torch_csr_tensor(edge_index.flip(0), weight, (num_nodes, num_nodes))
+            adj = to_torch_csr_tensor(edge_index.flip(0), weight, (num_nodes, num_nodes))
+            # int32 indices: the product otherwise converts 2|E| int64 indices every call
+            self.adj = torch.sparse_csr_tensor(adj.crow_indices().int(), adj.col_indices().int(),
+                                               adj.values(), adj.shape)
         self._conv = LGConv(normalize=False)
 
     def __deepcopy__(self, memo: dict) -> BipartiteGraph:

@@ -34,6 +34,10 @@ from fedshare.models.local import (
 )
 from fedshare.sampling import counter_uniform
 
+TRAIN_CHUNK = 512
+"""Users trained and averaged per call of the trainer: a cohort's memory stays that of 512
+users (every trained row of every user is held until it is averaged)."""
+
 
 def initial_user_embeddings(users: np.ndarray, num_users: int, dim: int, seed: int) -> Tensor:
     """Xavier-uniform rows for ``users`` of a ``[num_users, dim]`` table, drawn per user from
@@ -117,22 +121,24 @@ class ClientPopulation:
         """
         users = np.asarray(users, dtype=np.int64)
         users = users[self.local_count(users) > 0]
-        rows = self._rows(users)
         if len(users) == 0:
             return NodeUpdate(table.clone(), 0.0, torch.zeros(self.num_items), 0)
-        batch = UserBatch.from_lists(
-            users, [self._items(self._local_ptr, self._local_items, u) for u in users],
-            [self._items(self._all_ptr, self._all_items, u) for u in users], self.num_items)
-        update = train_local(batch, table, self.embeddings[rows], config, seed, round_)
-        self.embeddings[rows] = update.user_embeddings
-        weights = torch.from_numpy(batch.sizes).float()
-        total = float(weights.sum())
-        if observe is not None:
-            observe(update, weights)
-        mean = update.weighted_sum(table, weights) / total
-        row_weight = torch.zeros(self.num_items).index_add(
-            0, update.row_item, weights[update.row_user])
-        return NodeUpdate(mean, total, row_weight, len(users))
+        weighted, row_weight, total = torch.zeros_like(table), torch.zeros(self.num_items), 0.0
+        for lo in range(0, len(users), TRAIN_CHUNK):  # users are independent: any grouping
+            part = users[lo:lo + TRAIN_CHUNK]
+            rows = self._rows(part)
+            batch = UserBatch.from_lists(
+                part, [self._items(self._local_ptr, self._local_items, u) for u in part],
+                [self._items(self._all_ptr, self._all_items, u) for u in part], self.num_items)
+            update = train_local(batch, table, self.embeddings[rows], config, seed, round_)
+            self.embeddings[rows] = update.user_embeddings
+            weights = torch.from_numpy(batch.sizes).float()
+            if observe is not None:
+                observe(update, weights)
+            weighted += update.weighted_sum(table, weights)
+            row_weight.index_add_(0, update.row_item, weights[update.row_user])
+            total += float(weights.sum())
+        return NodeUpdate(weighted / total, total, row_weight, len(users))
 
     def user_vectors(self, users: np.ndarray, table: Tensor) -> Tensor:
         """Ranking vectors: ego-graph LightGCN over each user's whole history (Eq. 13-14)."""
