@@ -18,7 +18,8 @@ Prints every figure and checks none of them: timings depend on the machine (the 
   same requests);
 * the README's main job (``make demo``'s commands) on ML-100K: wall time and the peak of the
   summed resident memory of its process tree (the Flower run's SuperLink, ServerApp, Ray
-  workers), sampled every 0.2 s;
+  workers), sampled every 0.2 s, as RSS (shared pages counted in every process) and PSS
+  (shared pages split);
 * peak resident memory after each part.
 
 Data: real ML-1M when ``--path`` (or the download cache) has ``ratings.dat``, else the seeded
@@ -250,8 +251,41 @@ MAIN_JOB = (["fedshare", "data", "stats", "--dataset", "ml-100k"],
 """The README's main job (``make demo`` runs exactly these)."""
 
 
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size: resident memory with shared pages split between their users."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and every descendant (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _tree_pss_bytes(root: int) -> int:
+    return sum(_pss_bytes(pid) for pid in _tree(root))
+
+
 def _tree_rss_bytes(root: int) -> int:
-    """Summed resident memory of ``root`` and every descendant (from /proc)."""
+    """Summed resident memory of ``root`` and every descendant (from /proc): shared pages
+    (libraries, Ray's object store) count once per process, so this bounds the truth above."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -279,22 +313,27 @@ def main_job(out: Path, commands: Sequence[Sequence[str]] = MAIN_JOB) -> dict[st
     root = Path(__file__).resolve().parent.parent
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
-    peak, start = 0, time.perf_counter()
+    peak, peak_pss, start = 0, 0, time.perf_counter()
     for command in commands:
         argv = [str(bin_dir / command[0]), *command[1:]]
         if command[1] in ("run", "unlearning-table", "storage"):
             argv += ["--out", str(out)]
-        began = time.perf_counter()
+        began, own_peak, own_pss = time.perf_counter(), 0, 0
         with open(out / "main-job.log", "a") as log:
             process = subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT)
             while process.poll() is None:
-                peak = max(peak, _tree_rss_bytes(process.pid))
+                own_peak = max(own_peak, _tree_rss_bytes(process.pid))
+                own_pss = max(own_pss, _tree_pss_bytes(process.pid))
                 time.sleep(0.2)
         if process.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed; see {out / 'main-job.log'}")
-        figures[f"{' '.join(command[:2])}_seconds"] = time.perf_counter() - began
+        name = " ".join(command[1:3] if command[1] == "data" else command[1:2])
+        figures[f"{name}_seconds"] = time.perf_counter() - began
+        figures[f"{name}_peak_rss_mb"] = own_peak / 2**20
+        figures[f"{name}_peak_pss_mb"] = own_pss / 2**20
+        peak, peak_pss = max(peak, own_peak), max(peak_pss, own_pss)
     figures.update({"wall_seconds": time.perf_counter() - start,
-                    "peak_tree_rss_mb": peak / 2**20})
+                    "peak_tree_rss_mb": peak / 2**20, "peak_tree_pss_mb": peak_pss / 2**20})
     return figures
 
 
