@@ -295,3 +295,13 @@ def test_user_batch_from_lists():
     assert batch.items.tolist() == [1, 3, 0]
     assert batch.sizes.tolist() == [2, 0, 1]
     assert batch.known_keys.tolist() == sorted([71, 73, 74, 26, 50])
+
+
+@pytest.mark.parametrize("key_space", [1_000, 1 << 25])
+def test_unique_inverse_equals_numpy(key_space):
+    from fedshare.models.local import _unique_inverse
+
+    keys = np.random.default_rng(3).integers(0, 1_000, size=5_000)
+    rows, inverse = _unique_inverse(keys, key_space)
+    expected_rows, expected_inverse = np.unique(keys, return_inverse=True)
+    assert np.array_equal(rows, expected_rows) and np.array_equal(inverse, expected_inverse)

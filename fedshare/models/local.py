@@ -193,7 +193,7 @@ def _train_chunk(batch: UserBatch, item_table: Tensor, user_emb: Tensor,
     # Private rows: each user's positives and negatives, deduplicated per user.
     keys = np.concatenate([pair_owner * num_items + pair_pos, pair_owner * num_items + pair_neg,
                            np.repeat(np.arange(len(sizes)), sizes) * num_items + batch.items])
-    row_keys, inverse = np.unique(keys, return_inverse=True)
+    row_keys, inverse = _unique_inverse(keys, len(sizes) * num_items)
     n_pairs = len(pair_owner)
     row_user = torch.from_numpy(row_keys // num_items)
     row_item = torch.from_numpy(row_keys % num_items)
@@ -244,11 +244,23 @@ def _train_chunk(batch: UserBatch, item_table: Tensor, user_emb: Tensor,
         g_neg_rows = 0.5 * g_neg + two_reg * neg
         g_ego_rows = (0.5 * inv_sqrt[:, None] * g_user_vec)[ego_owner]
         # Every gradient is taken at the step's start values, then SGD moves every row.
-        rows.index_add_(0, p_idx, g_pos_rows, alpha=-lr)
-        rows.index_add_(0, n_idx, g_neg_rows, alpha=-lr)
-        rows.index_add_(0, ego_row, g_ego_rows, alpha=-lr)
+        # (index_add_ with ``alpha`` takes a path about 8x slower: scale first.)
+        rows.index_add_(0, p_idx, g_pos_rows.mul_(-lr))
+        rows.index_add_(0, n_idx, g_neg_rows.mul_(-lr))
+        rows.index_add_(0, ego_row, g_ego_rows.mul_(-lr))
         users -= lr * g_users
     return LocalUpdate(batch.users, users, row_user, row_item, rows)
+
+
+def _unique_inverse(keys: np.ndarray, key_space: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)``; by marking a dense table when the key space is
+    small (a chunk of users times the items), which avoids sorting."""
+    if key_space > 1 << 24:
+        return np.unique(keys, return_inverse=True)
+    present = np.zeros(key_space, dtype=bool)
+    present[keys] = True
+    position = np.cumsum(present) - 1
+    return np.flatnonzero(present), position[keys]
 
 
 def _step_of_pairs(users: np.ndarray, owner: np.ndarray, epoch: np.ndarray, slot: np.ndarray,
