@@ -119,7 +119,6 @@ def cufru_unlearn(federation: InProcessFederation, station: TransferStation, lea
                 new = fresh_client_step(federation, users, table, local, first_round + round_)
                 step = calibrated_step(step, new)
             table = table + step
-        record = station.server.get(round_)
-        stored = dense(*record, server.num_items) if record else torch.zeros_like(table)
-        table = table + server_step(server, table, stored, first_round + round_, steps)
+        table = table + server_step(server, table, station.server.get(round_),
+                                    first_round + round_, steps)
     finish(server, table)

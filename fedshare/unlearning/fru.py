@@ -33,7 +33,6 @@ from fedshare.storage import SERVER, RowStore, StorageLedger, client
 from fedshare.unlearning.replay import (
     ReplayConfig,
     calibrated_step,
-    dense,
     finish,
     fresh_client_step,
     server_step,
@@ -144,7 +143,6 @@ def fru_unlearn(federation: InProcessFederation, history: FruHistory, config: Re
                                         first_round + round_)
                 old = calibrated_step(old, new)
             table = table + old
-        record = history.server.get(round_)
-        stored = dense(*record, server.num_items) if record else torch.zeros_like(table)
-        table = table + server_step(server, table, stored, first_round + round_, steps)
+        table = table + server_step(server, table, history.server.get(round_),
+                                    first_round + round_, steps)
     finish(server, table)

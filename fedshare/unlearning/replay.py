@@ -97,12 +97,14 @@ def fresh_client_step(federation: InProcessFederation, users: np.ndarray, table:
     return aggregate(table, [update], cfg.aggregation, cfg.server_lr) - table
 
 
-def server_step(server: Server, table: Tensor, stored: Tensor, round_: int, steps: int) -> Tensor:
+def server_step(server: Server, table: Tensor, stored: tuple[Tensor, Tensor] | None,
+                round_: int, steps: int) -> Tensor:
     """The server as a participant: a short refinement on the updated G_s gives the direction,
-    its stored update the length (see module docstring)."""
+    its stored update (item ids and rows, or nothing) the length (see module docstring)."""
     if not server.refines:
         return torch.zeros_like(table)
-    return calibrated_step(stored, server.refine(table, round_, steps) - table)
+    old = dense(*stored, server.num_items) if stored else torch.zeros_like(table)
+    return calibrated_step(old, server.refine(table, round_, steps) - table)
 
 
 def finish(server: Server, table: Tensor) -> None:
