@@ -8,6 +8,8 @@ Prints every figure and checks none of them: timings depend on the machine (the 
   once one call per user, which is what one Flower node per user does; per-user mode times a
   random sample of users and extrapolates, as timing all 6,040 of them one by one would take
   minutes. The users' trained embeddings must agree between the two modes.
+* the same through the Flower app (Ray virtual SuperNodes, messages included): two nodes
+  serving cohorts against one SuperNode per user, on a 1,000-user dataset of the same shape;
 * server LightGCN propagation (L = 3) over all training interactions against PyG's
   ``LightGCN.get_embedding(edge_index)`` with the same weights, outputs compared.
 * one learning round of FedShare with every user participating (fraction 1), split into
@@ -205,6 +207,37 @@ def learning_round(data: PreparedData, config: FederatedConfig) -> dict[str, Any
             "server_refinement_seconds": server_s, "round_seconds": clients_s + server_s}
 
 
+def flower_modes(num_users: int = 1_000, seed: int = 0) -> dict[str, Any]:
+    """Client updates per second through the Flower app: two cohort nodes against one node per
+    user, same data and seed (synthetic, ``num_users`` users with ML-1M's degree shape: one
+    SuperNode per user for all 6,040 would spend minutes on the share and evaluate messages
+    alone). Every trainable user trains in each round (fraction 1); the figure is the second
+    round's wall time (messages, local training, aggregation, server refinement)."""
+    import pandas as pd
+
+    from simulations.experiment import resolve, run_experiment
+
+    scale = num_users / 6_040
+    data = synthetic_prepared(num_users, max(200, int(3_706 * scale ** 0.5)),
+                              int(1_000_209 * scale), seed=seed)
+    figures: dict[str, Any] = {"users": num_users}
+    with tempfile.TemporaryDirectory(prefix="fedshare-bench-flower-") as tmp:
+        folder = data.save(Path(tmp) / "data")
+        for mode, nodes in (("cohort", 2), ("per_user", num_users)):
+            settings = [f"prepared={folder}", "rounds=3", "eval-every=3", "fraction=1.0",
+                        f"seed={seed}", f"num-supernodes={nodes}"]
+            out, _ = run_experiment(resolve(None, settings, name=f"bench-{mode}"),
+                                    Path(tmp) / "runs", "flower")
+            rounds = pd.read_csv(out / "metrics.csv").set_index("round")
+            seconds = float(rounds.loc[2, "seconds"] - rounds.loc[1, "seconds"])
+            figures[f"{mode}_nodes"] = nodes
+            figures[f"{mode}_round_seconds"] = seconds
+            figures[f"{mode}_updates_per_s"] = float(rounds.loc[2, "num-users"]) / seconds
+    figures["cohort_over_per_user"] = (figures["cohort_updates_per_s"]
+                                       / figures["per_user_updates_per_s"])
+    return figures
+
+
 def full_run(data: PreparedData, config: FederatedConfig) -> dict[str, Any]:
     """Learn, let the planned users unshare, unlearn with FedShare (Algorithm 2), in process."""
     from fedshare.unlearning.contrastive import UnlearningConfig
@@ -366,15 +399,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", help="ML-1M folder or ratings.dat (else the cache, else "
                                        "synthetic data)")
     parser.add_argument("--quick", action="store_true",
-                        help="a small synthetic dataset; skips the ML-100K parts")
+                        help="a small synthetic dataset; skips the Flower and ML-100K parts")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--dim", type=int, default=FederatedConfig().dim)
     parser.add_argument("--per-user-sample", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=10, help="timed propagation calls")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["clients", "propagation", "round", "full-run", "ratio",
-                                 "main-job"])
+                        choices=["clients", "flower", "propagation", "round", "full-run",
+                                 "ratio", "main-job"])
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
 
 
@@ -388,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Measure and print every figure not skipped."""
     if args.quick:
-        args.skip = [*args.skip, "ratio", "main-job"]
+        args.skip = [*args.skip, "flower", "ratio", "main-job"]
     if args.threads:
         torch.set_num_threads(args.threads)
     config = FederatedConfig(dim=args.dim, seed=args.seed)
@@ -400,6 +433,7 @@ def run(args: argparse.Namespace) -> int:
     parts = {
         "clients": ("client_throughput", lambda: client_throughput(
             data, config, args.per_user_sample, args.seed)),
+        "flower": ("flower_cohort_vs_per_user", lambda: flower_modes(1_000, args.seed)),
         "propagation": ("propagation", lambda: propagation(
             data, args.dim, config.num_layers, args.repeats, args.seed)),
         "round": ("learning_round", lambda: learning_round(data, config)),

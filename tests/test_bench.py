@@ -80,3 +80,11 @@ def test_main_job_is_what_make_demo_runs():
     recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
     commands = [line.strip().split()[1:] for line in recipe.splitlines()[1:]]
     assert [["fedshare", *c] for c in commands] == [list(c) for c in bench.MAIN_JOB]
+
+
+def test_flower_modes_compare_cohorts_with_one_node_per_user():
+    figures = bench.flower_modes(num_users=12, seed=0)
+    assert figures["cohort_nodes"] == 2 and figures["per_user_nodes"] == 12
+    for mode in ("cohort", "per_user"):
+        assert figures[f"{mode}_round_seconds"] > 0 and figures[f"{mode}_updates_per_s"] > 0
+    assert figures["cohort_over_per_user"] > 0
