@@ -24,7 +24,9 @@ from fedshare.federated.runconfig import (
     load_remaining,
     node_users,
 )
-from strategies.records import WEIGHT, int_array, table_from, update_records
+from fedshare.models.local import LocalUpdate
+from fedshare.unlearning.fru import important_rows
+from strategies.records import FRU_BYTES, FRU_USERS, WEIGHT, int_array, table_from, update_records
 
 torch.set_num_threads(1)  # one CPU per virtual node on a small machine
 app = ClientApp()
@@ -94,10 +96,35 @@ def train(msg: Message, context: Context) -> Message:
     local = config.local
     if "local-epochs" in settings:  # the unlearning phase's remaining-data rounds
         local = replace(local, epochs=int(settings["local-epochs"]))
-    update = population.train(users, table, local, config.seed, int(settings["server-round"]))
+    round_ = int(settings["server-round"])
+    alpha = float(context.run_config.get("fru-alpha", 0.0))
+    kept: dict[int, int] = {}
+
+    def keep_fru_rows(trained: LocalUpdate, weights: torch.Tensor) -> None:
+        for user, items, rows in important_rows(trained, table, alpha):
+            kept[user] = _keep(context, user, round_, items, rows)
+
+    learning = alpha > 0 and "local-epochs" not in settings  # not the unlearning phase's rounds
+    update = population.train(users, table, local, config.seed, round_,
+                              keep_fru_rows if learning else None)
     _save(population, context)
     arrays, metrics = update_records(update)
+    if kept:
+        arrays[FRU_USERS] = int_array(np.array(list(kept)))
+        arrays[FRU_BYTES] = int_array(np.array(list(kept.values())))
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _keep(context: Context, user: int, round_: int, items: torch.Tensor,
+          rows: torch.Tensor) -> int:
+    """FRU's client-side store: the user's kept rows of every round, in the node's state (it
+    outlives the ClientApp, which is rebuilt per message). Returns the store's bytes."""
+    key = f"fru-{user}"
+    record = context.state[key] if key in context.state else ArrayRecord()
+    record[f"{round_}-items"] = Array(items.numpy())
+    record[f"{round_}-rows"] = Array(rows.numpy().astype(np.float32))
+    context.state[key] = record
+    return sum(array.numpy().nbytes for array in record.values())
 
 
 @app.evaluate()

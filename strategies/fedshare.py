@@ -27,8 +27,10 @@ from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import NodeUpdate
 from fedshare.federated.server import Server
 from fedshare.federated.simulate import sample_users
+from fedshare.storage import client
+from fedshare.unlearning.fru import KIND as FRU_KIND
 from strategies.audit import MessageAudit
-from strategies.records import WEIGHT, table_record, update_from
+from strategies.records import FRU_BYTES, FRU_USERS, WEIGHT, table_record, update_from
 
 
 @dataclass
@@ -103,6 +105,12 @@ class FedShareStrategy(FedAvg):
             for message in valid:
                 self.audit.record("train", server_round, message)
         updates = [update_from(m.content["arrays"], m.content["metrics"]) for m in valid]
+        for message in valid:  # FRU's client-side stores, as the nodes report them
+            arrays = message.content["arrays"]
+            if FRU_USERS in arrays:
+                for user, nbytes in zip(arrays[FRU_USERS].numpy().tolist(),
+                                        arrays[FRU_BYTES].numpy().tolist(), strict=True):
+                    self.server.ledger.set(client(int(user)), FRU_KIND, int(nbytes))
         extra = self.server.server_client_update(server_round)
         if extra is not None:
             updates.append(extra)

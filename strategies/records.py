@@ -6,7 +6,9 @@ One place for the record keys so that both sides agree:
   FedAvg weights the server would see anyway), ``share-users`` / ``share-items`` (the node's
   I_share, the only interactions that ever leave a client), and the catalogue size.
 - ``train`` message: ``item-table`` (V_s) and the round's sampled users of this node; reply:
-  ``item-table`` (weighted mean of the uploaded tables), ``row-weight``, ``num-examples``.
+  ``item-table`` (weighted mean of the uploaded tables), ``row-weight``, ``num-examples``, and
+  with ``fru-alpha`` > 0 ``fru-users`` / ``fru-bytes``: the size of each trained user's FRU
+  store, which stays on the node.
 - ``evaluate`` message: ``item-table`` and the part to score; reply: metric means and
   ``num-examples`` (users scored), so Flower's weighted average gives the global mean.
 """
@@ -22,6 +24,7 @@ from fedshare.federated.population import NodeUpdate
 TABLE = "item-table"
 ROW_WEIGHT = "row-weight"
 WEIGHT = "num-examples"
+FRU_USERS, FRU_BYTES = "fru-users", "fru-bytes"  # train replies with fru-alpha > 0
 
 
 def table_record(table: torch.Tensor) -> ArrayRecord:

@@ -22,6 +22,7 @@ from fedshare.data.interactions import Interactions
 from fedshare.errors import FedShareError
 from fedshare.federated.runconfig import federated_config, unlearning_config
 from fedshare.reports import metrics_frame, write_json
+from fedshare.unlearning.fru import KIND as FRU_KIND
 from strategies.audit import MessageAudit
 from strategies.fedshare import Directory, FedShareStrategy
 from strategies.records import table_record
@@ -106,6 +107,7 @@ def main(grid: Grid, context: Context) -> None:
                "valid": valid, "test": test, "seconds": time.perf_counter() - started,
                "nodes": len(nodes), "shared_interactions": len(directory.shared),
                "snapshot_bytes": strategy.server.snapshot_bytes(),
+               "fru_client_bytes": strategy.server.ledger.held(kind=FRU_KIND),
                "snapshots": len(strategy.server.snapshots), **phase}
     write_json(out_dir / "summary.json", summary)
     log(INFO, "%s done  test HR@20 %.4f  NDCG@20 %.4f  -> %s", PROGRESS,

@@ -80,7 +80,8 @@ def runs(tmp_path_factory, data):
     try:
         cohorts = resolve(None, [*settings, "num-supernodes=2", f"audit-dir={audit}"],
                           name="cohorts")
-        per_user = resolve(None, [*settings, f"num-supernodes={NUM_USERS}"], name="per-user")
+        per_user = resolve(None, [*settings, f"num-supernodes={NUM_USERS}", "fru-alpha=0.5"],
+                           name="per-user")  # also keeps FRU's stores on the nodes
         results = {
             "cohorts": run_experiment(cohorts, root / "runs", "flower"),
             "per-user": run_experiment(per_user, root / "runs", "flower"),
@@ -225,3 +226,18 @@ def test_privacy_audit_of_every_reply(runs, data):
         assert {r[2] for r in replies if r[0] == "train" and r[1] == round_} == nodes
     # validation on round 2 (eval-every), then final validation and test: every node each time
     assert kinds.count("evaluate") == 3 * len(served)
+
+
+def test_fru_stores_on_the_nodes_match_the_inprocess_ledger(runs, data):
+    """With fru-alpha, every node keeps its users' FRU rows in its context.state and reports
+    their bytes; the server's ledger then holds exactly what the in-process FRU store holds."""
+    from fedshare.unlearning.fru import KIND
+    from fedshare.unlearning.phase import learn
+
+    config = resolve(None, [f"rounds={ROUNDS}", "eval-every=2", f"fraction={FRACTION}",
+                            f"dim={DIM}", "server-steps=2", "local-epochs=2",
+                            f"seed={SEED}"]).config
+    expected = learn(data, config, record=True, alpha=0.5).ledger.held(kind=KIND)
+    assert expected > 0
+    assert runs["per-user"][1]["fru_client_bytes"] == expected
+    assert runs["cohorts"][1]["fru_client_bytes"] == 0  # fru-alpha = 0: nothing kept

@@ -12,6 +12,10 @@ applies the stored client updates as they are; later rounds run ``ceil(lambda * 
 from the replayed table and step by the stored aggregate's length in the new aggregate's direction
 (:mod:`fedshare.unlearning.replay`). No participant leaves: unsharing users keep their local data.
 
+Through Flower (``fru-alpha`` > 0 in the run config) the ClientApp keeps the same rows in its
+node's ``context.state`` (one record per user, surviving across rounds) and reports each trained
+user's store size; the strategy enters them in its ledger. The replay runs in process.
+
 Choices: ``ceil(alpha * touched rows)`` rows are kept; item ids are stored as int64 beside the
 float32 rows and both count in the ledger; the stored aggregate divides like the run's Eq. 16
 mode, over the stored rows. FRU's optional semi-hard negative sampling is not used: clients
@@ -21,6 +25,7 @@ replay with the learning phase's uniform negatives.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -54,9 +59,9 @@ def select_important_rows(items: Tensor, deltas: Tensor, alpha: float) -> tuple[
     return items[chosen], deltas[chosen]
 
 
-def store_round(stores: dict[int, RowStore], update: LocalUpdate, start: Tensor, round_: int,
-                alpha: float, ledger: StorageLedger) -> None:
-    """After a round of local training, every trained user keeps its important rows."""
+def important_rows(update: LocalUpdate, start: Tensor, alpha: float
+                   ) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(user, item ids, update rows) that each trained user of ``update`` keeps."""
     for b, user in enumerate(update.users.tolist()):
         mine = update.row_user == b
         if not bool(mine.any()):
@@ -64,8 +69,15 @@ def store_round(stores: dict[int, RowStore], update: LocalUpdate, start: Tensor,
         items = update.row_item[mine]
         kept_items, kept_rows = select_important_rows(items, update.row_value[mine] - start[items],
                                                       alpha)
+        yield user, kept_items.to(torch.int64), kept_rows
+
+
+def store_round(stores: dict[int, RowStore], update: LocalUpdate, start: Tensor, round_: int,
+                alpha: float, ledger: StorageLedger) -> None:
+    """After a round of local training, every trained user keeps its important rows."""
+    for user, items, rows in important_rows(update, start, alpha):
         store = stores.setdefault(user, RowStore(client(user), KIND, ledger))
-        store.add(round_, kept_items.to(torch.int64), kept_rows)
+        store.add(round_, items, rows)
 
 
 def row_bytes(rows: int, dim: int) -> int:
