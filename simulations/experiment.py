@@ -101,6 +101,10 @@ def resolve(path: str | Path | None, sets: Sequence[str] = (), name: str | None 
             or num_supernodes < 1:
         raise FedShareError("num-supernodes must be a positive integer")
     run["num-nodes"] = num_supernodes
+    for key in ("fru-alpha", "max-failed-fraction"):
+        value = run.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise FedShareError(f"{key} must be a number in [0, 1], got {value!r}")
     experiment = Experiment(name or (Path(path).stem if path else "default"), run,
                             num_supernodes)
     experiment.config  # noqa: B018 - validates every federated setting now, before any work

@@ -27,6 +27,7 @@ from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import NodeUpdate
 from fedshare.federated.server import Server
 from fedshare.federated.simulate import sample_users
+from fedshare.federated.validation import update_problem
 from fedshare.storage import client
 from fedshare.unlearning.fru import KIND as FRU_KIND
 from strategies.audit import MessageAudit
@@ -54,11 +55,13 @@ class FedShareStrategy(FedAvg):
         directory: node -> users map, |I_local| per user, and the shared data D_s.
         progress: called with each validation row.
         audit: optional log of every reply.
+        max_failed: a round completes while at most this fraction of the nodes asked to
+            train fail, time out or send a rejected reply; beyond it the round changes nothing.
     """
 
     def __init__(self, config: FederatedConfig, directory: Directory,
                  progress: Callable[[dict], None] | None = None,
-                 audit: MessageAudit | None = None) -> None:
+                 audit: MessageAudit | None = None, max_failed: float = 0.5) -> None:
         nodes = len(directory.node_users)
         super().__init__(fraction_train=config.fraction, min_train_nodes=1,
                          min_evaluate_nodes=nodes, min_available_nodes=nodes)
@@ -73,6 +76,10 @@ class FedShareStrategy(FedAvg):
         self.history: list[dict] = []
         self.rounds: list[dict] = []
         self.started = time.perf_counter()
+        self.max_failed = max_failed  # the largest fraction of failed nodes a round tolerates
+        self.sampled: dict[int, int] = {}  # node -> users asked to train, this round
+        self.rejected: list[dict] = []
+        self.round_failed = False
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedShare variant %s, %d nodes, %d trainable users",
@@ -91,26 +98,32 @@ class FedShareStrategy(FedAvg):
         per_node: dict[int, list[int]] = {}
         for u in users:
             per_node.setdefault(self.user_node[int(u)], []).append(int(u))
+        self.sampled = {node: len(us) for node, us in per_node.items()}
         return self._messages(
             {node: ConfigRecord({**config, "users": us, "server-round": server_round})
              for node, us in per_node.items()}, arrays, MessageType.TRAIN)
 
     def local_view(self, server_round: int, replies: Iterable[Message]
                    ) -> tuple[Tensor, list[NodeUpdate]]:
-        """Average the nodes' replies into the round's local view (Eq. 16)."""
-        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        """Average the accepted replies into the round's local view (Eq. 16).
+
+        Error replies and replies failing :func:`update_problem` are logged and left out. When
+        more than ``max_failed`` of the nodes asked did not give an accepted reply, the round
+        changes nothing: the view is the current table and ``self.round_failed`` is set.
+        """
+        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         for message in errors:
             log(WARNING, "node %d failed: %s", message.metadata.src_node_id, message.error.reason)
         if self.audit is not None:
             for message in valid:
                 self.audit.record("train", server_round, message)
-        updates = [update_from(m.content["arrays"], m.content["metrics"]) for m in valid]
-        for message in valid:  # FRU's client-side stores, as the nodes report them
-            arrays = message.content["arrays"]
-            if FRU_USERS in arrays:
-                for user, nbytes in zip(arrays[FRU_USERS].numpy().tolist(),
-                                        arrays[FRU_BYTES].numpy().tolist(), strict=True):
-                    self.server.ledger.set(client(int(user)), FRU_KIND, int(nbytes))
+        updates = self.accept_replies(server_round,
+                                      [(m.metadata.src_node_id, m.content) for m in valid])
+        self.round_failed = self.too_many_failures(len(updates))
+        if self.round_failed:
+            log(WARNING, "round %d: %d of %d nodes gave an accepted reply; the round changes "
+                "nothing", server_round, len(updates), len(self.sampled))
+            return self.server.table.clone(), []
         extra = self.server.server_client_update(server_round)
         if extra is not None:
             updates.append(extra)
@@ -118,10 +131,45 @@ class FedShareStrategy(FedAvg):
                          self.config.server_lr)
         return view, updates
 
+    def too_many_failures(self, accepted: int) -> bool:
+        """Whether more than ``max_failed`` of this round's nodes gave no accepted reply."""
+        asked = max(len(self.sampled), 1)
+        return (asked - accepted) / asked > self.max_failed
+
+    def accept_replies(self, server_round: int, replies: list[tuple[int, RecordDict]]
+                       ) -> list[NodeUpdate]:
+        """The train replies that may be averaged; the others are logged in ``rejected``."""
+        accepted = []
+        for node, content in replies:
+            try:
+                update = update_from(content["arrays"], content["metrics"])
+            except (KeyError, TypeError, ValueError) as exc:
+                problem: str | None = f"malformed reply ({type(exc).__name__}: {exc})"
+            else:
+                problem = update_problem(update, self.server.num_items, self.config.dim,
+                                         self.sampled.get(node, 0))
+            if problem is not None:
+                log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node,
+                    problem)
+                self.rejected.append({"round": server_round, "node": node, "reason": problem})
+                continue
+            accepted.append(update)
+            self._record_fru_stores(content["arrays"])
+        return accepted
+
+    def _record_fru_stores(self, arrays: ArrayRecord) -> None:
+        """FRU's client-side stores, as the nodes report them, into the server's ledger."""
+        if FRU_USERS not in arrays:
+            return
+        for user, nbytes in zip(arrays[FRU_USERS].numpy().tolist(),
+                                arrays[FRU_BYTES].numpy().tolist(), strict=True):
+            self.server.ledger.set(client(int(user)), FRU_KIND, int(nbytes))
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         local_view, updates = self.local_view(server_round, replies)
-        table = self.server.finish_round(local_view, server_round)
+        table = self.server.table if self.round_failed else \
+            self.server.finish_round(local_view, server_round)
         self.rounds.append({"round": server_round,
                             "seconds": time.perf_counter() - self.started,
                             "num-users": sum(u.num_users for u in updates),

@@ -88,7 +88,8 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "%s round %d  %.1f s  valid HR@20 %.4f  NDCG@20 %.4f", PROGRESS, row["round"],
             row["seconds"], row["valid_hr@20"], row["valid_ndcg@20"])
 
-    strategy = FedShareStrategy(config, directory, progress, audit)
+    strategy = FedShareStrategy(config, directory, progress, audit,
+                                float(run_config.get("max-failed-fraction", 0.5)))
     write_json(out_dir / "config.json", {**config.to_dict(), **{
         k: v for k, v in run_config.items() if k not in config.to_run_config()}})
     strategy.start(grid, table_record(strategy.server.table), num_rounds=config.rounds)
@@ -108,6 +109,7 @@ def main(grid: Grid, context: Context) -> None:
                "nodes": len(nodes), "shared_interactions": len(directory.shared),
                "snapshot_bytes": strategy.server.snapshot_bytes(),
                "fru_client_bytes": strategy.server.ledger.held(kind=FRU_KIND),
+               "rejected_replies": strategy.rejected,
                "snapshots": len(strategy.server.snapshots), **phase}
     write_json(out_dir / "summary.json", summary)
     log(INFO, "%s done  test HR@20 %.4f  NDCG@20 %.4f  -> %s", PROGRESS,

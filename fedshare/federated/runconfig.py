@@ -24,7 +24,8 @@ DATA_KEYS = ("dataset", "data-path", "prepared", "split-seed", "plan-seed")
 UNLEARN_KEYS = ("unlearn", "unlearn-rounds", "unlearn-steps", "unlearn-lr", "unlearn-tau",
                 "unlearn-bpr", "unlearn-forgotten-graph", "unlearn-remaining-fl",
                 "unlearn-weight", "unlearn-include-self", "unlearn-local-epochs")
-APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "fru-alpha", *UNLEARN_KEYS)
+APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "fru-alpha",
+            "max-failed-fraction", *UNLEARN_KEYS)
 
 
 def federated_config(run_config: Mapping[str, Any]) -> FederatedConfig:

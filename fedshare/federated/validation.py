@@ -1,0 +1,39 @@
+"""What a node's train reply must satisfy before the server averages it (Eq. 16).
+
+A reply that fails a check is rejected with a one-line reason and never averaged: a NaN, an
+infinity, a table of the wrong shape or dtype, a weight that is negative or not finite, more
+trained users than the node was asked to train, or per-row weights that exceed the node's total
+(each row's weight is the part of the total whose users touched it). Flower-free, so the
+strategy and the tests share it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedshare.federated.population import NodeUpdate
+
+
+def update_problem(update: NodeUpdate, num_items: int, dim: int, sampled: int) -> str | None:
+    """Why ``update`` (a node's reply to a train message for ``sampled`` users) must be
+    rejected, or ``None`` when it may be averaged."""
+    table, row_weight = update.table, update.row_weight
+    if table.dtype != torch.float32 or row_weight.dtype != torch.float32:
+        return f"dtype {table.dtype}/{row_weight.dtype}, expected float32"
+    if tuple(table.shape) != (num_items, dim):
+        return f"item table of shape {tuple(table.shape)}, expected {(num_items, dim)}"
+    if tuple(row_weight.shape) != (num_items,):
+        return f"row weights of shape {tuple(row_weight.shape)}, expected {(num_items,)}"
+    if not bool(torch.isfinite(table).all()):
+        return "non-finite values in the item table"
+    if not math.isfinite(update.weight) or update.weight < 0:
+        return f"weight {update.weight}"
+    if not bool(torch.isfinite(row_weight).all()) or bool((row_weight < 0).any()):
+        return "negative or non-finite row weights"
+    if bool((row_weight > update.weight * (1 + 1e-6) + 1e-6).any()):
+        return "a row weight exceeds the node's total weight"
+    if not 0 <= update.num_users <= sampled:
+        return f"{update.num_users} users trained, {sampled} were sampled"
+    return None

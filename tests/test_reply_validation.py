@@ -1,0 +1,115 @@
+"""Train replies are checked before they are averaged: forged or malformed ones are rejected
+and logged, never averaged; a round with too many failures changes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from synthetic import tiny_prepared
+
+from fedshare.errors import FedShareError
+from fedshare.federated.config import FederatedConfig
+from fedshare.federated.population import NodeUpdate
+from fedshare.federated.validation import update_problem
+from fedshare.storage import client
+from fedshare.unlearning.fru import KIND
+from simulations.experiment import resolve
+from strategies.fedshare import Directory, FedShareStrategy
+from strategies.records import FRU_BYTES, FRU_USERS, ROW_WEIGHT, TABLE, WEIGHT
+
+NUM_ITEMS, DIM = 40, 8
+
+
+def _update(**changes) -> NodeUpdate:
+    values = {"table": torch.zeros(NUM_ITEMS, DIM), "weight": 10.0,
+              "row_weight": torch.full((NUM_ITEMS,), 4.0), "num_users": 2, **changes}
+    return NodeUpdate(**values)
+
+
+def test_a_sound_update_passes():
+    assert update_problem(_update(), NUM_ITEMS, DIM, sampled=2) is None
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"table": torch.full((NUM_ITEMS, DIM), float("nan"))}, "non-finite"),
+    ({"table": torch.full((NUM_ITEMS, DIM), float("inf"))}, "non-finite"),
+    ({"table": torch.zeros(NUM_ITEMS + 1, DIM)}, "shape"),
+    ({"table": torch.zeros(NUM_ITEMS, DIM + 1)}, "shape"),
+    ({"table": torch.zeros(NUM_ITEMS, DIM, dtype=torch.float64)}, "dtype"),
+    ({"row_weight": torch.zeros(NUM_ITEMS - 1)}, "shape"),
+    ({"row_weight": torch.full((NUM_ITEMS,), -1.0)}, "row weights"),
+    ({"row_weight": torch.full((NUM_ITEMS,), 11.0)}, "exceeds"),
+    ({"weight": float("nan")}, "weight"),
+    ({"weight": -3.0}, "weight"),
+    ({"num_users": 3}, "sampled"),
+])
+def test_forged_updates_are_rejected_with_a_reason(changes, words):
+    problem = update_problem(_update(**changes), NUM_ITEMS, DIM, sampled=2)
+    assert problem is not None and words in problem
+
+
+@pytest.fixture
+def strategy():
+    data = tiny_prepared(10, NUM_ITEMS)
+    config = FederatedConfig(dim=DIM, rounds=1, server_steps=0, seed=0)
+    shared = data.plan.shared_data(data.split.train)
+    directory = Directory({1: np.arange(5), 2: np.arange(5, 10)},
+                          {u: 3 for u in range(10)}, shared)
+    return FedShareStrategy(config, directory, max_failed=0.5)
+
+
+def _reply(table: np.ndarray, weight: float = 4.0, users: int = 1,
+           fru: tuple[list[int], list[int]] | None = None) -> RecordDict:
+    arrays = ArrayRecord({TABLE: Array(table), ROW_WEIGHT: Array(
+        np.full(NUM_ITEMS, weight, dtype=np.float32))})
+    if fru is not None:
+        arrays[FRU_USERS] = Array(np.array(fru[0], dtype=np.int64))
+        arrays[FRU_BYTES] = Array(np.array(fru[1], dtype=np.int64))
+    return RecordDict({"arrays": arrays,
+                       "metrics": MetricRecord({WEIGHT: weight, "num-users": users})})
+
+
+def test_only_sound_replies_are_averaged_and_the_rest_logged(strategy):
+    strategy.sampled = {1: 1, 2: 1, 3: 1, 4: 1}
+    start = strategy.server.table
+    good = (start + 1.0).numpy().astype(np.float32)
+    nan = good.copy()
+    nan[0, 0] = np.nan
+    missing = RecordDict({"arrays": ArrayRecord({TABLE: Array(good)}),
+                          "metrics": MetricRecord({WEIGHT: 4.0, "num-users": 1})})
+    accepted = strategy.accept_replies(1, [(1, _reply(good, fru=([0], [136]))),
+                                           (2, _reply(nan, fru=([5], [999]))),
+                                           (3, missing),
+                                           (4, _reply(good, users=5))])
+    assert len(accepted) == 1 and torch.equal(accepted[0].table, start + 1.0)
+    assert [(r["node"], r["round"]) for r in strategy.rejected] == [(2, 1), (3, 1), (4, 1)]
+    assert "non-finite" in strategy.rejected[0]["reason"]
+    assert "malformed" in strategy.rejected[1]["reason"]
+    assert "sampled" in strategy.rejected[2]["reason"]
+    # only accepted replies report FRU stores to the ledger
+    assert strategy.server.ledger.held(client(0), KIND) == 136
+    assert strategy.server.ledger.held(client(5), KIND) == 0
+
+
+def test_a_round_with_too_many_failures_changes_nothing(strategy, caplog):
+    strategy.sampled = {1: 1, 2: 1, 3: 1}
+    start = strategy.server.table.clone()
+    bad = np.full((NUM_ITEMS, DIM), np.inf, dtype=np.float32)
+    view, updates = strategy.local_view(1, [])  # every node timed out
+    assert strategy.round_failed and updates == [] and torch.equal(view, start)
+    good = (start + 1).numpy()
+    replies = [(1, _reply(good)), (2, _reply(bad)), (3, _reply(bad))]
+    accepted = len(strategy.accept_replies(1, replies))
+    assert accepted == 1 and strategy.too_many_failures(accepted)  # 2 of 3 failed > 0.5
+    strategy.sampled = {1: 1, 2: 1}
+    accepted = len(strategy.accept_replies(1, replies[:2]))
+    assert accepted == 1 and not strategy.too_many_failures(accepted)  # 1 of 2: tolerated
+
+
+@pytest.mark.parametrize("setting", ["max-failed-fraction=1.5", "fru-alpha=-0.1",
+                                     "max-failed-fraction=true"])
+def test_fault_settings_out_of_range_fail_early(setting):
+    with pytest.raises(FedShareError):
+        resolve(None, [setting])
