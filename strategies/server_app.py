@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedshare.data.interactions import Interactions
 from fedshare.errors import FedShareError
 from fedshare.federated.runconfig import federated_config, unlearning_config
+from fedshare.federated.validation import share_problem
 from fedshare.reports import metrics_frame, write_json
 from fedshare.unlearning.fru import KIND as FRU_KIND
 from strategies.audit import MessageAudit
@@ -54,20 +55,36 @@ def collect_shares(grid: Grid, nodes: list[int], audit: MessageAudit | None) -> 
         raise FedShareError(f"share round failed on node {failed[0].metadata.src_node_id}: "
                             f"{failed[0].error.reason}")
     node_users, counts, users, items = {}, {}, [], []
-    num_items = num_users = 0
+    sizes: tuple[int, int] | None = None
     for reply in replies:
         if audit is not None:
             audit.record("share", 0, reply)
-        arrays, metrics = reply.content["arrays"], reply.content["metrics"]
-        served = arrays["served-users"].numpy()
-        node_users[reply.metadata.src_node_id] = served
-        counts.update(zip(served.tolist(), arrays["local-counts"].numpy().tolist(), strict=True))
-        users.append(arrays["share-users"].numpy())
-        items.append(arrays["share-items"].numpy())
-        num_items = int(metrics["num-items"])
-        num_users = int(metrics["num-users-total"])
-    shared = Interactions.from_arrays(np.concatenate(users), np.concatenate(items), num_users,
-                                      num_items)
+        node = reply.metadata.src_node_id
+        try:
+            arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+            served, counted = arrays["served-users"].numpy(), arrays["local-counts"].numpy()
+            share_users, share_items = (arrays["share-users"].numpy(),
+                                        arrays["share-items"].numpy())
+            reply_sizes = (int(metrics["num-users-total"]), int(metrics["num-items"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            log(WARNING, "rejected the share reply of node %d: malformed (%s)", node, exc)
+            continue
+        claimed = {int(u) for us in node_users.values() for u in us}
+        problem = "a catalogue size unlike the other nodes'" if sizes not in (None, reply_sizes) \
+            else share_problem(served, share_users, share_items, *reply_sizes, claimed)
+        if problem is None and counted.shape != served.shape:
+            problem = "local counts do not match the served users"
+        if problem is not None:
+            log(WARNING, "rejected the share reply of node %d: %s", node, problem)
+            continue
+        sizes = reply_sizes
+        node_users[node] = served
+        counts.update(zip(served.tolist(), counted.tolist(), strict=True))
+        users.append(share_users)
+        items.append(share_items)
+    if sizes is None:
+        raise FedShareError("no node sent an acceptable share reply")
+    shared = Interactions.from_arrays(np.concatenate(users), np.concatenate(items), *sizes)
     return Directory(node_users, counts, shared)
 
 

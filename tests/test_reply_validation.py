@@ -12,7 +12,7 @@ from synthetic import tiny_prepared
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import NodeUpdate
-from fedshare.federated.validation import update_problem
+from fedshare.federated.validation import share_problem, update_problem
 from fedshare.storage import client
 from fedshare.unlearning.fru import KIND
 from simulations.experiment import resolve
@@ -113,3 +113,25 @@ def test_a_round_with_too_many_failures_changes_nothing(strategy, caplog):
 def test_fault_settings_out_of_range_fail_early(setting):
     with pytest.raises(FedShareError):
         resolve(None, [setting])
+
+
+SERVED = np.array([3, 4, 5])
+
+
+def test_a_sound_share_reply_passes():
+    assert share_problem(SERVED, np.array([3, 5]), np.array([1, 7]), 10, NUM_ITEMS, {0}) is None
+
+
+@pytest.mark.parametrize(("served", "users", "items", "claimed", "words"), [
+    (SERVED, np.array([3]), np.array([NUM_ITEMS]), set(), "unknown item"),
+    (SERVED, np.array([3]), np.array([-1]), set(), "unknown item"),
+    (SERVED, np.array([6]), np.array([1]), set(), "does not serve"),
+    (SERVED, np.array([3, 3]), np.array([1, 1]), set(), "shared twice"),
+    (SERVED, np.array([3]), np.array([1]), {4}, "another node"),
+    (np.array([3, 3]), np.array([3]), np.array([1]), set(), "twice"),
+    (np.array([3, 10]), np.array([3]), np.array([1]), set(), "outside the catalogue"),
+    (SERVED, np.array([3, 4]), np.array([1]), set(), "malformed"),
+])
+def test_forged_share_replies_are_rejected(served, users, items, claimed, words):
+    problem = share_problem(served, users, items, 10, NUM_ITEMS, claimed)
+    assert problem is not None and words in problem

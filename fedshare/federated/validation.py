@@ -1,4 +1,8 @@
-"""What a node's train reply must satisfy before the server averages it (Eq. 16).
+"""What a node's replies must satisfy before the server uses them.
+
+Share replies (Eq. 7): the users a node serves are its own (no other node claimed them), every
+shared interaction belongs to one of them, ids lie in the catalogue, nothing is shared twice.
+Train replies (Eq. 16):
 
 A reply that fails a check is rejected with a one-line reason and never averaged: a NaN, an
 infinity, a table of the wrong shape or dtype, a weight that is negative or not finite, more
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from fedshare.federated.population import NodeUpdate
@@ -36,4 +41,22 @@ def update_problem(update: NodeUpdate, num_items: int, dim: int, sampled: int) -
         return "a row weight exceeds the node's total weight"
     if not 0 <= update.num_users <= sampled:
         return f"{update.num_users} users trained, {sampled} were sampled"
+    return None
+
+
+def share_problem(served: np.ndarray, users: np.ndarray, items: np.ndarray, num_users: int,
+                  num_items: int, claimed: set[int]) -> str | None:
+    """Why a node's share reply must be rejected (``claimed``: users other nodes serve)."""
+    if served.ndim != 1 or users.shape != items.shape or users.ndim != 1:
+        return "malformed share arrays"
+    if len(served) and (served.min() < 0 or served.max() >= num_users):
+        return "a served user outside the catalogue"
+    if len(np.unique(served)) != len(served) or claimed & set(served.tolist()):
+        return "a served user is listed twice or served by another node"
+    if len(items) and (items.min() < 0 or items.max() >= num_items):
+        return "an unknown item"
+    if not np.isin(users, served).all():
+        return "shared interactions of users the node does not serve"
+    if len(np.unique(users * num_items + items)) != len(users):
+        return "an interaction shared twice"
     return None
