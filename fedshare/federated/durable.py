@@ -1,0 +1,163 @@
+"""The server's durable state in an embedded SQLite database (issue 7; not yet used by the app).
+
+What a restarted server needs lives here: the shared data D_s, the current item table and the
+round it belongs to, the M snapshots, and the unsharing-request log. Every change is one SQLite
+transaction, so a round is either fully committed (table, snapshots and round counter together)
+or not visible at all, and a request acknowledged by :meth:`ServerStore.acknowledge` survives any
+crash after the call returns. Serving requests deletes their interactions from D_s and marks them
+served in the same transaction: a request is never served twice.
+
+Choices: WAL journal with ``synchronous=FULL`` (a committed transaction survives power loss);
+tables are stored as raw float32 bytes with their shape; request items as int64 bytes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedshare.data.interactions import Interactions
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shared (user INTEGER NOT NULL, item INTEGER NOT NULL,
+                                   PRIMARY KEY (user, item));
+CREATE TABLE IF NOT EXISTS tables (kind TEXT NOT NULL, position INTEGER NOT NULL,
+                                   rows INTEGER NOT NULL, cols INTEGER NOT NULL,
+                                   data BLOB NOT NULL, PRIMARY KEY (kind, position));
+CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                                     user INTEGER NOT NULL, items BLOB NOT NULL,
+                                     received REAL NOT NULL, served REAL);
+"""
+
+
+@dataclass(frozen=True)
+class Request:
+    """An acknowledged unsharing request."""
+
+    id: int
+    user: int
+    items: np.ndarray
+
+
+class ServerStore:
+    """SQLite-backed server state (module docstring).
+
+    Args:
+        path: the database file (created if missing; a run directory's ``state.db``).
+        num_users, num_items: the catalogue, recorded on creation and checked on reopening.
+    """
+
+    def __init__(self, path: str | Path, num_users: int, num_items: int) -> None:
+        self.path = Path(path)
+        self.num_users, self.num_items = num_users, num_items
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        with self._transaction():
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('catalogue', ?)",
+                             (f"{num_users} {num_items}",))
+        stored = self._meta("catalogue")
+        if stored != f"{num_users} {num_items}":
+            self.close()
+            raise ValueError(f"{self.path} holds a catalogue of {stored} (users items), "
+                             f"not {num_users} {num_items}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    # ------------------------------------------------------------------ D_s
+    def set_shared(self, shared: Interactions) -> None:
+        """Replace D_s (after the share round)."""
+        with self._transaction():
+            self._db.execute("DELETE FROM shared")
+            self._db.executemany("INSERT INTO shared VALUES (?, ?)",
+                                 zip(shared.users.tolist(), shared.items.tolist(), strict=True))
+
+    def shared(self) -> Interactions:
+        rows = np.array(self._db.execute("SELECT user, item FROM shared ORDER BY user, item")
+                        .fetchall(), dtype=np.int64).reshape(-1, 2)
+        return Interactions.from_arrays(rows[:, 0], rows[:, 1], self.num_users, self.num_items)
+
+    # ------------------------------------------------------------------ rounds
+    def commit_round(self, round_: int, table: Tensor, snapshots: list[Tensor]) -> None:
+        """The table after ``round_`` and the snapshots, all or nothing."""
+        with self._transaction():
+            self._db.execute("DELETE FROM tables")
+            for kind, position, tensor in [("model", 0, table),
+                                           *[("snapshot", k, s) for k, s in
+                                             enumerate(snapshots)]]:
+                array = tensor.detach().numpy().astype(np.float32)
+                self._db.execute("INSERT INTO tables VALUES (?, ?, ?, ?, ?)",
+                                 (kind, position, *array.shape, array.tobytes()))
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('round', ?)", (str(round_),))
+
+    def last_round(self) -> int:
+        """The last committed round (0: none)."""
+        return int(self._meta("round") or 0)
+
+    def _tables(self, kind: str) -> list[Tensor]:
+        rows = self._db.execute("SELECT rows, cols, data FROM tables WHERE kind = ? "
+                                "ORDER BY position", (kind,)).fetchall()
+        return [torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(r, c).copy())
+                for r, c, data in rows]
+
+    def model(self) -> Tensor | None:
+        tables = self._tables("model")
+        return tables[0] if tables else None
+
+    def snapshots(self) -> list[Tensor]:
+        return self._tables("snapshot")
+
+    # ------------------------------------------------------------------ unsharing requests
+    def acknowledge(self, user: int, items: np.ndarray) -> int:
+        """Record an unsharing request durably; its id once committed."""
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO requests (user, items, received) VALUES (?, ?, ?)",
+                (int(user), np.asarray(items, dtype=np.int64).tobytes(), time.time()))
+        return int(cursor.lastrowid or 0)
+
+    def pending(self) -> list[Request]:
+        rows = self._db.execute("SELECT id, user, items FROM requests WHERE served IS NULL "
+                                "ORDER BY id").fetchall()
+        return [Request(i, u, np.frombuffer(b, dtype=np.int64).copy()) for i, u, b in rows]
+
+    def serve(self, requests: list[Request]) -> None:
+        """Delete the requests' interactions from D_s and mark them served, atomically; a
+        request already served is skipped."""
+        with self._transaction():
+            for request in requests:
+                updated = self._db.execute(
+                    "UPDATE requests SET served = ? WHERE id = ? AND served IS NULL",
+                    (time.time(), request.id)).rowcount
+                if updated:
+                    self._db.executemany("DELETE FROM shared WHERE user = ? AND item = ?",
+                                         [(request.user, int(i)) for i in request.items])
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self._db.execute("ROLLBACK" if kind is not None else "COMMIT")
