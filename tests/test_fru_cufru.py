@@ -377,14 +377,10 @@ def test_cufru_corrected_step_is_eq16_over_the_remaining_participants(data, leav
     assert rounds_with_leavers >= 1
 
 
-@pytest.mark.parametrize("interval", [2, CONFIG.rounds + 1])
-def test_cufru_replay_applies_corrected_steps_and_calibrates_every_interval(
-        data, leaving, monkeypatch, interval):
-    """Without refinement the replay is the sum of the corrected steps; a calibration round
-    keeps the corrected step's length (and takes the fresh clients' direction)."""
-    federation, capture = record(data, NO_REFINE)
+def _spy_on_replay(module, monkeypatch) -> tuple[list, list]:
+    """Record the table before each server step and each fresh client step of a replay."""
     tables, fresh = [], []
-    server_original, fresh_original = cufru.server_step, cufru.fresh_client_step
+    server_original, fresh_original = module.server_step, module.fresh_client_step
 
     def spy(server, table, stored, round_, steps):
         tables.append(table.clone())
@@ -394,8 +390,18 @@ def test_cufru_replay_applies_corrected_steps_and_calibrates_every_interval(
         fresh.append(fresh_original(*args))
         return fresh[-1]
 
-    monkeypatch.setattr(cufru, "server_step", spy)
-    monkeypatch.setattr(cufru, "fresh_client_step", fresh_spy)
+    monkeypatch.setattr(module, "server_step", spy)
+    monkeypatch.setattr(module, "fresh_client_step", fresh_spy)
+    return tables, fresh
+
+
+@pytest.mark.parametrize("interval", [2, CONFIG.rounds + 1])
+def test_cufru_replay_applies_corrected_steps_and_calibrates_every_interval(
+        data, leaving, monkeypatch, interval):
+    """Without refinement the replay is the sum of the corrected steps; a calibration round
+    keeps the corrected step's length (and takes the fresh clients' direction)."""
+    federation, capture = record(data, NO_REFINE)
+    tables, fresh = _spy_on_replay(cufru, monkeypatch)
     outcome = phase.unlearn(federation, data, "cufru", UNLEARNING, OFFSET,
                             replay=ReplayConfig(interval=interval))
     previous = capture.initial
@@ -449,19 +455,7 @@ def test_fru_with_full_calibration_rebuilds_a_two_round_run(data):
 @pytest.mark.parametrize("alpha", [ALPHA, 1.0])
 def test_fru_replay_applies_stored_steps_and_calibrates_later_rounds(data, monkeypatch, alpha):
     federation, capture = record(data, NO_REFINE, alpha=alpha)
-    tables, fresh = [], []
-    server_original, fresh_original = fru.server_step, fru.fresh_client_step
-
-    def spy(server, table, stored, round_, steps):
-        tables.append(table.clone())
-        return server_original(server, table, stored, round_, steps)
-
-    def fresh_spy(*args):
-        fresh.append(fresh_original(*args))
-        return fresh[-1]
-
-    monkeypatch.setattr(fru, "server_step", spy)
-    monkeypatch.setattr(fru, "fresh_client_step", fresh_spy)
+    tables, fresh = _spy_on_replay(fru, monkeypatch)
     phase.unlearn(federation, data, "fru", UNLEARNING, OFFSET, replay=ReplayConfig())
     assert len(fresh) == CONFIG.rounds - 1
     previous = capture.initial
