@@ -179,8 +179,12 @@ def _cmd_storage(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from simulations import bench
 
-    if args.threads is not None and args.threads < 1:
-        raise FedShareError(f"--threads must be >= 1, got {args.threads}")
+    for name in ("threads", "repeats", "per_user_sample", "dim"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise FedShareError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.out is not None and args.out.is_dir():
+        raise FedShareError(f"--out {args.out} is a folder; name a file for the figures")
     bench.run(args)
 
 

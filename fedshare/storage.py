@@ -136,6 +136,12 @@ class RowStore:
         self._nbytes += tensor_bytes(*new)
         self._report()
 
+    def put(self, key: Hashable, *tensors: Tensor) -> None:
+        """Replace the record under ``key``."""
+        if key in self._records:
+            self._nbytes -= tensor_bytes(*self._records.pop(key))
+        self.add(key, *tensors)
+
     def get(self, key: Hashable) -> tuple[Tensor, ...] | None:
         return self._records.get(key)
 

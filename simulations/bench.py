@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import tempfile
 import time
@@ -370,11 +371,17 @@ def main_job(out: Path, commands: Sequence[Sequence[str]] = MAIN_JOB) -> dict[st
             argv += ["--out", str(out)]
         began, own_peak, own_pss = time.perf_counter(), 0, 0
         with open(out / "main-job.log", "a") as log:
-            process = subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT)
-            while process.poll() is None:
-                own_peak = max(own_peak, _tree_rss_bytes(process.pid))
-                own_pss = max(own_pss, _tree_pss_bytes(process.pid))
-                time.sleep(0.2)
+            process = subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            try:
+                while process.poll() is None:
+                    own_peak = max(own_peak, _tree_rss_bytes(process.pid))
+                    own_pss = max(own_pss, _tree_pss_bytes(process.pid))
+                    time.sleep(0.2)
+            finally:  # interrupted: stop the command and everything it started
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGTERM)
+                    process.wait()
         if process.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed; see {out / 'main-job.log'}")
         name = " ".join(command[1:3] if command[1] == "data" else command[1:2])
@@ -385,6 +392,11 @@ def main_job(out: Path, commands: Sequence[Sequence[str]] = MAIN_JOB) -> dict[st
     figures.update({"wall_seconds": time.perf_counter() - start,
                     "peak_tree_rss_mb": peak / 2**20, "peak_tree_pss_mb": peak_pss / 2**20})
     return figures
+
+
+def _main_job_in_temp() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="fedshare-main-job-") as tmp:
+        return main_job(Path(tmp))
 
 
 def _print_section(title: str, figures: dict[str, Any]) -> None:
@@ -439,8 +451,7 @@ def run(args: argparse.Namespace) -> int:
         "round": ("learning_round", lambda: learning_round(data, config)),
         "full-run": ("full_run", lambda: full_run(data, config)),
         "ratio": ("unlearning_ratio_ml100k", lambda: unlearning_ratio(config)),
-        "main-job": ("main_job_ml100k", lambda: main_job(
-            Path(tempfile.mkdtemp(prefix="fedshare-main-job-")))),
+        "main-job": ("main_job_ml100k", _main_job_in_temp),
     }
     for key, (title, measure) in parts.items():
         if key in args.skip:

@@ -77,7 +77,7 @@ class FedShareStrategy(FedAvg):
         self.rounds: list[dict] = []
         self.started = time.perf_counter()
         self.max_failed = max_failed  # the largest fraction of failed nodes a round tolerates
-        self.sampled: dict[int, int] = {}  # node -> users asked to train, this round
+        self.sampled: dict[int, list[int]] = {}  # node -> users asked to train, this round
         self.rejected: list[dict] = []
         self.round_failed = False
 
@@ -98,7 +98,7 @@ class FedShareStrategy(FedAvg):
         per_node: dict[int, list[int]] = {}
         for u in users:
             per_node.setdefault(self.user_node[int(u)], []).append(int(u))
-        self.sampled = {node: len(us) for node, us in per_node.items()}
+        self.sampled = {node: us for node, us in per_node.items()}
         return self._messages(
             {node: ConfigRecord({**config, "users": us, "server-round": server_round})
              for node, us in per_node.items()}, arrays, MessageType.TRAIN)
@@ -141,29 +141,41 @@ class FedShareStrategy(FedAvg):
         """The train replies that may be averaged; the others are logged in ``rejected``."""
         accepted = []
         for node, content in replies:
-            try:
-                update = update_from(content["arrays"], content["metrics"])
-            except (KeyError, TypeError, ValueError) as exc:
-                problem: str | None = f"malformed reply ({type(exc).__name__}: {exc})"
+            fru: list[tuple[int, int]] = []
+            if node not in self.sampled:
+                problem: str | None = "a reply from a node that was not asked to train"
             else:
-                problem = update_problem(update, self.server.num_items, self.config.dim,
-                                         self.sampled.get(node, 0))
+                asked = self.sampled[node]
+                try:
+                    update = update_from(content["arrays"], content["metrics"])
+                    fru = self._fru_report(content["arrays"], asked)
+                except (KeyError, TypeError, ValueError) as exc:
+                    problem = f"malformed reply ({type(exc).__name__}: {exc})"
+                else:
+                    problem = update_problem(update, self.server.num_items, self.config.dim,
+                                             len(asked), sum(self.directory.local_counts.get(
+                                                 u, 0) for u in asked))
             if problem is not None:
                 log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node,
                     problem)
                 self.rejected.append({"round": server_round, "node": node, "reason": problem})
                 continue
             accepted.append(update)
-            self._record_fru_stores(content["arrays"])
+            for user, nbytes in fru:  # FRU's client-side stores, as the nodes report them
+                self.server.ledger.set(client(user), FRU_KIND, nbytes)
         return accepted
 
-    def _record_fru_stores(self, arrays: ArrayRecord) -> None:
-        """FRU's client-side stores, as the nodes report them, into the server's ledger."""
-        if FRU_USERS not in arrays:
-            return
-        for user, nbytes in zip(arrays[FRU_USERS].numpy().tolist(),
-                                arrays[FRU_BYTES].numpy().tolist(), strict=True):
-            self.server.ledger.set(client(int(user)), FRU_KIND, int(nbytes))
+    @staticmethod
+    def _fru_report(arrays: ArrayRecord, asked: list[int]) -> list[tuple[int, int]]:
+        """(user, bytes) of the node's FRU stores; only for users it was asked to train."""
+        if FRU_USERS not in arrays and FRU_BYTES not in arrays:
+            return []
+        users, sizes = arrays[FRU_USERS].numpy(), arrays[FRU_BYTES].numpy()
+        if users.shape != sizes.shape or users.ndim != 1 or users.dtype.kind != "i" \
+                or sizes.dtype.kind != "i" or (sizes < 0).any() or not set(
+                    users.tolist()) <= set(asked):
+            raise ValueError("an FRU store report that does not fit the users asked")
+        return list(zip(users.tolist(), sizes.tolist(), strict=True))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -56,7 +56,7 @@ def collect_shares(grid: Grid, nodes: list[int], audit: MessageAudit | None) -> 
                             f"{failed[0].error.reason}")
     node_users, counts, users, items = {}, {}, [], []
     sizes: tuple[int, int] | None = None
-    for reply in replies:
+    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # order-independent
         if audit is not None:
             audit.record("share", 0, reply)
         node = reply.metadata.src_node_id
@@ -115,7 +115,7 @@ def main(grid: Grid, context: Context) -> None:
     phase: dict = {}
     if unlearning is not None:
         learned = {"learned_valid": valid, "learned_test": test}
-        phase = {**learned, **run_unlearning(grid, nodes, strategy, unlearning)}
+        phase = {**learned, **run_unlearning(grid, strategy, unlearning)}
         valid = strategy.evaluate_now(grid, "valid")
         test = strategy.evaluate_now(grid, "test")
     metrics_frame(strategy.rounds, strategy.history).to_csv(out_dir / "metrics.csv",

@@ -12,10 +12,12 @@ are deleted when the phase ends.
 from __future__ import annotations
 
 import time
+from logging import WARNING
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedshare.errors import FedShareError
@@ -26,33 +28,43 @@ from strategies.fedshare import FedShareStrategy
 from strategies.records import table_record
 
 
-def collect_requests(grid: Grid, nodes: list[int], strategy: FedShareStrategy
-                     ) -> list[tuple[int, np.ndarray]]:
+def collect_requests(grid: Grid, strategy: FedShareStrategy) -> list[tuple[int, np.ndarray]]:
+    """Ask the nodes whose shares were accepted for their users' unsharing requests; a node
+    may speak only for the users it serves (anything else is logged and dropped)."""
+    served = strategy.directory.node_users
     messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
-                        message_type="query.unshare") for node in nodes]
+                        message_type="query.unshare") for node in served]
     requests = []
     for reply in grid.send_and_receive(messages):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            raise FedShareError(f"unshare round failed on node {reply.metadata.src_node_id}: "
-                                f"{reply.error.reason}")
+            raise FedShareError(f"unshare round failed on node {node}: {reply.error.reason}")
         if strategy.audit is not None:
             strategy.audit.record("unshare", strategy.config.rounds, reply)
-        users = reply.content["arrays"]["unshare-users"].numpy()
-        items = reply.content["arrays"]["unshare-items"].numpy()
+        try:
+            users = reply.content["arrays"]["unshare-users"].numpy()
+            items = reply.content["arrays"]["unshare-items"].numpy()
+            if users.shape != items.shape or not np.isin(users, served.get(node, [])).all():
+                raise ValueError("requests for users the node does not serve")
+        except (KeyError, TypeError, ValueError) as exc:
+            log(WARNING, "rejected the unsharing requests of node %d: %s", node, exc)
+            continue
         requests += [(int(u), items[users == u]) for u in np.unique(users)]
     return requests
 
 
-def run_unlearning(grid: Grid, nodes: list[int], strategy: FedShareStrategy,
-                   config: UnlearningConfig) -> dict:
+def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningConfig) -> dict:
     """Algorithm 2 after ``strategy`` has learned; returns timing and storage figures."""
     server = strategy.server
     started = time.perf_counter()
     kept = server.snapshot_bytes()
     store = SharedStore(server.shared)
-    requests = collect_requests(grid, nodes, strategy)
+    requests = collect_requests(grid, strategy)
     for user, items in requests:
-        store.unshare(user, items)
+        try:  # all-or-nothing per request: items the user never shared refuse it whole
+            store.unshare(user, items)
+        except FedShareError as exc:
+            log(WARNING, "rejected an unsharing request: %s", exc)
     server.set_shared(store.interactions())
     forgotten = len(store.forgotten())
 

@@ -104,3 +104,9 @@ def test_requests_are_never_lost_and_never_served_twice(path):
     store.serve([request])  # already served: a replay changes nothing
     assert _pairs(store.shared()) == {(0, 1)}
     assert second > first
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(path):
+    path.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(ValueError, match="not a FedShare state database"):
+        ServerStore(path, NUM_USERS, NUM_ITEMS)

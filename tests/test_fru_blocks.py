@@ -53,3 +53,10 @@ def test_client_stores_match_the_analytic_formula():
     assert ledger.client_held() == sum(expected_bytes(t, alpha, dim) for t in touched.values())
     stores[1].drop()
     assert ledger.held(client(1), KIND) == 0
+
+
+def test_kept_rows_round_up_exactly():
+    from fedshare.unlearning.fru import kept_rows
+
+    assert kept_rows(0.55, 100) == 55  # float arithmetic gives 55.000000000000007 -> 56
+    assert kept_rows(0.5, 7) == 4 and kept_rows(1.0, 3) == 3 and kept_rows(0.3, 0) == 0

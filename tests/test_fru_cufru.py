@@ -593,3 +593,22 @@ def test_learned_federation_is_untouched(data, recorded, outcomes):
             now = after["records"][name][key]
             assert len(now) == len(tensors)
             assert all(torch.equal(a, b) for a, b in zip(now, tensors, strict=True)), (name, key)
+
+
+def test_cufru_station_does_not_depend_on_how_users_are_chunked(data, monkeypatch):
+    """Cohorts train and report in chunks of users; the station keeps one row per item and
+    round whatever the chunking, so its bytes and its replay do not change."""
+    from fedshare.federated import population
+
+    stations = []
+    for chunk in (512, 2):
+        monkeypatch.setattr(population, "TRAIN_CHUNK", chunk)
+        federation = phase.learn(data, CONFIG, record=True)
+        stations.append(federation.histories["cufru"])
+    big, small = stations
+    assert big.aggregates.nbytes == small.aggregates.nbytes
+    for round_ in sorted(big.aggregates.keys()):
+        a, b = big.aggregates.get(round_), small.aggregates.get(round_)
+        assert torch.equal(a[0], b[0])
+        for x, y in zip(a[1:], b[1:], strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0)

@@ -305,3 +305,40 @@ def test_unique_inverse_equals_numpy(key_space):
     rows, inverse = _unique_inverse(keys, key_space)
     expected_rows, expected_inverse = np.unique(keys, return_inverse=True)
     assert np.array_equal(rows, expected_rows) and np.array_equal(inverse, expected_inverse)
+
+
+def test_two_negatives_per_positive_with_regularisation_by_hand():
+    """k = 2 pairs per positive and epoch, reg > 0: each step's gradient, taken by autograd on
+    the written-out loss, equals the trainer's hand-written one."""
+    num_items, lr, reg = 6, 0.3, 0.05
+    gen = torch.Generator().manual_seed(4)
+    table = torch.randn(num_items, 5, generator=gen)
+    e0 = torch.randn(1, 5, generator=gen)
+    positives = [1, 3]
+    batch = UserBatch.from_lists([0], [np.array(positives)], [np.array([0, 1, 2, 3, 4])],
+                                 num_items)  # item 5 is the only possible negative
+    config = LocalTrainConfig(epochs=2, lr=lr, reg=reg, num_negatives=2)
+    out = train_local(batch, table, e0, config, seed=1)
+
+    e_u = e0[0].clone()
+    rows = {i: table[i].clone() for i in (1, 3, 5)}
+    for _ in range(2):  # two full-batch epochs, four pairs each
+        e_u.requires_grad_(True)
+        for r in rows.values():
+            r.requires_grad_(True)
+        u = 0.5 * (e_u + (rows[1] + rows[3]) / math.sqrt(2))
+        pairs = [(1, 5), (1, 5), (3, 5), (3, 5)]
+        per_pair = [-F.logsigmoid(F.cosine_similarity(u, 0.5 * (rows[i] + e_u / math.sqrt(2)),
+                                                      dim=0)
+                                  - F.cosine_similarity(u, 0.5 * rows[j], dim=0))
+                    + reg * (rows[i].pow(2).sum() + rows[j].pow(2).sum()) for i, j in pairs]
+        loss = sum(per_pair) / len(pairs) + reg * e_u.pow(2).sum()
+        grads = torch.autograd.grad(loss, (e_u, rows[1], rows[3], rows[5]))
+        with torch.no_grad():
+            e_u = e_u - lr * grads[0]
+            rows = {i: rows[i] - lr * g for i, g in zip((1, 3, 5), grads[1:], strict=True)}
+
+    v = out.item_table(0, table)
+    for i in (1, 3, 5):
+        torch.testing.assert_close(v[i], rows[i], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.user_embeddings[0], e_u, atol=1e-6, rtol=0)

@@ -60,7 +60,7 @@ def strategy():
     return FedShareStrategy(config, directory, max_failed=0.5)
 
 
-def _reply(table: np.ndarray, weight: float = 4.0, users: int = 1,
+def _reply(table: np.ndarray, weight: float = 3.0, users: int = 1,
            fru: tuple[list[int], list[int]] | None = None) -> RecordDict:
     arrays = ArrayRecord({TABLE: Array(table), ROW_WEIGHT: Array(
         np.full(NUM_ITEMS, weight, dtype=np.float32))})
@@ -72,13 +72,13 @@ def _reply(table: np.ndarray, weight: float = 4.0, users: int = 1,
 
 
 def test_only_sound_replies_are_averaged_and_the_rest_logged(strategy):
-    strategy.sampled = {1: 1, 2: 1, 3: 1, 4: 1}
+    strategy.sampled = {1: [0], 2: [5], 3: [1], 4: [6]}
     start = strategy.server.table
     good = (start + 1.0).numpy().astype(np.float32)
     nan = good.copy()
     nan[0, 0] = np.nan
     missing = RecordDict({"arrays": ArrayRecord({TABLE: Array(good)}),
-                          "metrics": MetricRecord({WEIGHT: 4.0, "num-users": 1})})
+                          "metrics": MetricRecord({WEIGHT: 3.0, "num-users": 1})})
     accepted = strategy.accept_replies(1, [(1, _reply(good, fru=([0], [136]))),
                                            (2, _reply(nan, fru=([5], [999]))),
                                            (3, missing),
@@ -94,7 +94,7 @@ def test_only_sound_replies_are_averaged_and_the_rest_logged(strategy):
 
 
 def test_a_round_with_too_many_failures_changes_nothing(strategy, caplog):
-    strategy.sampled = {1: 1, 2: 1, 3: 1}
+    strategy.sampled = {1: [0], 2: [5], 3: [6]}
     start = strategy.server.table.clone()
     bad = np.full((NUM_ITEMS, DIM), np.inf, dtype=np.float32)
     view, updates = strategy.local_view(1, [])  # every node timed out
@@ -103,7 +103,7 @@ def test_a_round_with_too_many_failures_changes_nothing(strategy, caplog):
     replies = [(1, _reply(good)), (2, _reply(bad)), (3, _reply(bad))]
     accepted = len(strategy.accept_replies(1, replies))
     assert accepted == 1 and strategy.too_many_failures(accepted)  # 2 of 3 failed > 0.5
-    strategy.sampled = {1: 1, 2: 1}
+    strategy.sampled = {1: [0], 2: [5]}
     accepted = len(strategy.accept_replies(1, replies[:2]))
     assert accepted == 1 and not strategy.too_many_failures(accepted)  # 1 of 2: tolerated
 
@@ -135,3 +135,26 @@ def test_a_sound_share_reply_passes():
 def test_forged_share_replies_are_rejected(served, users, items, claimed, words):
     problem = share_problem(served, users, items, 10, NUM_ITEMS, claimed)
     assert problem is not None and words in problem
+
+
+def test_replies_that_would_dominate_or_were_not_asked_for_are_rejected(strategy):
+    strategy.sampled = {1: [0, 1], 2: [5]}  # |D_u| = 3 each: node 1 may weigh up to 6
+    good = (strategy.server.table + 1).numpy()
+    replies = [(1, _reply(good, weight=6.0, users=2)),       # at the bound: accepted
+               (2, _reply(good, weight=1e30)),               # far above its users' |D_u|
+               (7, _reply(good)),                            # never asked to train
+               (2, _reply(good, weight=3.0, users=0))]       # a weight without users
+    assert len(strategy.accept_replies(3, replies)) == 1
+    reasons = [r["reason"] for r in strategy.rejected]
+    assert "at most 3" in reasons[0] and "not asked" in reasons[1]
+    assert "without trained users" in reasons[2]
+
+
+@pytest.mark.parametrize("fru", [([0], [-5]), ([0, 1], [10]), ([5], [10])],
+                         ids=["negative", "lengths", "other-users"])
+def test_bad_fru_store_reports_reject_the_reply_and_change_no_ledger(strategy, fru):
+    strategy.sampled = {1: [0, 1]}
+    good = (strategy.server.table + 1).numpy()
+    assert strategy.accept_replies(1, [(1, _reply(good, fru=fru))]) == []
+    assert "malformed" in strategy.rejected[0]["reason"]
+    assert strategy.server.ledger.held(kind=KIND) == 0

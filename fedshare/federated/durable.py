@@ -58,13 +58,17 @@ class ServerStore:
         self.path = Path(path)
         self.num_users, self.num_items = num_users, num_items
         self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        with self._transaction():
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('catalogue', ?)",
-                             (f"{num_users} {num_items}",))
-        stored = self._meta("catalogue")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            with self._transaction():
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('catalogue', ?)",
+                                 (f"{num_users} {num_items}",))
+            stored = self._meta("catalogue")
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise ValueError(f"{self.path} is not a FedShare state database: {exc}") from None
         if stored != f"{num_users} {num_items}":
             self.close()
             raise ValueError(f"{self.path} holds a catalogue of {stored} (users items), "
@@ -160,4 +164,13 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        self._db.execute("ROLLBACK" if kind is not None else "COMMIT")
+        if kind is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                if self._db.in_transaction:  # e.g. busy: leave no transaction open behind us
+                    self._db.execute("ROLLBACK")
+                raise
+        if self._db.in_transaction:  # SQLite may have rolled back already (I/O error, full)
+            self._db.execute("ROLLBACK")

@@ -6,7 +6,8 @@ Train replies (Eq. 16):
 
 A reply that fails a check is rejected with a one-line reason and never averaged: a NaN, an
 infinity, a table of the wrong shape or dtype, a weight that is negative or not finite, more
-trained users than the node was asked to train, or per-row weights that exceed the node's total
+trained users than the node was asked to train, a weight above what its users' |D_u| add up to,
+or per-row weights that exceed the node's total
 (each row's weight is the part of the total whose users touched it). Flower-free, so the
 strategy and the tests share it.
 """
@@ -21,9 +22,10 @@ import torch
 from fedshare.federated.population import NodeUpdate
 
 
-def update_problem(update: NodeUpdate, num_items: int, dim: int, sampled: int) -> str | None:
-    """Why ``update`` (a node's reply to a train message for ``sampled`` users) must be
-    rejected, or ``None`` when it may be averaged."""
+def update_problem(update: NodeUpdate, num_items: int, dim: int, sampled: int,
+                   max_weight: float = math.inf) -> str | None:
+    """Why ``update`` (a node's reply to a train message for ``sampled`` users whose |D_u| sum
+    to ``max_weight``) must be rejected, or ``None`` when it may be averaged."""
     table, row_weight = update.table, update.row_weight
     if table.dtype != torch.float32 or row_weight.dtype != torch.float32:
         return f"dtype {table.dtype}/{row_weight.dtype}, expected float32"
@@ -33,8 +35,10 @@ def update_problem(update: NodeUpdate, num_items: int, dim: int, sampled: int) -
         return f"row weights of shape {tuple(row_weight.shape)}, expected {(num_items,)}"
     if not bool(torch.isfinite(table).all()):
         return "non-finite values in the item table"
-    if not math.isfinite(update.weight) or update.weight < 0:
-        return f"weight {update.weight}"
+    if not math.isfinite(update.weight) or not 0 <= update.weight <= max_weight:
+        return f"weight {update.weight}, at most {max_weight} expected"
+    if update.weight > 0 and update.num_users == 0:
+        return "a weight without trained users"
     if not bool(torch.isfinite(row_weight).all()) or bool((row_weight < 0).any()):
         return "negative or non-finite row weights"
     if bool((row_weight > update.weight * (1 + 1e-6) + 1e-6).any()):
@@ -47,7 +51,8 @@ def update_problem(update: NodeUpdate, num_items: int, dim: int, sampled: int) -
 def share_problem(served: np.ndarray, users: np.ndarray, items: np.ndarray, num_users: int,
                   num_items: int, claimed: set[int]) -> str | None:
     """Why a node's share reply must be rejected (``claimed``: users other nodes serve)."""
-    if served.ndim != 1 or users.shape != items.shape or users.ndim != 1:
+    if served.ndim != 1 or users.shape != items.shape or users.ndim != 1 \
+            or any(a.dtype.kind not in "iu" for a in (served, users, items)):
         return "malformed share arrays"
     if len(served) and (served.min() < 0 or served.max() >= num_users):
         return "a served user outside the catalogue"

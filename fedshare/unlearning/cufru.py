@@ -64,10 +64,15 @@ class TransferStation(RoundRecorder):
         w = weights.float()[update.row_user]
         numerator = torch.zeros_like(start).index_add(0, update.row_item, deltas * w[:, None])
         row_weight = torch.zeros(num_items).index_add(0, update.row_item, w)
+        total = weights.float().sum().reshape(1)
+        previous = self.aggregates.get(round_)
+        if previous is not None:  # another chunk of this round: merge, one row per item
+            old_items, old_numerator, old_weight, old_total = previous
+            numerator.index_add_(0, old_items, old_numerator)
+            row_weight.index_add_(0, old_items, old_weight)
+            total = total + old_total
         items = (row_weight > 0).nonzero().squeeze(1)
-        # A second cohort of the same round appends: index_add and sums keep it exact.
-        self.aggregates.add(round_, items, numerator[items], row_weight[items],
-                            weights.float().sum().reshape(1))
+        self.aggregates.put(round_, items, numerator[items], row_weight[items], total)
         self.rounds.add(round_, torch.from_numpy(update.users), weights.float())
         for b, user in enumerate(update.users.tolist()):
             if user in self.sharers:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ def select_important_rows(items: Tensor, deltas: Tensor, alpha: float) -> tuple[
     """The top-``alpha`` fraction of update rows by L2 norm (ties broken by item id)."""
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
-    keep = math.ceil(alpha * len(items))
+    keep = kept_rows(alpha, len(items))
     order = np.lexsort((items.numpy(), -deltas.norm(dim=1).numpy()))[:keep]
     chosen = torch.from_numpy(np.sort(order))
     return items[chosen], deltas[chosen]
@@ -80,6 +81,11 @@ def store_round(stores: dict[int, RowStore], update: LocalUpdate, start: Tensor,
         store.add(round_, items, rows)
 
 
+def kept_rows(alpha: float, touched: int) -> int:
+    """ceil(alpha * touched), in exact decimal arithmetic (0.55 * 100 is 55, not 56)."""
+    return math.ceil(Fraction(str(alpha)) * touched)
+
+
 def row_bytes(rows: int, dim: int) -> int:
     """One stored row: ``dim`` float32 values and an int64 item id."""
     return rows * (dim * 4 + 8)
@@ -87,7 +93,7 @@ def row_bytes(rows: int, dim: int) -> int:
 
 def expected_bytes(touched_rows: list[int], alpha: float, dim: int) -> int:
     """The analytic size of one participant's store: ceil(alpha * touched) rows per round."""
-    return sum(row_bytes(math.ceil(alpha * n), dim) for n in touched_rows)
+    return sum(row_bytes(kept_rows(alpha, n), dim) for n in touched_rows)
 
 
 class FruHistory(RoundRecorder):
