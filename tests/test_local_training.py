@@ -225,23 +225,29 @@ def test_two_epochs_two_positives_with_a_forced_negative_by_hand():
     out = train_local(batch, table, e0, config, seed=0)
     assert sorted(out.row_item.tolist()) == [1, 3, 5]
 
+    _assert_autograd_sgd(out, table, e0, lr, lambda e_u, rows: _ego_loss(
+        e_u, [rows[1], rows[3]], [rows[5], rows[5]], 0.0))  # two full-batch epochs
+    assert torch.equal(out.item_table(0, table)[[0, 2, 4]], table[[0, 2, 4]])
+
+
+def _assert_autograd_sgd(out, table: torch.Tensor, e0: torch.Tensor, lr: float, loss_of,
+                         epochs: int = 2) -> None:
+    """``out`` equals ``epochs`` plain SGD steps on rows 1, 3, 5 and the user embedding, with
+    gradients from autograd on ``loss_of(e_u, rows)``."""
     e_u = e0[0].clone()
     rows = {i: table[i].clone() for i in (1, 3, 5)}
-    for _ in range(2):  # two full-batch epochs = two SGD steps
+    for _ in range(epochs):
         e_u.requires_grad_(True)
         for r in rows.values():
             r.requires_grad_(True)
-        loss = _ego_loss(e_u, [rows[1], rows[3]], [rows[5], rows[5]], 0.0)
-        grads = torch.autograd.grad(loss, (e_u, rows[1], rows[3], rows[5]))
+        grads = torch.autograd.grad(loss_of(e_u, rows), (e_u, rows[1], rows[3], rows[5]))
         with torch.no_grad():
             e_u = e_u - lr * grads[0]
             rows = {i: rows[i] - lr * g for i, g in zip((1, 3, 5), grads[1:], strict=True)}
-
     v = out.item_table(0, table)
     for i in (1, 3, 5):
         torch.testing.assert_close(v[i], rows[i], atol=1e-6, rtol=0)
     torch.testing.assert_close(out.user_embeddings[0], e_u, atol=1e-6, rtol=0)
-    assert torch.equal(v[[0, 2, 4]], table[[0, 2, 4]])
 
 
 def _average_bpr(e_u: torch.Tensor, v: torch.Tensor, positives: np.ndarray,
@@ -320,25 +326,13 @@ def test_two_negatives_per_positive_with_regularisation_by_hand():
     config = LocalTrainConfig(epochs=2, lr=lr, reg=reg, num_negatives=2)
     out = train_local(batch, table, e0, config, seed=1)
 
-    e_u = e0[0].clone()
-    rows = {i: table[i].clone() for i in (1, 3, 5)}
-    for _ in range(2):  # two full-batch epochs, four pairs each
-        e_u.requires_grad_(True)
-        for r in rows.values():
-            r.requires_grad_(True)
+    def loss_of(e_u: torch.Tensor, rows: dict) -> torch.Tensor:  # four pairs per epoch
         u = 0.5 * (e_u + (rows[1] + rows[3]) / math.sqrt(2))
         pairs = [(1, 5), (1, 5), (3, 5), (3, 5)]
         per_pair = [-F.logsigmoid(F.cosine_similarity(u, 0.5 * (rows[i] + e_u / math.sqrt(2)),
                                                       dim=0)
                                   - F.cosine_similarity(u, 0.5 * rows[j], dim=0))
                     + reg * (rows[i].pow(2).sum() + rows[j].pow(2).sum()) for i, j in pairs]
-        loss = sum(per_pair) / len(pairs) + reg * e_u.pow(2).sum()
-        grads = torch.autograd.grad(loss, (e_u, rows[1], rows[3], rows[5]))
-        with torch.no_grad():
-            e_u = e_u - lr * grads[0]
-            rows = {i: rows[i] - lr * g for i, g in zip((1, 3, 5), grads[1:], strict=True)}
+        return sum(per_pair) / len(pairs) + reg * e_u.pow(2).sum()
 
-    v = out.item_table(0, table)
-    for i in (1, 3, 5):
-        torch.testing.assert_close(v[i], rows[i], atol=1e-6, rtol=0)
-    torch.testing.assert_close(out.user_embeddings[0], e_u, atol=1e-6, rtol=0)
+    _assert_autograd_sgd(out, table, e0, lr, loss_of)
