@@ -24,6 +24,7 @@ from torch import Tensor
 from fedshare.data.interactions import Interactions
 from fedshare.federated.aggregation import aggregate
 from fedshare.federated.config import FederatedConfig
+from fedshare.federated.durable import ServerStore
 from fedshare.federated.population import NodeUpdate
 from fedshare.federated.server import Server
 from fedshare.federated.simulate import sample_users
@@ -57,11 +58,13 @@ class FedShareStrategy(FedAvg):
         audit: optional log of every reply.
         max_failed: a round completes while at most this fraction of the nodes asked to
             train fail, time out or send a rejected reply; beyond it the round changes nothing.
+        store: the durable server state; every completed round is committed to it.
     """
 
     def __init__(self, config: FederatedConfig, directory: Directory,
                  progress: Callable[[dict], None] | None = None,
-                 audit: MessageAudit | None = None, max_failed: float = 0.5) -> None:
+                 audit: MessageAudit | None = None, max_failed: float = 0.5,
+                 store: ServerStore | None = None) -> None:
         nodes = len(directory.node_users)
         super().__init__(fraction_train=config.fraction, min_train_nodes=1,
                          min_evaluate_nodes=nodes, min_available_nodes=nodes)
@@ -80,6 +83,7 @@ class FedShareStrategy(FedAvg):
         self.sampled: dict[int, list[int]] = {}  # node -> users asked to train, this round
         self.rejected: list[dict] = []
         self.round_failed = False
+        self.store = store
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedShare variant %s, %d nodes, %d trainable users",
@@ -182,6 +186,8 @@ class FedShareStrategy(FedAvg):
         local_view, updates = self.local_view(server_round, replies)
         table = self.server.table if self.round_failed else \
             self.server.finish_round(local_view, server_round)
+        if self.store is not None:
+            self.store.commit_round(server_round, table, list(self.server.snapshots))
         self.rounds.append({"round": server_round,
                             "seconds": time.perf_counter() - self.started,
                             "num-users": sum(u.num_users for u in updates),

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedshare.data.interactions import Interactions
 from fedshare.errors import FedShareError
+from fedshare.federated.durable import ServerStore
 from fedshare.federated.runconfig import federated_config, unlearning_config
 from fedshare.federated.validation import share_problem
 from fedshare.reports import metrics_frame, write_json
@@ -105,8 +106,13 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "%s round %d  %.1f s  valid HR@20 %.4f  NDCG@20 %.4f", PROGRESS, row["round"],
             row["seconds"], row["valid_hr@20"], row["valid_ndcg@20"])
 
+    state = out_dir / "state.db"
+    if state.exists():
+        raise FedShareError(f"{state} already holds a run; resuming one is not supported yet")
+    store = ServerStore(state, directory.shared.num_users, directory.shared.num_items)
+    store.set_shared(directory.shared)
     strategy = FedShareStrategy(config, directory, progress, audit,
-                                float(run_config.get("max-failed-fraction", 0.5)))
+                                float(run_config.get("max-failed-fraction", 0.5)), store)
     write_json(out_dir / "config.json", {**config.to_dict(), **{
         k: v for k, v in run_config.items() if k not in config.to_run_config()}})
     strategy.start(grid, table_record(strategy.server.table), num_rounds=config.rounds)
@@ -128,6 +134,7 @@ def main(grid: Grid, context: Context) -> None:
                "fru_client_bytes": strategy.server.ledger.held(kind=FRU_KIND),
                "rejected_replies": strategy.rejected,
                "snapshots": len(strategy.server.snapshots), **phase}
+    store.close()
     write_json(out_dir / "summary.json", summary)
     log(INFO, "%s done  test HR@20 %.4f  NDCG@20 %.4f  -> %s", PROGRESS,
         test.get("hr@20", float("nan")), test.get("ndcg@20", float("nan")), out_dir)

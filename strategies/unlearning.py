@@ -65,6 +65,9 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
             store.unshare(user, items)
         except FedShareError as exc:
             log(WARNING, "rejected an unsharing request: %s", exc)
+            continue
+        if strategy.store is not None:  # acknowledged durably before it is served
+            strategy.store.acknowledge(user, items)
     server.set_shared(store.interactions())
     forgotten = len(store.forgotten())
 
@@ -75,6 +78,9 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
         return strategy.local_view(round_, grid.send_and_receive(messages))[0]
 
     run_algorithm2(server, store, config, strategy.config.rounds, remaining_round)
+    if strategy.store is not None:  # D_s without the requests and the unlearned table, at once
+        strategy.store.serve(strategy.store.pending(), (strategy.config.rounds + config.rounds,
+                                                        server.table, list(server.snapshots)))
     return {"unlearning_seconds": time.perf_counter() - started,
             "unlearning_kept_bytes": kept, "unshare_requests": len(requests),
             "forgotten_interactions": forgotten, "unlearning": config.to_dict()}

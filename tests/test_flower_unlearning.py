@@ -73,3 +73,28 @@ def test_unshare_replies_carry_only_shared_interactions(flower_run):
     assert requested == expected
     assert requested <= shared
     assert not requested & local
+
+
+def test_the_durable_server_state_holds_no_forgotten_interaction(flower_run):
+    """After the run, the server's SQLite store holds the unlearned table, its one snapshot,
+    the remaining D_s (no forgotten pair) and every request, served once."""
+    from fedshare.federated.durable import ServerStore
+
+    data, experiment, out, _, _ = flower_run
+    store = ServerStore(out / "state.db", data.num_users, data.num_items)
+    config = federated_config(experiment.run)
+    assert store.last_round() == config.rounds + 2  # learning rounds + unlearn-rounds
+    assert np.allclose(store.model().numpy(), np.load(out / "item_table.npy"))
+    (snapshot,) = store.snapshots()
+    assert torch.equal(snapshot, store.model())
+    assert store.pending() == []
+    train = data.split.train
+    remaining = data.plan.remaining_shared(train)
+    held = set(zip(store.shared().users.tolist(), store.shared().items.tolist(), strict=True))
+    assert held == set(zip(remaining.users.tolist(), remaining.items.tolist(), strict=True))
+    forgotten = set(zip(train.users[data.plan.unlearn].tolist(),
+                        train.items[data.plan.unlearn].tolist(), strict=True))
+    assert not held & forgotten
+    served = store._db.execute("SELECT COUNT(*) FROM requests WHERE served IS NOT NULL")
+    assert served.fetchone()[0] == len(data.plan.unsharing_users(train))
+    store.close()

@@ -1,4 +1,4 @@
-"""The server's durable state in an embedded SQLite database (issue 7; not yet used by the app).
+"""The server's durable state in an embedded SQLite database (``state.db`` of a Flower run).
 
 What a restarted server needs lives here: the shared data D_s, the current item table and the
 round it belongs to, the M snapshots, and the unsharing-request log. Every change is one SQLite
@@ -9,6 +9,7 @@ served in the same transaction: a request is never served twice.
 
 Choices: WAL journal with ``synchronous=FULL`` (a committed transaction survives power loss);
 tables are stored as raw float32 bytes with their shape; request items as int64 bytes.
+Resuming a run from the store is not built yet (issue 7).
 """
 
 from __future__ import annotations
@@ -101,14 +102,16 @@ class ServerStore:
     def commit_round(self, round_: int, table: Tensor, snapshots: list[Tensor]) -> None:
         """The table after ``round_`` and the snapshots, all or nothing."""
         with self._transaction():
-            self._db.execute("DELETE FROM tables")
-            for kind, position, tensor in [("model", 0, table),
-                                           *[("snapshot", k, s) for k, s in
-                                             enumerate(snapshots)]]:
-                array = tensor.detach().numpy().astype(np.float32)
-                self._db.execute("INSERT INTO tables VALUES (?, ?, ?, ?, ?)",
-                                 (kind, position, *array.shape, array.tobytes()))
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('round', ?)", (str(round_),))
+            self._write_round(round_, table, snapshots)
+
+    def _write_round(self, round_: int, table: Tensor, snapshots: list[Tensor]) -> None:
+        self._db.execute("DELETE FROM tables")
+        for kind, position, tensor in [("model", 0, table),
+                                       *[("snapshot", k, s) for k, s in enumerate(snapshots)]]:
+            array = tensor.detach().numpy().astype(np.float32)
+            self._db.execute("INSERT INTO tables VALUES (?, ?, ?, ?, ?)",
+                             (kind, position, *array.shape, array.tobytes()))
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('round', ?)", (str(round_),))
 
     def last_round(self) -> int:
         """The last committed round (0: none)."""
@@ -141,10 +144,14 @@ class ServerStore:
                                 "ORDER BY id").fetchall()
         return [Request(i, u, np.frombuffer(b, dtype=np.int64).copy()) for i, u, b in rows]
 
-    def serve(self, requests: list[Request]) -> None:
-        """Delete the requests' interactions from D_s and mark them served, atomically; a
-        request already served is skipped."""
+    def serve(self, requests: list[Request],
+              result: tuple[int, Tensor, list[Tensor]] | None = None) -> None:
+        """Delete the requests' interactions from D_s and mark them served, atomically, with
+        the unlearned ``(round, table, snapshots)`` when given; a request already served is
+        skipped."""
         with self._transaction():
+            if result is not None:
+                self._write_round(*result)
             for request in requests:
                 updated = self._db.execute(
                     "UPDATE requests SET served = ? WHERE id = ? AND served IS NULL",
