@@ -624,3 +624,22 @@ def test_simulate_no_sharing_equals_plain_fedavg_by_hand(data):
         table = aggregate(table, [update], "eq16", 1.0)
     torch.testing.assert_close(result.table, table, atol=1e-6, rtol=0)
     assert F.cosine_similarity(result.table, table).min() > 0.999
+
+
+def test_a_cohort_averaged_in_chunks_equals_one_call(data, monkeypatch):
+    """ClientPopulation.train averages TRAIN_CHUNK users at a time: the node's reply is the
+    same however the users are grouped."""
+    from fedshare.federated import population as module
+
+    table = torch.randn(data.num_items, 8, generator=torch.Generator().manual_seed(2))
+    replies = []
+    for chunk in (512, 3):
+        monkeypatch.setattr(module, "TRAIN_CHUNK", chunk)
+        node = ClientPopulation(data, np.arange(data.num_users), 8, 0)
+        replies.append((node.train(node.trainable(), table, LocalTrainConfig(epochs=2), 0, 1),
+                        node.embeddings))
+    (one, emb_one), (many, emb_many) = replies
+    assert one.weight == many.weight and one.num_users == many.num_users
+    torch.testing.assert_close(many.table, one.table, atol=1e-6, rtol=0)
+    torch.testing.assert_close(many.row_weight, one.row_weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(emb_many, emb_one, atol=1e-6, rtol=0)

@@ -336,3 +336,22 @@ def test_two_negatives_per_positive_with_regularisation_by_hand():
         return sum(per_pair) / len(pairs) + reg * e_u.pow(2).sum()
 
     _assert_autograd_sgd(out, table, e0, lr, loss_of)
+
+
+def test_training_in_small_chunks_equals_one_chunk(monkeypatch):
+    """train_local splits users into chunks of about CHUNK_PAIRS pairs: any split trains alike."""
+    from fedshare.models import local
+
+    rng = np.random.default_rng(11)
+    num_items, users = 50, list(range(7))
+    train = [rng.choice(num_items, n, replace=False) for n in (3, 9, 1, 14, 6, 2, 8)]
+    batch = UserBatch.from_lists(users, train, train, num_items)
+    table, emb = torch.randn(num_items, 4), torch.randn(len(users), 4)
+    config = LocalTrainConfig(epochs=2, reg=0.01)
+    whole = train_local(batch, table, emb, config, seed=3, round_=1)
+    monkeypatch.setattr(local, "CHUNK_PAIRS", 5)
+    chunked = train_local(batch, table, emb, config, seed=3, round_=1)
+    torch.testing.assert_close(chunked.user_embeddings, whole.user_embeddings, atol=1e-6, rtol=0)
+    for b in range(len(users)):
+        torch.testing.assert_close(chunked.item_table(b, table), whole.item_table(b, table),
+                                   atol=1e-6, rtol=0)
