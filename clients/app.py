@@ -1,20 +1,28 @@
 """The FedShare ClientApp (Message API): one node serves one user or a cohort of users.
 
-Which users a node serves comes from its node config (``user-id``, or ``partition-id`` and
-``num-partitions`` in simulation); the round's sampled users arrive in each train message. A
-cohort trains all of them in one call of the batched local trainer and replies with the FedAvg
-mean and weight, which averages to exactly what per-user nodes would give (Eq. 16). User
-embeddings never leave the node: they live in the node's ``context.state`` across rounds.
+Which users a node serves comes from its node config (``device-file`` on a deployed device,
+``user-id``, or ``partition-id`` and ``num-partitions`` in simulation); the round's sampled users
+arrive in each train message. A cohort trains all of them in one call of the batched local
+trainer and replies with the FedAvg mean and weight, which averages to exactly what per-user
+nodes would give (Eq. 16). User embeddings never leave the node: they live in the node's
+``context.state`` across rounds, and, when the node has a state directory (node config
+``state-dir``, or run config ``client-state-dir``), in a file there too, tagged with the server
+store's run key, so a device continues where it was when a stopped run is resumed.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import replace
+from logging import WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from fedshare.federated.population import ClientPopulation
 from fedshare.federated.runconfig import (
@@ -22,6 +30,7 @@ from fedshare.federated.runconfig import (
     federated_config,
     load_data,
     load_remaining,
+    node_label,
     node_users,
 )
 from fedshare.models.local import LocalUpdate
@@ -38,11 +47,59 @@ def _unshared(context: Context) -> bool:
     return UNSHARED in context.state and bool(context.state[UNSHARED]["done"])
 
 
-def _population(context: Context) -> ClientPopulation:
+def _run_key(msg: Message) -> str:
+    config = msg.content.get("config", {})
+    return str(config.get("run-key", ""))
+
+
+def _state_file(context: Context) -> Path | None:
+    directory = context.node_config.get("state-dir") or context.run_config.get(
+        "client-state-dir")
+    return Path(str(directory)) / f"{node_label(context.node_config)}.npz" if directory else None
+
+
+def _restore(context: Context, run_key: str) -> None:
+    """Bring back the node's saved state once per run, if it belongs to this run."""
+    path = _state_file(context)
+    if STATE in context.state or not run_key or path is None or not path.exists():
+        return
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            if str(saved["run-key"]) != run_key:
+                return
+            embeddings, unshared = saved["user-embeddings"].copy(), bool(saved["unshared"])
+    except (OSError, KeyError, ValueError) as exc:
+        log(WARNING, "ignored the unreadable client state %s: %s", path, exc)
+        return
+    context.state[STATE] = ArrayRecord({"user-embeddings": Array(embeddings)})
+    if unshared:
+        context.state[UNSHARED] = ConfigRecord({"done": True})
+
+
+def _persist(context: Context, run_key: str) -> None:
+    """Write the node's state file (beside it, then renamed: never half a file)."""
+    path = _state_file(context)
+    if path is None or not run_key or STATE not in context.state:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            np.savez(out, **{"run-key": np.array(run_key), "unshared": np.array(
+                _unshared(context)), "user-embeddings": context.state[STATE][
+                    "user-embeddings"].numpy()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _population(context: Context, run_key: str = "") -> ClientPopulation:
     """This node's users and data, with the private embeddings restored from the node state.
 
     Once the node has sent its unsharing requests, its users hold only their remaining data.
     """
+    _restore(context, run_key)
     key = data_key(context.run_config, context.node_config)
     data = load_remaining(key) if _unshared(context) else load_data(key)
     config = federated_config(context.run_config)
@@ -54,8 +111,9 @@ def _population(context: Context) -> ClientPopulation:
     return population
 
 
-def _save(population: ClientPopulation, context: Context) -> None:
+def _save(population: ClientPopulation, context: Context, run_key: str) -> None:
     context.state[STATE] = ArrayRecord({"user-embeddings": Array(population.embeddings.numpy())})
+    _persist(context, run_key)
 
 
 @app.query("share")
@@ -75,6 +133,8 @@ def share(msg: Message, context: Context) -> Message:
 def unshare(msg: Message, context: Context) -> Message:
     """Send this node's users' unsharing requests (I_unlearn, a subset of what they shared) and
     from now on keep only the remaining data (the unshared interactions count nowhere, Eq. 9)."""
+    run_key = _run_key(msg)
+    _restore(context, run_key)
     data = load_data(data_key(context.run_config, context.node_config))
     users = node_users(context.node_config, data.num_users)
     train = data.split.train
@@ -82,13 +142,15 @@ def unshare(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord({"unshare-users": int_array(train.users[mine]),
                           "unshare-items": int_array(train.items[mine])})
     context.state[UNSHARED] = ConfigRecord({"done": True})
+    _persist(context, run_key)
     return Message(RecordDict({"arrays": arrays}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of the round's sampled users of this node (Eq. 12-15)."""
-    population = _population(context)
+    run_key = _run_key(msg)
+    population = _population(context, run_key)
     config = federated_config(context.run_config)
     settings = msg.content["config"]
     users = np.asarray(settings["users"], dtype=np.int64)
@@ -107,7 +169,7 @@ def train(msg: Message, context: Context) -> Message:
     learning = alpha > 0 and "local-epochs" not in settings  # not the unlearning phase's rounds
     update = population.train(users, table, local, config.seed, round_,
                               keep_fru_rows if learning else None)
-    _save(population, context)
+    _save(population, context, run_key)
     arrays, metrics = update_records(update)
     if kept:
         arrays[FRU_USERS] = int_array(np.array(list(kept)))
@@ -130,7 +192,7 @@ def _keep(context: Context, user: int, round_: int, items: torch.Tensor,
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Rank all items for every served user; reply with metric means and the user count."""
-    population = _population(context)
+    population = _population(context, _run_key(msg))
     settings: ConfigRecord = msg.content["config"]
     sums, count = population.evaluate(population.users, table_from(msg.content["arrays"]),
                                       str(settings.get("part", "valid")))

@@ -84,6 +84,21 @@ class FedShareStrategy(FedAvg):
         self.rejected: list[dict] = []
         self.round_failed = False
         self.store = store
+        self.run_key = store.run_key if store is not None else ""
+        self.offset = 0  # rounds already done when Flower's loop (numbered from 1) starts
+        self.timeout = 3600.0  # seconds a round waits for replies
+
+    def resume(self, store: ServerStore) -> int:
+        """Continue from the store's last committed round: V_s, snapshots and the server's
+        private state as committed; Flower's round ``r`` becomes round ``last + r``."""
+        last = store.last_round()
+        table = store.model()
+        if last and table is not None:
+            self.server.load_state(table, store.state())
+            for snapshot in store.snapshots():
+                self.server.snapshots.append(snapshot)
+        self.offset = last
+        return last
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedShare variant %s, %d nodes, %d trainable users",
@@ -97,15 +112,25 @@ class FedShareStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        users = sample_users(self.candidates, self.config.fraction, self.config.seed,
-                             server_round)
+        return self.train_messages(server_round + self.offset, arrays, config, grid)
+
+    def train_messages(self, round_: int, arrays: ArrayRecord, config: ConfigRecord,
+                       grid: Grid) -> list[Message]:
+        """Sample round ``round_``'s users (Sec. IV-B1) and ask their nodes to train them.
+
+        Nodes the SuperLink no longer lists as connected are not sent anything; they count
+        as failed nodes of the round.
+        """
+        users = sample_users(self.candidates, self.config.fraction, self.config.seed, round_)
         per_node: dict[int, list[int]] = {}
         for u in users:
             per_node.setdefault(self.user_node[int(u)], []).append(int(u))
         self.sampled = {node: us for node, us in per_node.items()}
+        online = set(grid.get_node_ids())
         return self._messages(
-            {node: ConfigRecord({**config, "users": us, "server-round": server_round})
-             for node, us in per_node.items()}, arrays, MessageType.TRAIN)
+            {node: ConfigRecord({**config, "users": us, "server-round": round_,
+                                 "run-key": self.run_key})
+             for node, us in per_node.items() if node in online}, arrays, MessageType.TRAIN)
 
     def local_view(self, server_round: int, replies: Iterable[Message]
                    ) -> tuple[Tensor, list[NodeUpdate]]:
@@ -183,11 +208,13 @@ class FedShareStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.offset
         local_view, updates = self.local_view(server_round, replies)
         table = self.server.table if self.round_failed else \
             self.server.finish_round(local_view, server_round)
         if self.store is not None:
-            self.store.commit_round(server_round, table, list(self.server.snapshots))
+            self.store.commit_round(server_round, table, list(self.server.snapshots),
+                                    self.server.state())
         self.rounds.append({"round": server_round,
                             "seconds": time.perf_counter() - self.started,
                             "num-users": sum(u.num_users for u in updates),
@@ -199,19 +226,23 @@ class FedShareStrategy(FedAvg):
     def _is_eval_round(self, server_round: int) -> bool:
         return server_round % self.config.eval_every == 0 or server_round == self.config.rounds
 
-    def evaluate_messages(self, arrays: ArrayRecord, part: str) -> list[Message]:
-        return self._messages({node: ConfigRecord({"part": part})
-                               for node in self.directory.node_users}, arrays,
-                              MessageType.EVALUATE)
+    def evaluate_messages(self, arrays: ArrayRecord, part: str, grid: Grid) -> list[Message]:
+        """Evaluate on every connected node of the directory."""
+        online = set(grid.get_node_ids())
+        return self._messages({node: ConfigRecord({"part": part, "run-key": self.run_key})
+                               for node in self.directory.node_users if node in online},
+                              arrays, MessageType.EVALUATE)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.evaluate_messages(arrays, "valid") if self._is_eval_round(server_round) \
-            else []
+        server_round += self.offset
+        return self.evaluate_messages(arrays, "valid", grid) \
+            if self._is_eval_round(server_round) else []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         replies = list(replies)
+        server_round += self.offset
         if self.audit is not None:
             for message in replies:
                 self.audit.record("evaluate", server_round, message)
@@ -224,10 +255,11 @@ class FedShareStrategy(FedAvg):
                 self.progress(row)
         return metrics
 
-    def evaluate_now(self, grid: Grid, part: str, timeout: float = 3600) -> dict[str, float]:
+    def evaluate_now(self, grid: Grid, part: str) -> dict[str, float]:
         """Score the current table on ``part`` across all nodes (after training)."""
         replies = list(grid.send_and_receive(
-            self.evaluate_messages(table_record(self.server.table), part), timeout=timeout))
+            self.evaluate_messages(table_record(self.server.table), part, grid),
+            timeout=self.timeout))
         if self.audit is not None:
             for message in replies:
                 self.audit.record("evaluate", self.config.rounds, message)

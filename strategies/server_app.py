@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedshare.data.interactions import Interactions
 from fedshare.errors import FedShareError
+from fedshare.federated.config import FederatedConfig
 from fedshare.federated.durable import ServerStore
 from fedshare.federated.runconfig import federated_config, unlearning_config
 from fedshare.federated.validation import share_problem
@@ -32,6 +33,7 @@ from strategies.unlearning import run_unlearning
 
 app = ServerApp()
 PROGRESS = "fedshare-progress"
+RESUMABLE = ("rounds", "eval_every")  # settings a resumed run may change
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
@@ -46,15 +48,22 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def collect_shares(grid: Grid, nodes: list[int], audit: MessageAudit | None) -> Directory:
-    """Ask every node for its users and its I_share; build D_s (Eq. 7)."""
+def collect_shares(grid: Grid, nodes: list[int], audit: MessageAudit | None,
+                   timeout: float = 3600) -> Directory:
+    """Ask every node for its users and its I_share; build D_s (Eq. 7).
+
+    Each user is bound to the (authenticated) node that announced it; a second node claiming
+    a user already claimed is rejected. A node that fails or is late takes no part in the run.
+    """
     messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
                         message_type="query.share") for node in nodes]
-    replies = list(grid.send_and_receive(messages))
-    failed = [r for r in replies if r.has_error()]
-    if failed:
-        raise FedShareError(f"share round failed on node {failed[0].metadata.src_node_id}: "
-                            f"{failed[0].error.reason}")
+    replies = []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log(WARNING, "node %d sent no share reply: %s", reply.metadata.src_node_id,
+                reply.error.reason)
+        else:
+            replies.append(reply)
     node_users, counts, users, items = {}, {}, [], []
     sizes: tuple[int, int] | None = None
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # order-independent
@@ -89,6 +98,31 @@ def collect_shares(grid: Grid, nodes: list[int], audit: MessageAudit | None) -> 
     return Directory(node_users, counts, shared)
 
 
+def open_store(path: Path, directory: Directory, config: FederatedConfig) -> ServerStore:
+    """The run directory's durable store: a new one takes D_s from the share round; an existing
+    one (a resumed run) is authoritative for D_s, since requests it served deleted
+    interactions the devices still hold. A resumed run must use the same settings, the number
+    of rounds and the evaluation period aside."""
+    shared = directory.shared
+    try:
+        store = ServerStore(path, shared.num_users, shared.num_items)
+    except ValueError as exc:
+        raise FedShareError(str(exc)) from None
+    settings = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}
+    stored = store.settings()
+    if stored is None:
+        store.set_shared(shared)
+        store.set_settings(settings)
+    elif stored != json.loads(json.dumps(settings)):
+        changed = sorted(k for k in settings if stored.get(k) != settings[k])
+        store.close()
+        raise FedShareError(f"{path} belongs to a run with other settings ({', '.join(changed)})"
+                            "; use a new out-dir")
+    else:
+        directory.shared = store.shared()
+    return store
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
@@ -100,22 +134,23 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     nodes = wait_for_nodes(grid, int(run_config.get("num-nodes", 2)),
                            float(run_config.get("node-timeout", 120)))
-    directory = collect_shares(grid, nodes, audit)
+    directory = collect_shares(grid, nodes, audit, float(run_config.get("round-timeout", 3600)))
 
     def progress(row: dict) -> None:
         log(INFO, "%s round %d  %.1f s  valid HR@20 %.4f  NDCG@20 %.4f", PROGRESS, row["round"],
             row["seconds"], row["valid_hr@20"], row["valid_ndcg@20"])
 
-    state = out_dir / "state.db"
-    if state.exists():
-        raise FedShareError(f"{state} already holds a run; resuming one is not supported yet")
-    store = ServerStore(state, directory.shared.num_users, directory.shared.num_items)
-    store.set_shared(directory.shared)
+    store = open_store(out_dir / "state.db", directory, config)
+    resumed = store.last_round()
     strategy = FedShareStrategy(config, directory, progress, audit,
                                 float(run_config.get("max-failed-fraction", 0.5)), store)
+    strategy.timeout = float(run_config.get("round-timeout", 3600))
+    strategy.resume(store)
     write_json(out_dir / "config.json", {**config.to_dict(), **{
         k: v for k, v in run_config.items() if k not in config.to_run_config()}})
-    strategy.start(grid, table_record(strategy.server.table), num_rounds=config.rounds)
+    if resumed < config.rounds:
+        strategy.start(grid, table_record(strategy.server.table),
+                       num_rounds=config.rounds - resumed, timeout=strategy.timeout)
     valid = strategy.evaluate_now(grid, "valid")
     test = strategy.evaluate_now(grid, "test")
     phase: dict = {}
@@ -133,7 +168,8 @@ def main(grid: Grid, context: Context) -> None:
                "snapshot_bytes": strategy.server.snapshot_bytes(),
                "fru_client_bytes": strategy.server.ledger.held(kind=FRU_KIND),
                "rejected_replies": strategy.rejected,
-               "snapshots": len(strategy.server.snapshots), **phase}
+               "snapshots": len(strategy.server.snapshots), "resumed_from_round": resumed,
+               **phase}
     store.close()
     write_json(out_dir / "summary.json", summary)
     log(INFO, "%s done  test HR@20 %.4f  NDCG@20 %.4f  -> %s", PROGRESS,

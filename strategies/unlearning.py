@@ -12,7 +12,7 @@ are deleted when the phase ends.
 from __future__ import annotations
 
 import time
-from logging import WARNING
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
@@ -29,58 +29,100 @@ from strategies.records import table_record
 
 
 def collect_requests(grid: Grid, strategy: FedShareStrategy) -> list[tuple[int, np.ndarray]]:
-    """Ask the nodes whose shares were accepted for their users' unsharing requests; a node
-    may speak only for the users it serves (anything else is logged and dropped)."""
+    """Ask the connected nodes whose shares were accepted for their users' unsharing requests.
+
+    The server binds each user to the authenticated node that announced it in the share round:
+    a node may speak only for its own users (anything else is logged and dropped). A node that
+    fails or does not answer in time sends nothing now; it can repeat its requests later.
+    """
     served = strategy.directory.node_users
-    messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
-                        message_type="query.unshare") for node in served]
+    online = set(grid.get_node_ids())
+    messages = [Message(RecordDict({"config": ConfigRecord({"run-key": strategy.run_key})}),
+                        dst_node_id=node, message_type="query.unshare")
+                for node in served if node in online]
     requests = []
-    for reply in grid.send_and_receive(messages):
+    for reply in grid.send_and_receive(messages, timeout=strategy.timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            raise FedShareError(f"unshare round failed on node {node}: {reply.error.reason}")
+            log(WARNING, "node %d sent no unsharing requests: %s", node, reply.error.reason)
+            continue
         if strategy.audit is not None:
             strategy.audit.record("unshare", strategy.config.rounds, reply)
         try:
             users = reply.content["arrays"]["unshare-users"].numpy()
             items = reply.content["arrays"]["unshare-items"].numpy()
-            if users.shape != items.shape or not np.isin(users, served.get(node, [])).all():
+            if users.shape != items.shape or users.ndim != 1 or users.dtype.kind != "i" \
+                    or items.dtype.kind != "i":
+                raise ValueError("users and items are not two integer vectors of one length")
+            if not np.isin(users, served.get(node, [])).all():
                 raise ValueError("requests for users the node does not serve")
         except (KeyError, TypeError, ValueError) as exc:
             log(WARNING, "rejected the unsharing requests of node %d: %s", node, exc)
+            strategy.rejected.append({"round": strategy.config.rounds, "node": node,
+                                      "reason": f"unsharing requests: {exc}"})
             continue
         requests += [(int(u), items[users == u]) for u in np.unique(users)]
     return requests
 
 
+def accept_requests(strategy: FedShareStrategy, store: SharedStore,
+                    requests: list[tuple[int, np.ndarray]]) -> int:
+    """Apply the acknowledged-but-unserved requests of the durable store (a resumed run), then
+    the new ones: each all-or-nothing on ``store`` (items the user never shared refuse it
+    whole), acknowledged durably before it is served. A request logged before, pending or
+    served, is not applied again. Returns how many requests the phase serves."""
+    durable = strategy.store
+    pending = durable.pending() if durable is not None else []
+    for request in pending:  # applied in a run that stopped before serving them
+        store.unshare(request.user, request.items)
+    accepted = len(pending)
+    for user, items in requests:
+        if durable is not None and (known := durable.find(user, items)) is not None:
+            log(INFO, "unsharing request %d of user %d is already %s", known.id, user,
+                "served" if known.served else "logged")
+            continue
+        try:
+            store.unshare(user, items)
+        except FedShareError as exc:
+            log(WARNING, "rejected an unsharing request: %s", exc)
+            strategy.rejected.append({"round": strategy.config.rounds, "node": -1,
+                                      "reason": str(exc)})
+            continue
+        if durable is not None:
+            durable.acknowledge(user, items)
+        accepted += 1
+    return accepted
+
+
 def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningConfig) -> dict:
-    """Algorithm 2 after ``strategy`` has learned; returns timing and storage figures."""
+    """Algorithm 2 after ``strategy`` has learned; returns timing and storage figures.
+
+    Rounds are numbered on from the last committed one; with nothing to serve (e.g. a resumed
+    run whose phase had already finished) the model is left as it is.
+    """
     server = strategy.server
     started = time.perf_counter()
     kept = server.snapshot_bytes()
     store = SharedStore(server.shared)
-    requests = collect_requests(grid, strategy)
-    for user, items in requests:
-        try:  # all-or-nothing per request: items the user never shared refuse it whole
-            store.unshare(user, items)
-        except FedShareError as exc:
-            log(WARNING, "rejected an unsharing request: %s", exc)
-            continue
-        if strategy.store is not None:  # acknowledged durably before it is served
-            strategy.store.acknowledge(user, items)
+    accepted = accept_requests(strategy, store, collect_requests(grid, strategy))
+    first = max(strategy.config.rounds, strategy.store.last_round() if strategy.store else 0)
+    result = {"unlearning_kept_bytes": kept, "unshare_requests": accepted,
+              "forgotten_interactions": len(store.forgotten()), "unlearning": config.to_dict()}
+    if accepted == 0:
+        log(INFO, "no unsharing request to serve")
+        return {**result, "unlearning_seconds": time.perf_counter() - started}
     server.set_shared(store.interactions())
-    forgotten = len(store.forgotten())
 
     def remaining_round(round_: int) -> torch.Tensor:
-        messages = strategy.configure_train(
+        messages = strategy.train_messages(
             round_, table_record(server.table),
             ConfigRecord({"local-epochs": config.local_epochs}), grid)
-        return strategy.local_view(round_, grid.send_and_receive(messages))[0]
+        return strategy.local_view(round_, grid.send_and_receive(messages,
+                                                                 timeout=strategy.timeout))[0]
 
-    run_algorithm2(server, store, config, strategy.config.rounds, remaining_round)
+    run_algorithm2(server, store, config, first, remaining_round)
     if strategy.store is not None:  # D_s without the requests and the unlearned table, at once
-        strategy.store.serve(strategy.store.pending(), (strategy.config.rounds + config.rounds,
-                                                        server.table, list(server.snapshots)))
-    return {"unlearning_seconds": time.perf_counter() - started,
-            "unlearning_kept_bytes": kept, "unshare_requests": len(requests),
-            "forgotten_interactions": forgotten, "unlearning": config.to_dict()}
+        strategy.store.serve(strategy.store.pending(), (first + config.rounds, server.table,
+                                                        list(server.snapshots),
+                                                        server.state()))
+    return {**result, "unlearning_seconds": time.perf_counter() - started}

@@ -90,12 +90,12 @@ def test_a_crash_mid_round_is_invisible_after_restart(path):
 def test_requests_are_never_lost_and_never_served_twice(path):
     store = ServerStore(path, NUM_USERS, NUM_ITEMS)
     store.set_shared(_shared())
-    first = store.acknowledge(0, np.array([1, 3]))
+    first = store.acknowledge(0, np.array([1, 3])).id
     store.close()
     store = ServerStore(path, NUM_USERS, NUM_ITEMS)  # restart: the acknowledged request is there
     (request,) = store.pending()
     assert (request.id, request.user, request.items.tolist()) == (first, 0, [1, 3])
-    second = store.acknowledge(5, np.array([8]))
+    second = store.acknowledge(5, np.array([8])).id
     store.serve(store.pending())
     assert store.pending() == []
     assert _pairs(store.shared()) == {(2, 3)}
@@ -104,6 +104,37 @@ def test_requests_are_never_lost_and_never_served_twice(path):
     store.serve([request])  # already served: a replay changes nothing
     assert _pairs(store.shared()) == {(0, 1)}
     assert second > first
+
+
+def test_a_repeated_request_is_the_logged_one_and_is_served_once(path):
+    store = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    store.set_shared(_shared())
+    first = store.acknowledge(0, np.array([3, 1, 3]))
+    assert first.items.tolist() == [1, 3] and not first.served
+    same = store.acknowledge(0, np.array([1, 3]))  # the same request, spelt otherwise
+    assert (same.id, same.items.tolist(), same.served) == (first.id, [1, 3], False)
+    assert store.acknowledge(2, np.array([1, 3])).id != first.id  # another user's
+    store.serve(store.pending())
+    again = store.acknowledge(0, np.array([1, 3]))  # a device repeats it after a restart
+    assert (again.id, again.served) == (first.id, True)
+    assert store.pending() == [] and store.served_count() == 2
+
+
+def test_server_state_is_committed_with_its_round(path):
+    store = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    key = store.run_key
+    table = torch.randn(NUM_ITEMS, DIM)
+    state = {"user": torch.randn(NUM_USERS, DIM), "step": torch.tensor([[3.0]])}
+    store.commit_round(2, table, [table], state)
+    with pytest.raises(ValueError, match="2-D"):
+        store.commit_round(3, table, [table], {"bad": torch.zeros(3)})
+    store.close()
+    again = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    assert again.run_key == key and again.last_round() == 2
+    restored = again.state()
+    assert set(restored) == {"user", "step"}
+    assert all(torch.equal(restored[k], v) for k, v in state.items())
+    assert ServerStore(path.with_name("other.db"), NUM_USERS, NUM_ITEMS).run_key != key
 
 
 def test_a_file_that_is_not_a_database_is_a_clear_error(path):

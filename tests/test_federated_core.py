@@ -353,6 +353,30 @@ def test_snapshots_keep_the_last_m_tables(data):
     assert len(none_kept.snapshots) == 0 and none_kept.snapshot_bytes() == 0
 
 
+def test_a_server_restored_from_its_state_continues_exactly(data, tmp_path):
+    """Resuming from the durable store: V_s, user embeddings and Adam's moments are enough for
+    the next round to be what an uninterrupted server computes."""
+    from fedshare.federated.durable import ServerStore
+
+    server = Server(_shared(data), _config(snapshots=3))
+    for round_ in (1, 2):
+        server.finish_round(_start_table(seed=round_), round_)
+    store = ServerStore(tmp_path / "state.db", data.num_users, data.num_items)
+    store.commit_round(2, server.table, list(server.snapshots), server.state())
+    store.close()
+    reopened = ServerStore(tmp_path / "state.db", data.num_users, data.num_items)
+    resumed = Server(_shared(data), _config(snapshots=3))
+    resumed.load_state(reopened.model(), reopened.state())
+    for snapshot in reopened.snapshots():
+        resumed.snapshots.append(snapshot)
+    expected = server.finish_round(_start_table(seed=3), 3)
+    assert torch.equal(resumed.finish_round(_start_table(seed=3), 3), expected)
+    assert torch.equal(resumed.user.detach(), server.user.detach())
+    fresh = Server(_shared(data), _config(snapshots=3))  # without the moments it differs
+    fresh.restore((reopened.model(), reopened.state()["user"]))
+    assert not torch.equal(fresh.finish_round(_start_table(seed=3), 3), expected)
+
+
 @pytest.mark.parametrize("config", [
     _config(variant="no-sharing"),
     _config(variant="fedshare", server_steps=0),

@@ -1,21 +1,28 @@
 """The server's durable state in an embedded SQLite database (``state.db`` of a Flower run).
 
 What a restarted server needs lives here: the shared data D_s, the current item table and the
-round it belongs to, the M snapshots, and the unsharing-request log. Every change is one SQLite
-transaction, so a round is either fully committed (table, snapshots and round counter together)
-or not visible at all, and a request acknowledged by :meth:`ServerStore.acknowledge` survives any
-crash after the call returns. Serving requests deletes their interactions from D_s and marks them
-served in the same transaction: a request is never served twice.
+round it belongs to, the M snapshots, the server's private state (its user embeddings and the
+refinement optimiser's moments), and the unsharing-request log. Every change is one SQLite
+transaction, so a round is either fully committed (table, snapshots, server state and round
+counter together) or not visible at all, and a request acknowledged by
+:meth:`ServerStore.acknowledge` survives any crash after the call returns. Serving requests
+deletes their interactions from D_s and marks them served in the same transaction: a request is
+never served twice, and acknowledging the same request again (a device repeats it after a
+restart) returns the request already logged instead of a new one.
 
 Choices: WAL journal with ``synchronous=FULL`` (a committed transaction survives power loss);
-tables are stored as raw float32 bytes with their shape; request items as int64 bytes.
-Resuming a run from the store is not built yet (issue 7).
+tensors are stored as raw float32 bytes with their 2-D shape; request items as sorted, distinct
+int64 bytes, so one request has one spelling. ``run_key`` is a random id drawn when the store is
+created: devices tag their own saved state with it and restore that state only when a resumed
+run presents the same key.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +41,8 @@ CREATE TABLE IF NOT EXISTS tables (kind TEXT NOT NULL, position INTEGER NOT NULL
                                    data BLOB NOT NULL, PRIMARY KEY (kind, position));
 CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY AUTOINCREMENT,
                                      user INTEGER NOT NULL, items BLOB NOT NULL,
-                                     received REAL NOT NULL, served REAL);
+                                     received REAL NOT NULL, served REAL,
+                                     UNIQUE (user, items));
 """
 
 
@@ -45,6 +53,7 @@ class Request:
     id: int
     user: int
     items: np.ndarray
+    served: bool = False
 
 
 class ServerStore:
@@ -66,6 +75,8 @@ class ServerStore:
             with self._transaction():
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('catalogue', ?)",
                                  (f"{num_users} {num_items}",))
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('run-key', ?)",
+                                 (uuid.uuid4().hex,))
             stored = self._meta("catalogue")
         except sqlite3.DatabaseError as exc:
             self._db.close()
@@ -78,12 +89,27 @@ class ServerStore:
     def close(self) -> None:
         self._db.close()
 
+    @property
+    def run_key(self) -> str:
+        """The store's random id (module docstring)."""
+        return str(self._meta("run-key"))
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
+
+    def settings(self) -> dict | None:
+        """The run settings recorded by :meth:`set_settings` (``None``: a new store)."""
+        text = self._meta("settings")
+        return None if text is None else dict(json.loads(text))
+
+    def set_settings(self, settings: dict) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('settings', ?)",
+                             (json.dumps(settings, sort_keys=True),))
 
     # ------------------------------------------------------------------ D_s
     def set_shared(self, shared: Interactions) -> None:
@@ -99,16 +125,22 @@ class ServerStore:
         return Interactions.from_arrays(rows[:, 0], rows[:, 1], self.num_users, self.num_items)
 
     # ------------------------------------------------------------------ rounds
-    def commit_round(self, round_: int, table: Tensor, snapshots: list[Tensor]) -> None:
-        """The table after ``round_`` and the snapshots, all or nothing."""
+    def commit_round(self, round_: int, table: Tensor, snapshots: list[Tensor],
+                     state: dict[str, Tensor] | None = None) -> None:
+        """The table after ``round_``, the snapshots and the server's private ``state`` (named
+        2-D tensors), all or nothing."""
         with self._transaction():
-            self._write_round(round_, table, snapshots)
+            self._write_round(round_, table, snapshots, state)
 
-    def _write_round(self, round_: int, table: Tensor, snapshots: list[Tensor]) -> None:
+    def _write_round(self, round_: int, table: Tensor, snapshots: list[Tensor],
+                     state: dict[str, Tensor] | None = None) -> None:
         self._db.execute("DELETE FROM tables")
-        for kind, position, tensor in [("model", 0, table),
-                                       *[("snapshot", k, s) for k, s in enumerate(snapshots)]]:
+        named = [("model", 0, table), *[("snapshot", k, s) for k, s in enumerate(snapshots)],
+                 *[(f"state:{name}", 0, t) for name, t in (state or {}).items()]]
+        for kind, position, tensor in named:
             array = tensor.detach().numpy().astype(np.float32)
+            if array.ndim != 2:
+                raise ValueError(f"{kind} is not a 2-D table (shape {array.shape})")
             self._db.execute("INSERT INTO tables VALUES (?, ?, ?, ?, ?)",
                              (kind, position, *array.shape, array.tobytes()))
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('round', ?)", (str(round_),))
@@ -130,25 +162,46 @@ class ServerStore:
     def snapshots(self) -> list[Tensor]:
         return self._tables("snapshot")
 
+    def state(self) -> dict[str, Tensor]:
+        """The server's private state committed with the last round."""
+        rows = self._db.execute("SELECT kind FROM tables WHERE kind LIKE 'state:%'").fetchall()
+        return {kind.removeprefix("state:"): self._tables(kind)[0] for (kind,) in rows}
+
     # ------------------------------------------------------------------ unsharing requests
-    def acknowledge(self, user: int, items: np.ndarray) -> int:
-        """Record an unsharing request durably; its id once committed."""
+    def acknowledge(self, user: int, items: np.ndarray) -> Request:
+        """Record an unsharing request durably and return it once committed; the same request
+        acknowledged before (pending or served) is returned as it is, not logged again."""
         with self._transaction():
-            cursor = self._db.execute(
-                "INSERT INTO requests (user, items, received) VALUES (?, ?, ?)",
-                (int(user), np.asarray(items, dtype=np.int64).tobytes(), time.time()))
-        return int(cursor.lastrowid or 0)
+            self._db.execute("INSERT OR IGNORE INTO requests (user, items, received) "
+                             "VALUES (?, ?, ?)", (int(user), _blob(items), time.time()))
+        request = self.find(user, items)
+        assert request is not None
+        return request
+
+    def find(self, user: int, items: np.ndarray) -> Request | None:
+        """The logged request of ``user`` for exactly ``items`` (in any order), if any."""
+        blob = _blob(items)
+        row = self._db.execute("SELECT id, served FROM requests WHERE user = ? AND items = ?",
+                               (int(user), blob)).fetchone()
+        return None if row is None else Request(
+            int(row[0]), int(user), np.frombuffer(blob, dtype=np.int64).copy(),
+            row[1] is not None)
 
     def pending(self) -> list[Request]:
         rows = self._db.execute("SELECT id, user, items FROM requests WHERE served IS NULL "
                                 "ORDER BY id").fetchall()
         return [Request(i, u, np.frombuffer(b, dtype=np.int64).copy()) for i, u, b in rows]
 
+    def served_count(self) -> int:
+        row = self._db.execute("SELECT COUNT(*) FROM requests WHERE served IS NOT NULL")
+        return int(row.fetchone()[0])
+
     def serve(self, requests: list[Request],
-              result: tuple[int, Tensor, list[Tensor]] | None = None) -> None:
+              result: tuple[int, Tensor, list[Tensor], dict[str, Tensor]] | None = None
+              ) -> None:
         """Delete the requests' interactions from D_s and mark them served, atomically, with
-        the unlearned ``(round, table, snapshots)`` when given; a request already served is
-        skipped."""
+        the unlearned ``(round, table, snapshots, state)`` when given; a request already served
+        is skipped."""
         with self._transaction():
             if result is not None:
                 self._write_round(*result)
@@ -159,6 +212,11 @@ class ServerStore:
                 if updated:
                     self._db.executemany("DELETE FROM shared WHERE user = ? AND item = ?",
                                          [(request.user, int(i)) for i in request.items])
+
+
+def _blob(items: np.ndarray) -> bytes:
+    """A request's items in their one spelling: sorted, distinct, int64."""
+    return np.unique(np.asarray(items, dtype=np.int64)).tobytes()
 
 
 class _Transaction:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fedshare.data.device import DeviceData
 from fedshare.data.prepared import PreparedData, prepare
 from fedshare.data.sharing import SharingConfig
 from fedshare.errors import FedShareError
@@ -24,8 +25,10 @@ DATA_KEYS = ("dataset", "data-path", "prepared", "split-seed", "plan-seed")
 UNLEARN_KEYS = ("unlearn", "unlearn-rounds", "unlearn-steps", "unlearn-lr", "unlearn-tau",
                 "unlearn-bpr", "unlearn-forgotten-graph", "unlearn-remaining-fl",
                 "unlearn-weight", "unlearn-include-self", "unlearn-local-epochs")
-APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "fru-alpha",
-            "max-failed-fraction", *UNLEARN_KEYS)
+APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", "fru-alpha",
+            "max-failed-fraction", "client-state-dir", *UNLEARN_KEYS)
+DEVICE_FILE = "device-file"
+"""Node-config key of a deployed device's own data (:mod:`fedshare.data.device`)."""
 
 
 def federated_config(run_config: Mapping[str, Any]) -> FederatedConfig:
@@ -47,7 +50,10 @@ def unlearning_config(run_config: Mapping[str, Any]) -> UnlearningConfig | None:
 
 
 def data_key(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> tuple:
-    """What identifies the data: node settings (deployment) override the run's."""
+    """What identifies the data: a device file (deployment), else the run's data keys with
+    node settings overriding them."""
+    if DEVICE_FILE in node_config:
+        return (DEVICE_FILE, str(node_config[DEVICE_FILE]))
     merged = {**{k: run_config.get(k, "") for k in DATA_KEYS},
               **{k: node_config[k] for k in DATA_KEYS if k in node_config}}
     return tuple(merged[k] for k in DATA_KEYS)
@@ -62,6 +68,8 @@ def load_remaining(key: tuple) -> PreparedData:
 @lru_cache(maxsize=4)
 def load_data(key: tuple) -> PreparedData:
     """The prepared data named by :func:`data_key`, loaded once per process."""
+    if key[0] == DEVICE_FILE:
+        return load_device(key[1]).prepared()
     dataset, path, prepared, split_seed, plan_seed = key
     if prepared:
         return PreparedData.load(prepared)
@@ -69,12 +77,20 @@ def load_data(key: tuple) -> PreparedData:
                    split_seed=int(split_seed or 0), sharing=SharingConfig(seed=int(plan_seed or 0)))
 
 
+@lru_cache(maxsize=4)
+def load_device(path: str) -> DeviceData:
+    return DeviceData.load(path)
+
+
 def node_users(node_config: Mapping[str, Any], num_users: int) -> np.ndarray:
     """The users a node serves.
 
-    ``user-id=7`` (one user per node: per-user mode, or a real deployed client) or
-    ``partition-id=p num-partitions=n`` (simulation: cohort ``p`` of ``n`` contiguous ranges).
+    ``device-file=...`` (a deployed device: the user of its file), ``user-id=7`` (one user per
+    node) or ``partition-id=p num-partitions=n`` (simulation: cohort ``p`` of ``n`` contiguous
+    ranges).
     """
+    if DEVICE_FILE in node_config:
+        return np.array([load_device(str(node_config[DEVICE_FILE])).user], dtype=np.int64)
     if "user-id" in node_config:
         user = int(node_config["user-id"])
         if not 0 <= user < num_users:
@@ -88,3 +104,12 @@ def node_users(node_config: Mapping[str, Any], num_users: int) -> np.ndarray:
     if parts < 1 or not 0 <= part < parts:
         raise FedShareError(f"partition-id {part} outside [0, num-partitions={parts})")
     return np.array_split(np.arange(num_users, dtype=np.int64), parts)[part]
+
+
+def node_label(node_config: Mapping[str, Any]) -> str:
+    """A file-name-safe name of what a node serves (its saved client state is named so)."""
+    if DEVICE_FILE in node_config:
+        return f"user-{load_device(str(node_config[DEVICE_FILE])).user}"
+    if "user-id" in node_config:
+        return f"user-{int(node_config['user-id'])}"
+    return f"partition-{int(node_config['partition-id'])}-of-{int(node_config['num-partitions'])}"

@@ -181,6 +181,29 @@ class Server:
             self.item.copy_(table)
         self.optimizer = torch.optim.Adam([self.user, self.item], lr=self.config.server_refine_lr)
 
+    def state(self) -> dict[str, Tensor]:
+        """What a resumed run needs beyond V_s and the snapshots: the server's user embeddings
+        and the refinement optimiser's Adam moments and step counts (2-D tensors, for the
+        durable store)."""
+        state = {"user": self.user.detach().clone()}
+        for name, param in (("user", self.user), ("item", self.item)):
+            moments = self.optimizer.state.get(param)
+            if moments:
+                state[f"adam-{name}-m"] = moments["exp_avg"].clone()
+                state[f"adam-{name}-v"] = moments["exp_avg_sq"].clone()
+                state[f"adam-{name}-step"] = moments["step"].reshape(1, 1).float().clone()
+        return state
+
+    def load_state(self, table: Tensor, state: dict[str, Tensor]) -> None:
+        """Continue from a committed round: V_s, the user embeddings and Adam as they were."""
+        self.restore((table, state["user"]))
+        for name, param in (("user", self.user), ("item", self.item)):
+            if f"adam-{name}-m" in state:
+                self.optimizer.state[param] = {
+                    "step": state[f"adam-{name}-step"].reshape(()).clone(),
+                    "exp_avg": state[f"adam-{name}-m"].clone(),
+                    "exp_avg_sq": state[f"adam-{name}-v"].clone()}
+
     def finish_round(self, aggregated: Tensor, round_: int) -> Tensor:
         """Refine the aggregated table on G_s (Eq. 18), keep a snapshot, return the new V_s."""
         table = self.refine(aggregated, round_)
