@@ -111,14 +111,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from simulations.experiment import resolve, run_experiment
+    from simulations.experiment import resolve, resume_settings, run_experiment
 
-    experiment = resolve(args.config, args.set)
+    if args.resume and args.config:
+        raise FedShareError("--resume takes the settings of the run it resumes; drop --config")
+    experiment = resume_settings(args.resume, args.set) if args.resume else \
+        resolve(args.config, args.set)
     if args.ray_address and args.engine != "flower":
         raise FedShareError("--ray-address needs --engine flower")
     out, summary = run_experiment(experiment, args.out, args.engine,
                                   lambda line: print(f"  {line}", file=sys.stderr, flush=True),
-                                  ray_address=args.ray_address)
+                                  ray_address=args.ray_address, resume=args.resume)
     test = summary["test"]
     print(f"{experiment.name}: test HR@20 {test['hr@20']:.4f}  NDCG@20 {test['ndcg@20']:.4f}  "
           f"({summary['seconds']:.1f} s) -> {out}")
@@ -224,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="attach the virtual nodes to this Ray cluster "
                      "(e.g. 10.0.0.1:6379, started with 'ray start --head')")
     run.add_argument("--out", default="runs", help="parent folder of the run folder")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped Flower run from "
+                     "the last round committed to RUN_DIR/state.db (--set rounds=N to extend)")
     run.set_defaults(func=_cmd_run)
 
     table = commands.add_parser("learning-table", help="every learning method over seeds")

@@ -34,7 +34,7 @@ from fedshare.federated.runconfig import (
 from fedshare.federated.simulate import simulate
 from fedshare.reports import metrics_frame, write_json
 from fedshare.unlearning.phase import unlearn
-from simulations.flower_runner import run_flower, write_toml
+from simulations.flower_runner import run_flower, toml_value, write_toml
 
 ENGINES = ("flower", "inprocess")
 DATA_DEFAULTS = {"dataset": "ml-100k", "data-path": "", "prepared": "", "split-seed": 0,
@@ -113,33 +113,66 @@ def resolve(path: str | Path | None, sets: Sequence[str] = (), name: str | None 
 
 def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine: str = "flower",
                    progress: Callable[[str], None] | None = None,
-                   ray_address: str | None = None) -> tuple[Path, dict]:
+                   ray_address: str | None = None, resume: str | Path | None = None
+                   ) -> tuple[Path, dict]:
     """Run ``experiment``; return its folder and summary. ``ray_address``: run the Flower
-    engine's virtual nodes on that Ray cluster."""
+    engine's virtual nodes on that Ray cluster. ``resume``: an earlier Flower run's folder;
+    the run continues from the last round committed to its ``state.db``."""
     if engine not in ENGINES:
         raise FedShareError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if resume is not None and engine != "flower":
+        raise FedShareError("resuming a run needs the flower engine (its state.db)")
     load_data(data_key(experiment.run, {}))  # bad data fail here, before any folder or process
     if progress is not None:
         config = experiment.config
         progress(f"run {experiment.name}: {config.variant}, {config.rounds} rounds, "
                  f"{experiment.num_supernodes} nodes, engine {engine}")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(out_root).resolve() / f"{experiment.name}-{stamp}"
-    suffix = 1
-    while out.exists():
-        suffix += 1
-        out = Path(out_root).resolve() / f"{experiment.name}-{stamp}-{suffix}"
-    out.mkdir(parents=True)
+    out = resumed_folder(resume) if resume is not None else new_folder(out_root, experiment.name)
     run = {**experiment.run, "out-dir": str(out)}
     write_toml(out / "config.toml", run)
+    write_toml(out / "federation.toml", {"num-supernodes": experiment.num_supernodes})
     if engine == "flower":
+        summary_path = out / "summary.json"
+        summary_path.unlink(missing_ok=True)  # a resumed run writes its own
         run_flower(run, experiment.num_supernodes, out / "flower.log", progress,
                    ray_address=ray_address)
-        summary_path = out / "summary.json"
         if not summary_path.exists():
             raise FedShareError(f"the Flower run ended without a summary; see {out}/flower.log")
         return out, json.loads(summary_path.read_text())
     return out, _run_inprocess(run, out, progress)
+
+
+def new_folder(out_root: str | Path, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(out_root).resolve() / f"{name}-{stamp}"
+    suffix = 1
+    while out.exists():
+        suffix += 1
+        out = Path(out_root).resolve() / f"{name}-{stamp}-{suffix}"
+    out.mkdir(parents=True)
+    return out
+
+
+def resumed_folder(folder: str | Path) -> Path:
+    out = Path(folder).resolve()
+    if not (out / "state.db").is_file():
+        raise FedShareError(f"{out} holds no state.db to resume from")
+    return out
+
+
+def resume_settings(folder: str | Path, sets: Sequence[str] = ()) -> Experiment:
+    """The experiment a run folder recorded (``config.toml``, ``federation.toml``) with
+    ``key=value`` overrides (e.g. more rounds) on top."""
+    folder = resumed_folder(folder)
+    try:
+        run = tomllib.loads((folder / "config.toml").read_text())
+        federation = tomllib.loads((folder / "federation.toml").read_text()) \
+            if (folder / "federation.toml").exists() else {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise FedShareError(f"{folder} holds no readable run settings ({exc})") from None
+    recorded = [f"{k}={toml_value(v)}" for k, v in run.items() if k != "out-dir"]
+    recorded += [f"num-supernodes={v}" for v in federation.values()]
+    return resolve(None, [*recorded, *sets], name=folder.name)
 
 
 def _run_inprocess(run: dict[str, Any], out: Path,

@@ -1,0 +1,84 @@
+"""A stopped Flower run resumes from its state.db: a run of 2 rounds resumed to 4 (then
+unlearning) ends exactly where an uninterrupted run of 4 rounds ends, and a resumed run may not
+change the model's settings. Killing a server mid-round is tested on a real deployment
+(tests/test_deployment.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from synthetic import tiny_prepared
+
+from fedshare.errors import FedShareError
+from fedshare.federated.config import FederatedConfig
+from fedshare.federated.durable import ServerStore
+from simulations.experiment import resolve, resume_settings, run_experiment
+from strategies.fedshare import Directory
+from strategies.server_app import open_store
+
+SETTINGS = ["eval-every=10", "fraction=0.5", "dim=8", "server-steps=2", "local-epochs=2",
+            "seed=0", "snapshots=2", "unlearn-rounds=2", "unlearn-steps=3", "num-supernodes=2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    data = tiny_prepared()
+    root = tmp_path_factory.mktemp("resume")
+    folder = data.save(root / "tiny")
+    common = [*SETTINGS, f"prepared={folder}"]
+    straight = resolve(None, [*common, "rounds=4", "unlearn=true",
+                              f"client-state-dir={root / 'straight-clients'}"], name="straight")
+    straight_out, straight_summary = run_experiment(straight, root / "runs", "flower")
+    first = resolve(None, [*common, "rounds=2", f"client-state-dir={root / 'clients'}"],
+                    name="stopped")
+    stopped_out, _ = run_experiment(first, root / "runs", "flower")
+    again = resume_settings(stopped_out, ["rounds=4", "unlearn=true"])
+    resumed_out, resumed_summary = run_experiment(again, root / "runs", "flower",
+                                                  resume=stopped_out)
+    return data, root, (straight_out, straight_summary), (stopped_out, resumed_out,
+                                                          resumed_summary)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(runs):
+    data, _, (straight_out, straight), (stopped_out, resumed_out, resumed) = runs
+    assert resumed_out == stopped_out and resumed["resumed_from_round"] == 2
+    assert straight["resumed_from_round"] == 0
+    assert np.allclose(np.load(resumed_out / "item_table.npy"),
+                       np.load(straight_out / "item_table.npy"), atol=1e-6)
+    assert resumed["forgotten_interactions"] == straight["forgotten_interactions"] > 0
+    assert resumed["test"] == pytest.approx(straight["test"], abs=1e-6)
+    store = ServerStore(resumed_out / "state.db", data.num_users, data.num_items)
+    assert store.last_round() == 4 + 2 and store.pending() == []
+    store.close()
+
+
+def test_clients_keep_their_state_in_files_tagged_with_the_run(runs):
+    _, root, _, (stopped_out, _, _) = runs
+    files = sorted(p.name for p in (root / "clients").iterdir())
+    assert files == ["partition-0-of-2.npz", "partition-1-of-2.npz"]
+    store = ServerStore(stopped_out / "state.db", 10, 40)
+    key = store.run_key
+    store.close()
+    for name in files:
+        with np.load(root / "clients" / name) as saved:
+            assert str(saved["run-key"]) == key and bool(saved["unshared"])
+
+
+def test_a_resumed_run_may_not_change_the_model(tmp_path):
+    data = tiny_prepared()
+    shared = data.plan.shared_data(data.split.train)
+
+    def directory() -> Directory:
+        return Directory({1: np.arange(data.num_users)}, {}, shared)
+
+    open_store(tmp_path / "state.db", directory(), FederatedConfig(dim=8)).close()
+    again = directory()
+    store = open_store(tmp_path / "state.db", again, FederatedConfig(dim=8, rounds=500))
+    store.close()  # more rounds: allowed, and D_s comes from the store
+    with pytest.raises(FedShareError, match=r"other settings \(dim, seed\); use a new out-dir"):
+        open_store(tmp_path / "state.db", directory(), FederatedConfig(dim=16, seed=1))
+
+
+def test_resuming_needs_a_run_folder_with_a_store(tmp_path):
+    with pytest.raises(FedShareError, match=r"no state\.db"):
+        resume_settings(tmp_path)
