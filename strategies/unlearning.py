@@ -48,21 +48,28 @@ def collect_requests(grid: Grid, strategy: FedShareStrategy) -> list[tuple[int, 
             continue
         if strategy.audit is not None:
             strategy.audit.record("unshare", strategy.config.rounds, reply)
-        try:
-            users = reply.content["arrays"]["unshare-users"].numpy()
-            items = reply.content["arrays"]["unshare-items"].numpy()
-            if users.shape != items.shape or users.ndim != 1 or users.dtype.kind != "i" \
-                    or items.dtype.kind != "i":
-                raise ValueError("users and items are not two integer vectors of one length")
-            if not np.isin(users, served.get(node, [])).all():
-                raise ValueError("requests for users the node does not serve")
-        except (KeyError, TypeError, ValueError) as exc:
-            log(WARNING, "rejected the unsharing requests of node %d: %s", node, exc)
-            strategy.rejected.append({"round": strategy.config.rounds, "node": node,
-                                      "reason": f"unsharing requests: {exc}"})
-            continue
-        requests += [(int(u), items[users == u]) for u in np.unique(users)]
+        requests += requests_from(strategy, node, reply.content)
     return requests
+
+
+def requests_from(strategy: FedShareStrategy, node: int, content: RecordDict
+                  ) -> list[tuple[int, np.ndarray]]:
+    """One node's ``(user, items)`` unsharing requests; all of them are dropped (and logged in
+    ``strategy.rejected``) when the reply is malformed or speaks for a user of another node."""
+    try:
+        users = content["arrays"]["unshare-users"].numpy()
+        items = content["arrays"]["unshare-items"].numpy()
+        if users.shape != items.shape or users.ndim != 1 or users.dtype.kind != "i" \
+                or items.dtype.kind != "i":
+            raise ValueError("users and items are not two integer vectors of one length")
+        if not np.isin(users, strategy.directory.node_users.get(node, [])).all():
+            raise ValueError("requests for users the node does not serve")
+    except (KeyError, TypeError, ValueError) as exc:
+        log(WARNING, "rejected the unsharing requests of node %d: %s", node, exc)
+        strategy.rejected.append({"round": strategy.config.rounds, "node": node,
+                                  "reason": f"unsharing requests: {exc}"})
+        return []
+    return [(int(u), items[users == u]) for u in np.unique(users)]
 
 
 def accept_requests(strategy: FedShareStrategy, store: SharedStore,

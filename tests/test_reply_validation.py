@@ -158,3 +158,76 @@ def test_bad_fru_store_reports_reject_the_reply_and_change_no_ledger(strategy, f
     assert strategy.accept_replies(1, [(1, _reply(good, fru=fru))]) == []
     assert "malformed" in strategy.rejected[0]["reason"]
     assert strategy.server.ledger.held(kind=KIND) == 0
+
+
+# ------------------------------------------------------------------ unsharing requests
+@pytest.fixture
+def durable_strategy(tmp_path):
+    from fedshare.federated.durable import ServerStore
+
+    data = tiny_prepared(10, NUM_ITEMS)
+    config = FederatedConfig(dim=DIM, rounds=1, server_steps=0, seed=0)
+    shared = data.plan.shared_data(data.split.train)
+    store = ServerStore(tmp_path / "state.db", 10, NUM_ITEMS)
+    store.set_shared(shared)
+    directory = Directory({1: np.arange(5), 2: np.arange(5, 10)},
+                          {u: 3 for u in range(10)}, shared)
+    yield data, FedShareStrategy(config, directory, max_failed=0.5, store=store)
+    store.close()
+
+
+def _request_reply(users, items) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord({"unshare-users": Array(np.asarray(users)),
+                                              "unshare-items": Array(np.asarray(items))})})
+
+
+def _pairs(interactions) -> set[tuple[int, int]]:
+    return set(zip(interactions.users.tolist(), interactions.items.tolist(), strict=True))
+
+
+@pytest.mark.parametrize(("node", "content"), [
+    (2, _request_reply([0], [1])),  # node 2 speaks for user 0, whom node 1 announced
+    (3, _request_reply([0], [1])),  # a node that announced nobody
+    (1, _request_reply([0, 1], [1])),  # lengths differ
+    (1, _request_reply([[0]], [[1]])),  # not vectors
+    (1, _request_reply([0.0], [1.0])),  # not integers
+    (1, RecordDict({"arrays": ArrayRecord({"unshare-users": Array(np.array([0]))})})),
+    (1, RecordDict({})),
+])
+def test_forged_and_malformed_unsharing_requests_are_dropped(durable_strategy, node, content):
+    from strategies.unlearning import requests_from
+
+    _, strategy = durable_strategy
+    assert requests_from(strategy, node, content) == []
+    assert strategy.rejected[-1]["node"] == node
+    assert "unsharing requests" in strategy.rejected[-1]["reason"]
+
+
+def test_requests_for_unshared_items_change_nothing_and_a_repeat_is_served_once(
+        durable_strategy):
+    from fedshare.unlearning.store import SharedStore
+    from strategies.unlearning import accept_requests
+
+    data, strategy = durable_strategy
+    train, plan = data.split.train, data.plan
+    user = int(train.users[plan.shared][0])
+    shared_items = train.items[plan.shared & (train.users == user)]
+    local = train.items[~plan.shared & (train.users == user)]
+    never = np.setdiff1d(np.arange(NUM_ITEMS), train.items[train.users == user])
+    store = SharedStore(strategy.server.shared)
+    before = _pairs(store.interactions())
+    forged = [(user, np.append(shared_items[:1], never[0]))]  # one shared, one never seen
+    if len(local):
+        forged.append((user, local[:1]))  # a local interaction: the server never had it
+    assert accept_requests(strategy, store, forged) == 0
+    assert _pairs(store.interactions()) == before
+    assert strategy.store.pending() == [] and strategy.store.served_count() == 0
+    assert len(strategy.rejected) == len(forged)
+    assert accept_requests(strategy, store, [(user, shared_items)]) == 1
+    assert _pairs(store.interactions()) == before - {(user, int(i)) for i in shared_items}
+    (pending,) = strategy.store.pending()
+    assert pending.user == user and pending.items.tolist() == sorted(shared_items.tolist())
+    again = SharedStore(strategy.server.shared)  # a restarted server, the device repeats
+    assert accept_requests(strategy, again, [(user, shared_items)]) == 1  # the logged one
+    assert _pairs(again.interactions()) == _pairs(store.interactions())
+    assert len(strategy.store.pending()) == 1
