@@ -34,7 +34,6 @@ from fedshare.federated.runconfig import (
     node_users,
 )
 from fedshare.models.local import LocalUpdate
-from fedshare.unlearning.fru import important_rows
 from strategies.records import FRU_BYTES, FRU_USERS, WEIGHT, int_array, table_from, update_records
 
 torch.set_num_threads(1)  # one CPU per virtual node on a small machine
@@ -163,6 +162,8 @@ def train(msg: Message, context: Context) -> Message:
     kept: dict[int, int] = {}
 
     def keep_fru_rows(trained: LocalUpdate, weights: torch.Tensor) -> None:
+        from fedshare.unlearning.fru import important_rows  # only FRU runs pay its imports
+
         for user, items, rows in important_rows(trained, table, alpha):
             kept[user] = _keep(context, user, round_, items, rows)
 

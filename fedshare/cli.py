@@ -145,7 +145,7 @@ def _cmd_learning_table(args: argparse.Namespace) -> None:
 
 
 def _cmd_unlearning_table(args: argparse.Namespace) -> None:
-    from fedshare.unlearning.contrastive import UnlearningConfig
+    from fedshare.unlearning.config import UnlearningConfig
     from simulations.unlearning_table import to_markdown, unlearning_table
 
     config = UnlearningConfig(rounds=args.unlearn_rounds, steps=args.unlearn_steps,

@@ -241,7 +241,7 @@ def flower_modes(num_users: int = 1_000, seed: int = 0) -> dict[str, Any]:
 
 def full_run(data: PreparedData, config: FederatedConfig) -> dict[str, Any]:
     """Learn, let the planned users unshare, unlearn with FedShare (Algorithm 2), in process."""
-    from fedshare.unlearning.contrastive import UnlearningConfig
+    from fedshare.unlearning.config import UnlearningConfig
     from fedshare.unlearning.phase import learn, unlearn
 
     start = time.perf_counter()
@@ -274,7 +274,7 @@ def unlearning_ratio(config: FederatedConfig) -> dict[str, Any]:
 
 def _unlearning_ratio(config: FederatedConfig) -> dict[str, Any]:
     from fedshare.federated.runconfig import data_key, load_data
-    from fedshare.unlearning.contrastive import UnlearningConfig
+    from fedshare.unlearning.config import UnlearningConfig
     from fedshare.unlearning.phase import learn, unlearn
     from simulations.experiment import resolve
 

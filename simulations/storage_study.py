@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from fedshare.federated.runconfig import data_key, load_data
-from fedshare.unlearning.contrastive import UnlearningConfig
+from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import UnlearningOutcome, learn, unlearn
 from fedshare.unlearning.replay import ReplayConfig
 from fedshare.unlearning.report import unlearning_row

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from fedshare.federated.runconfig import data_key, load_data
-from fedshare.unlearning.contrastive import UnlearningConfig
+from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import METHODS, learn, unlearn
 from fedshare.unlearning.remaining import add_canaries
 from fedshare.unlearning.report import unlearning_row

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from fedshare.errors import FedShareError
 from fedshare.unlearning.algorithm import run_algorithm2
-from fedshare.unlearning.contrastive import UnlearningConfig
+from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.store import SharedStore
 from strategies.fedshare import FedShareStrategy
 from strategies.records import table_record

@@ -241,3 +241,16 @@ def test_fru_stores_on_the_nodes_match_the_inprocess_ledger(runs, data):
     assert expected > 0
     assert runs["per-user"][1]["fru_client_bytes"] == expected
     assert runs["cohorts"][1]["fru_client_bytes"] == 0  # fru-alpha = 0: nothing kept
+
+
+def test_the_clientapp_does_not_import_the_servers_graph_code():
+    """Every message of a deployed SuperNode starts a fresh ClientApp process: PyG (about 3 s
+    of imports) is server-side only and must stay out of it."""
+    import subprocess
+    import sys
+
+    code = "import sys, clients.app; print(sorted(m for m in sys.modules if m.startswith(" \
+           "('torch_geometric', 'fedshare.graph', 'fedshare.unlearning.fru'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import torch
 from synthetic import tiny_prepared
 
 from fedshare.federated.runconfig import federated_config
-from fedshare.unlearning.contrastive import UnlearningConfig
+from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import learn, unlearn
 from simulations.experiment import resolve, run_experiment
 

@@ -38,7 +38,7 @@ from fedshare.federated.server import Server
 from fedshare.federated.simulate import InProcessFederation, simulate
 from fedshare.storage import SERVER, client
 from fedshare.unlearning import cufru, fru, phase
-from fedshare.unlearning.contrastive import UnlearningConfig
+from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.cufru import TransferStation, cufru_unlearn
 from fedshare.unlearning.fru import FruHistory, fru_unlearn
 from fedshare.unlearning.replay import ReplayConfig

@@ -8,7 +8,7 @@ from synthetic import tiny_prepared
 
 from fedshare.federated.config import FederatedConfig
 from fedshare.storage import SERVER, SnapshotStore, StorageLedger, client, tensor_bytes
-from fedshare.unlearning.contrastive import UnlearningConfig
+from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import learn, unlearn
 
 

@@ -18,7 +18,7 @@ from fedshare.data.prepared import PreparedData, prepare
 from fedshare.data.sharing import SharingConfig
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
-from fedshare.unlearning.contrastive import UnlearningConfig
+from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.remaining import remaining_data
 
 DATA_KEYS = ("dataset", "data-path", "prepared", "split-seed", "plan-seed")

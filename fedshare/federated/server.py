@@ -30,7 +30,8 @@ from fedshare.losses import bpr_loss, info_nce
 from fedshare.models.embeddings import xavier_table
 from fedshare.sampling import sample_negatives
 from fedshare.storage import SnapshotStore, StorageLedger
-from fedshare.unlearning.contrastive import UnlearningConfig, contrastive_unlearning_loss
+from fedshare.unlearning.config import UnlearningConfig
+from fedshare.unlearning.contrastive import contrastive_unlearning_loss
 
 
 class Server:

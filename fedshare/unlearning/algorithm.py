@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from fedshare.federated.server import Server
-from fedshare.unlearning.contrastive import UnlearningConfig, forgotten_views
+from fedshare.unlearning.config import UnlearningConfig
+from fedshare.unlearning.contrastive import forgotten_views
 from fedshare.unlearning.store import SharedStore
 
 

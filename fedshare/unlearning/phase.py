@@ -34,7 +34,7 @@ from fedshare.federated.simulate import InProcessFederation, simulate
 from fedshare.storage import SERVER, StorageLedger
 from fedshare.unlearning import cufru, fru
 from fedshare.unlearning.algorithm import complete_erasure, run_algorithm2
-from fedshare.unlearning.contrastive import UnlearningConfig
+from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.remaining import remaining_data
 from fedshare.unlearning.replay import ReplayConfig
 from fedshare.unlearning.store import SharedStore
