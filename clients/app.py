@@ -192,11 +192,24 @@ def _keep(context: Context, user: int, round_: int, items: torch.Tensor,
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Rank all items for every served user; reply with metric means and the user count."""
+    """Rank all items for every served user.
+
+    With ``part``: metric means and the user count (FedAvg's weighted mean). With ``parts``
+    (e.g. ``"valid,test"``, one message for the final scores): per part the metric *sums* and
+    the user count, ``"<part>:<metric>"`` and ``"<part>:count"``, which the server adds up
+    exactly even when parts count different users.
+    """
     population = _population(context, _run_key(msg))
     settings: ConfigRecord = msg.content["config"]
-    sums, count = population.evaluate(population.users, table_from(msg.content["arrays"]),
-                                      str(settings.get("part", "valid")))
+    table = table_from(msg.content["arrays"])
+    if "parts" in settings:
+        reply: dict[str, float] = {}
+        for part in str(settings["parts"]).split(","):
+            sums, count = population.evaluate(population.users, table, part)
+            reply |= {f"{part}:{name}": value for name, value in sums.items()}
+            reply[f"{part}:count"] = count
+        return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)
+    sums, count = population.evaluate(population.users, table, str(settings.get("part", "valid")))
     metrics = {name: value / max(count, 1) for name, value in sums.items()}
-    reply = MetricRecord({**metrics, WEIGHT: count})
-    return Message(RecordDict({"metrics": reply}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, WEIGHT: count})}),
+                   reply_to=msg)

@@ -127,6 +127,30 @@ def _cmd_run(args: argparse.Namespace) -> None:
           f"({summary['seconds']:.1f} s) -> {out}")
 
 
+def _cmd_deploy(args: argparse.Namespace) -> None:
+    """Device files for ``--devices`` users, then a TLS deployment with one authenticated
+    SuperNode per device (:mod:`simulations.deploy`)."""
+    from fedshare.data.device import pick_device_users, write_device_files
+    from simulations.deploy import deploy
+    from simulations.experiment import resolve
+
+    experiment = resolve(args.config, args.set)  # every setting checked before anything starts
+    data = _load(args)
+    work = Path(args.dir).resolve()
+    if work.exists() and any(work.iterdir()):
+        raise FedShareError(f"{work} is not empty; choose a new --dir")
+    users = pick_device_users(data, args.devices)
+    devices = write_device_files(data, users, work / "devices")
+    nodes = [{"device-file": str(path), "state-dir": str(work / "device-state")}
+             for path in devices]
+    out = deploy(work, nodes, {**experiment.run, "num-nodes": len(nodes),
+                               "out-dir": str(work / "run")}, args.timeout)
+    summary = json.loads((out / "summary.json").read_text())
+    test = summary["test"]
+    print(f"deployed run of {len(nodes)} devices (users {', '.join(map(str, users))}): test "
+          f"HR@20 {test['hr@20']:.4f}  NDCG@20 {test['ndcg@20']:.4f} -> {out}")
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(","))
@@ -273,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CUFRU: a calibration round every this many rounds")
     store.add_argument("--out", default="runs")
     store.set_defaults(func=_cmd_storage)
+
+    dep = commands.add_parser("deploy", help="a TLS deployment on this machine: one "
+                              "authenticated SuperNode per user device")
+    _add_data_args(dep)
+    dep.add_argument("--devices", type=int, default=4, help="how many user devices (default 4)")
+    dep.add_argument("--dir", default="runs/deploy", help="new folder for credentials, device "
+                     "files, logs and the run")
+    dep.add_argument("--config", help="run settings file, as for 'fedshare run'")
+    dep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a run setting, e.g. --set rounds=5")
+    dep.add_argument("--timeout", type=float, default=3600, help="seconds the run may take")
+    dep.set_defaults(func=_cmd_deploy)
 
     from simulations.bench import add_arguments
 

@@ -203,15 +203,17 @@ def _group_signal(process: subprocess.Popen[bytes], sig: int) -> None:
 
 
 def _stop_group(process: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM the group (Flower's graceful exit), SIGKILL it after ``timeout``; reap it."""
-    if process.poll() is None:
-        _group_signal(process, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _group_signal(process, signal.SIGKILL)
-            process.wait()
-    _group_signal(process, signal.SIGKILL)  # stragglers of a group whose leader has exited
+    """SIGTERM the group (Flower's graceful exit), SIGKILL it after ``timeout``; reap the
+    leader. Members that outlive it are left to the marker sweep of :meth:`Deployment.stop`
+    (signalling the group of a leader reaped earlier could hit a reused process group id)."""
+    if process.poll() is not None:
+        return
+    _group_signal(process, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _group_signal(process, signal.SIGKILL)
+        process.wait()
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -225,6 +227,14 @@ def _is_command(process: psutil.Process, name: str) -> bool:
     """Whether ``process`` runs Flower's console script ``name`` (``python .../name ...``)."""
     try:
         return any(Path(arg).name == name for arg in process.cmdline()[:2])
+    except psutil.Error:
+        return False
+
+
+def _live(process: psutil.Process) -> bool:
+    """Running, not a zombie (Flower's SuperExecs reap their apps only now and then)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
@@ -247,7 +257,8 @@ class Deployment:
         self.work_dir = work_dir.resolve()
         self.credentials = credentials
         self.node_configs = [dict(config) for config in node_configs]
-        self.rendered = [render_node_config(config) for config in node_configs]
+        for config in node_configs:
+            render_node_config(config)  # a bad node config fails before anything starts
         self.startup_timeout = startup_timeout
         self.max_retries = max_retries
         self.home = self.work_dir / "flwr-home"
@@ -357,12 +368,19 @@ class Deployment:
             f"address = {toml_value(self.address)}\nroot-certificates = {toml_value(ca)}\n")
 
     # ---------------------------------------------------------------- SuperNodes
+    def supernode_command(self, private_key: Path, node_config: NodeConfig,
+                          max_retries: int | None = None) -> list[str]:
+        """The ``flower-supernode`` command line of a node with ``private_key`` (its public key
+        must be registered) on a free Runtime API port; run it with :attr:`env`."""
+        retries = self.max_retries if max_retries is None else max_retries
+        return [_bin("flower-supernode"), "--superlink", self.address,
+                "--root-certificates", str(self.credentials.ca_cert.resolve()),
+                "--auth-supernode-private-key", str(private_key.resolve()),
+                "--port", str(_free_port()), "--node-config", render_node_config(node_config),
+                "--max-retries", str(retries)]
+
     def _start_supernode(self, i: int) -> subprocess.Popen[bytes]:
-        command = [_bin("flower-supernode"), "--superlink", self.address,
-                   "--root-certificates", str(self.credentials.ca_cert.resolve()),
-                   "--auth-supernode-private-key", str(self.credentials.node_keys[i].resolve()),
-                   "--port", str(_free_port()), "--node-config", self.rendered[i],
-                   "--max-retries", str(self.max_retries)]
+        command = self.supernode_command(self.credentials.node_keys[i], self.node_configs[i])
         return self._popen(command, self.work_dir / f"supernode-{i}.log")
 
     def online_nodes(self) -> int:
@@ -389,7 +407,8 @@ class Deployment:
     def kill_supernode(self, i: int, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to SuperNode ``i`` and its process group (its SuperExec and ClientApps),
         as when its machine dies. The deployment's stop() reaps it."""
-        _group_signal(self.supernodes[i], sig)
+        if self.supernodes[i].poll() is None:  # never the group id of a reaped process
+            _group_signal(self.supernodes[i], sig)
 
     # ---------------------------------------------------------------- runs
     def start_run(self, run_config: Mapping[str, Any], log_path: Path) -> subprocess.Popen[bytes]:
@@ -414,13 +433,17 @@ class Deployment:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _stop_group(process, 10.0)
-            if (run_id := _run_id(log_path)) is not None:
-                self._flwr("stop", str(run_id), CONNECTION, check=False)
+            if (run_id := started_run_id(log_path)) is not None:
+                with contextlib.suppress(FedShareError):
+                    self._flwr("stop", str(run_id), CONNECTION, check=False)
             _note(log_path, f"fedshare deploy: the run outlived its {timeout:.0f} s timeout")
             return TIMED_OUT
         if code != 0:
             return code
-        status = self.run_status(_run_id(log_path))
+        try:
+            status = self.run_status(started_run_id(log_path))
+        except FedShareError as error:  # e.g. the SuperLink is gone: the caller decides
+            status = f"unknown ({error})"
         if status != "finished:completed":
             _note(log_path, f"fedshare deploy: the SuperLink reports the run as {status}")
             return 1
@@ -445,14 +468,15 @@ class Deployment:
         if self.superlink is None:
             return []
         return [p.pid for p in _descendants(self.superlink.pid)
-                if _is_command(p, "flwr-serverapp")]
+                if _is_command(p, "flwr-serverapp") and _live(p)]
 
     def processes(self) -> list[psutil.Process]:
-        """Every live process of this deployment, found by :data:`MARKER` in its environment."""
+        """Every live process of this deployment (zombies aside), found by :data:`MARKER` in
+        its environment."""
         found = []
         for process in psutil.process_iter():
             with contextlib.suppress(psutil.Error):
-                if (process.pid != os.getpid()
+                if (process.pid != os.getpid() and _live(process)
                         and process.environ().get(MARKER) == self.env[MARKER]):
                     found.append(process)
         return found
@@ -490,7 +514,8 @@ def _json(output: str) -> dict[str, Any]:
     raise FedShareError(f"no JSON in the output of flwr: {output.strip()[-300:]}")
 
 
-def _run_id(log_path: Path) -> int | None:
+def started_run_id(log_path: Path) -> int | None:
+    """The run id ``flwr run`` reported in ``log_path`` (``None`` if it started none)."""
     match = _STARTED_RUN.search(log_path.read_text(errors="replace"))
     return int(match[1]) if match else None
 

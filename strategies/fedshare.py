@@ -226,17 +226,18 @@ class FedShareStrategy(FedAvg):
     def _is_eval_round(self, server_round: int) -> bool:
         return server_round % self.config.eval_every == 0 or server_round == self.config.rounds
 
-    def evaluate_messages(self, arrays: ArrayRecord, part: str, grid: Grid) -> list[Message]:
+    def evaluate_messages(self, arrays: ArrayRecord, config: dict, grid: Grid
+                          ) -> list[Message]:
         """Evaluate on every connected node of the directory."""
         online = set(grid.get_node_ids())
-        return self._messages({node: ConfigRecord({"part": part, "run-key": self.run_key})
+        return self._messages({node: ConfigRecord({**config, "run-key": self.run_key})
                                for node in self.directory.node_users if node in online},
                               arrays, MessageType.EVALUATE)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         server_round += self.offset
-        return self.evaluate_messages(arrays, "valid", grid) \
+        return self.evaluate_messages(arrays, {"part": "valid"}, grid) \
             if self._is_eval_round(server_round) else []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
@@ -255,13 +256,27 @@ class FedShareStrategy(FedAvg):
                 self.progress(row)
         return metrics
 
-    def evaluate_now(self, grid: Grid, part: str) -> dict[str, float]:
-        """Score the current table on ``part`` across all nodes (after training)."""
+    def evaluate_now(self, grid: Grid, parts: tuple[str, ...] = ("valid", "test")
+                     ) -> dict[str, dict[str, float]]:
+        """Score the current table on ``parts`` across all nodes, in one message per node:
+        the nodes' metric sums over their users, divided by the user counts."""
         replies = list(grid.send_and_receive(
-            self.evaluate_messages(table_record(self.server.table), part, grid),
-            timeout=self.timeout))
-        if self.audit is not None:
-            for message in replies:
+            self.evaluate_messages(table_record(self.server.table), {"parts": ",".join(parts)},
+                                   grid), timeout=self.timeout))
+        sums: dict[str, float] = {}
+        for message in replies:
+            if message.has_error():
+                log(WARNING, "node %d did not evaluate: %s", message.metadata.src_node_id,
+                    message.error.reason)
+                continue
+            if self.audit is not None:
                 self.audit.record("evaluate", self.config.rounds, message)
-        metrics = super().aggregate_evaluate(-1, replies)
-        return {k: float(v) for k, v in (metrics or {}).items() if k != WEIGHT}
+            for key, value in message.content["metrics"].items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        scores = {}
+        for part in parts:
+            count = sums.get(f"{part}:count", 0.0)
+            scores[part] = {key.split(":", 1)[1]: value / max(count, 1.0)
+                            for key, value in sums.items()
+                            if key.startswith(f"{part}:") and key != f"{part}:count"}
+        return scores

@@ -151,14 +151,14 @@ def main(grid: Grid, context: Context) -> None:
     if resumed < config.rounds:
         strategy.start(grid, table_record(strategy.server.table),
                        num_rounds=config.rounds - resumed, timeout=strategy.timeout)
-    valid = strategy.evaluate_now(grid, "valid")
-    test = strategy.evaluate_now(grid, "test")
+    scores = strategy.evaluate_now(grid)
+    valid, test = scores["valid"], scores["test"]
     phase: dict = {}
     if unlearning is not None:
         learned = {"learned_valid": valid, "learned_test": test}
         phase = {**learned, **run_unlearning(grid, strategy, unlearning)}
-        valid = strategy.evaluate_now(grid, "valid")
-        test = strategy.evaluate_now(grid, "test")
+        scores = strategy.evaluate_now(grid)
+        valid, test = scores["valid"], scores["test"]
     metrics_frame(strategy.rounds, strategy.history).to_csv(out_dir / "metrics.csv",
                                                             index=False)
     np.save(out_dir / "item_table.npy", strategy.server.table.numpy())

@@ -157,3 +157,15 @@ def write_device_files(data: PreparedData, users: np.ndarray, directory: str | P
     directory = Path(directory)
     return [DeviceData.from_prepared(data, int(u)).save(directory / f"user-{int(u)}.json")
             for u in users]
+
+
+def pick_device_users(data: PreparedData, count: int) -> np.ndarray:
+    """``count`` users for a small deployment: half of them (rounded up) among the users who
+    will unshare, so the unlearning phase has requests to serve, the rest among the others;
+    lowest ids first, so the choice is repeatable."""
+    if count < 1 or count > data.num_users:
+        raise FedShareError(f"a deployment needs 1 to {data.num_users} devices, got {count}")
+    unsharing = data.plan.unsharing_users(data.split.train)
+    others = np.setdiff1d(np.arange(data.num_users), unsharing)
+    first = unsharing[:min(len(unsharing), (count + 1) // 2)]
+    return np.sort(np.concatenate([first, others[:count - len(first)]]))
