@@ -463,6 +463,11 @@ class Deployment:
                 return status
             time.sleep(0.5)
 
+    def stop_run(self, run_id: int) -> None:
+        """Ask the SuperLink to stop run ``run_id`` (``flwr stop``), e.g. after its ServerApp
+        died; a run that already finished is left as it is."""
+        self._flwr("stop", str(run_id), CONNECTION, check=False)
+
     def serverapp_pids(self) -> list[int]:
         """The ServerApp processes (``flwr-serverapp``) the SuperLink's SuperExec launched."""
         if self.superlink is None:

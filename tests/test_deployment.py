@@ -36,7 +36,13 @@ from synthetic import tiny_prepared
 from fedshare.data.device import DeviceData, pick_device_users, write_device_files
 from fedshare.errors import FedShareError
 from fedshare.federated.durable import ServerStore
-from simulations.deploy import Credentials, Deployment, make_credentials, render_node_config
+from simulations.deploy import (
+    Credentials,
+    Deployment,
+    make_credentials,
+    render_node_config,
+    started_run_id,
+)
 
 DEVICES = 4
 RUN = {"num-nodes": DEVICES, "rounds": 2, "fraction": 1.0, "eval-every": 100,
@@ -117,18 +123,20 @@ def _wait_for(condition: Callable[[], bool], timeout: float, what: str,
         time.sleep(0.1)
 
 
-def _kill_server(deployment: Deployment, run: subprocess.Popen) -> None:
-    """SIGKILL the ServerApp process (a crash: no cleanup) and let the run end."""
+def _kill_server(deployment: Deployment, run: subprocess.Popen, log: Path) -> None:
+    """SIGKILL the ServerApp process (a crash: no cleanup), stop the log stream and have the
+    SuperLink mark the run stopped."""
     pids = deployment.serverapp_pids()
     assert pids, "no ServerApp process found"
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    try:
-        run.wait(timeout=90)
-    except subprocess.TimeoutExpired:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
+    run.wait()
+    run_id = started_run_id(log)
+    assert run_id is not None
+    deployment.stop_run(run_id)
 
 
 def _pairs(users, items) -> set[tuple[int, int]]:
@@ -173,13 +181,13 @@ def test_learn_unshare_unlearn_survive_two_server_crashes(deployment, seen):
     seen.extend(p for p in running.processes() if p not in seen)
     first = running.start_run(config, root / "run-1.log")  # crash during learning
     _wait_for(lambda: _last_round(state) >= 1, 300, "committed round", first)
-    _kill_server(running, first)
+    _kill_server(running, first, root / "run-1.log")
     crashed_at = _last_round(state)
     assert 1 <= crashed_at < RUN["rounds"]
 
     second = running.start_run(config, root / "run-2.log")  # crash once requests are logged
     _wait_for(lambda: _requests(state) > 0, 300, "acknowledged request", second)
-    _kill_server(running, second)
+    _kill_server(running, second, root / "run-2.log")
     with contextlib.closing(ServerStore(state, data.num_users, data.num_items)) as store:
         pending = store.pending()
         assert pending and store.served_count() == 0  # acknowledged, not yet served
@@ -242,7 +250,7 @@ def test_unregistered_supernode_is_refused(deployment, tmp_path):
         node.wait()
     assert code != 0, log.read_text()
     assert "Failed to activate SuperNode" in log.read_text()
-    assert deployment.online_nodes() == online
+    assert deployment.online_nodes() <= online  # the stranger never counts
 
 
 @pytest.mark.slow
