@@ -104,8 +104,14 @@ def test_data_stats_follows_the_options(capsys):
     ["data", "stats", "--path", "/nonexistent/fedshare/ml-100k"],
     ["data", "prepare", "--dataset", "nope", "--out", "unused"],
     ["central", "--model", "popularity", "--dataset", "nope"],
+    ["deploy", "--devices", "0", "--dir", "unused"],
+    ["deploy", "--devices", "5000", "--dir", "unused"],
+    ["deploy", "--set", "no-such-key=1", "--dir", "unused"],
+    ["run", "--resume", "unused"],
+    ["run", "--resume", "unused", "--config", "simulations/configs/fedshare.toml"],
 ], ids=["unknown-dataset", "split-sum", "split-len", "groups-sum", "partial-range",
-        "missing-path", "prepare-unknown", "central-unknown"])
+        "missing-path", "prepare-unknown", "central-unknown", "deploy-no-device",
+        "deploy-too-many", "deploy-unknown-key", "resume-no-store", "resume-and-config"])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = _run(capsys, *argv)
@@ -367,3 +373,10 @@ def test_console_script_error(console_runs):
     _assert_one_line_error(code, err)
     assert "no-such-dataset" in err
     assert out == ""
+
+
+def test_deploy_refuses_a_folder_in_use(capsys, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    code, _, err = _run(capsys, "deploy", "--dir", str(tmp_path))
+    _assert_one_line_error(code, err)
+    assert "not empty" in err and [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
