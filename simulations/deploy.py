@@ -323,10 +323,30 @@ class Deployment:
         psutil.wait_procs(alive, timeout=timeout)
 
     # ---------------------------------------------------------------- SuperLink
-    def _start_superlink(self) -> None:
+    def crash_superlink(self) -> None:
+        """SIGKILL the SuperLink with its SuperExec and ServerApp, as when its machine dies."""
+        if self.superlink is None:
+            return
+        detached = _descendants(self.superlink.pid)
+        if self.superlink.poll() is None:
+            _group_signal(self.superlink, signal.SIGKILL)
+        for process in detached:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        self.superlink.wait()
+        psutil.wait_procs(detached, timeout=10)
+
+    def restart_superlink(self) -> None:
+        """Start the SuperLink again on its port and database: registrations and runs survive,
+        and the SuperNodes reconnect by themselves (Flower's backoff: about 20-30 s)."""
+        self._start_superlink(fresh=False)
+        self._wait_for_nodes()
+
+    def _start_superlink(self, fresh: bool = True) -> None:
         database = self.work_dir / "superlink.db"
-        database.unlink(missing_ok=True)  # a deployment of its own: no stale runs or keys
-        self.port = _free_port()
+        if fresh:
+            database.unlink(missing_ok=True)  # a deployment of its own: no stale runs or keys
+            self.port = _free_port()
         credentials = self.credentials
         command = [_bin("flower-superlink"),
                    "--ssl-ca-certfile", str(credentials.ca_cert.resolve()),
@@ -334,7 +354,8 @@ class Deployment:
                    "--ssl-keyfile", str(credentials.server_key.resolve()),
                    "--enable-supernode-auth", "--database", str(database),
                    "--host", "127.0.0.1", "--port", str(self.port)]
-        self.superlink = self._popen(command, self.work_dir / "superlink.log")
+        self.superlink = self._popen(command, self.work_dir / ("superlink.log" if fresh else
+                                                               "superlink-restarted.log"))
         deadline = time.monotonic() + self.startup_timeout
         context = ssl.create_default_context(cafile=str(credentials.ca_cert))
         while not self._healthy(context):

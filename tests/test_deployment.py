@@ -3,9 +3,10 @@
 One deployment (a SuperLink and 4 SuperNodes, each its own process) is shared by the module.
 Each node holds only its own device file (``device-file``, :mod:`fedshare.data.device`) and
 keeps its private state in a ``state-dir``. The run learns, unshares and unlearns while the
-ServerApp is killed twice (mid-learning, and after unsharing requests were acknowledged but
-before they were served) and resumed from its ``state.db``; a SuperNode killed mid-round does
-not stop the round; an unregistered key is refused; nothing is left running.
+ServerApp is killed mid-learning, then the whole SuperLink once unsharing requests were
+acknowledged but not yet served, and resumes each time from its ``state.db``; a SuperNode
+killed mid-round does not stop the round; an unregistered key is refused; nothing is left
+running.
 
 Slow (every message starts a ClientApp process, and Flower's SuperNodes and ServerApp poll
 every 3 s), but part of CI.
@@ -173,6 +174,7 @@ def test_credentials(credentials):
 
 @pytest.mark.slow
 def test_learn_unshare_unlearn_survive_two_server_crashes(deployment, seen):
+    """A ServerApp killed mid-learning, then a whole SuperLink killed mid-unlearning."""
     data, devices, root, running = deployment
     out = root / "run"
     config = {**RUN, "out-dir": str(out)}
@@ -185,9 +187,16 @@ def test_learn_unshare_unlearn_survive_two_server_crashes(deployment, seen):
     crashed_at = _last_round(state)
     assert 1 <= crashed_at < RUN["rounds"]
 
-    second = running.start_run(config, root / "run-2.log")  # crash once requests are logged
+    # Then the whole server machine (SuperLink, SuperExec, ServerApp) dies once unsharing
+    # requests are acknowledged and before they are served; the SuperLink restarts on its
+    # database and the devices reconnect by themselves.
+    second = running.start_run(config, root / "run-2.log")
     _wait_for(lambda: _requests(state) > 0, 300, "acknowledged request", second)
-    _kill_server(running, second, root / "run-2.log")
+    running.crash_superlink()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(second.pid, signal.SIGKILL)
+    second.wait()
+    running.restart_superlink()
     with contextlib.closing(ServerStore(state, data.num_users, data.num_items)) as store:
         pending = store.pending()
         assert pending and store.served_count() == 0  # acknowledged, not yet served
@@ -212,6 +221,9 @@ def test_learn_unshare_unlearn_survive_two_server_crashes(deployment, seen):
     assert requested == unshared  # every request logged once, none lost
     assert len(rows) == len({d.user for d in devices if len(d.unshare)})
     assert all(served is not None for _, _, served in rows)
+    superlink = running.work_dir / "superlink.db"  # the SuperLink's store keeps no message
+    for table in ("message_ins", "message_res", "objects"):
+        assert _read(superlink, f"SELECT COUNT(*) FROM {table}") == 0, table
 
 
 @pytest.mark.slow

@@ -26,11 +26,8 @@ from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import ClientPopulation
 from fedshare.graph import BipartiteGraph
 from fedshare.unlearning import phase
-from fedshare.unlearning.contrastive import (
-    UnlearningConfig,
-    contrastive_unlearning_loss,
-    forgotten_views,
-)
+from fedshare.unlearning.config import UnlearningConfig
+from fedshare.unlearning.contrastive import contrastive_unlearning_loss, forgotten_views
 from fedshare.unlearning.effect import forgotten_recall, membership_auc
 from fedshare.unlearning.remaining import add_canaries, remaining_data
 from fedshare.unlearning.report import outcome_scorer, unlearning_row
