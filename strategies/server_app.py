@@ -120,7 +120,23 @@ def open_store(path: Path, directory: Directory, config: FederatedConfig) -> Ser
                             "; use a new out-dir")
     else:
         directory.shared = store.shared()
+    keep_bindings(store, directory)
     return store
+
+
+def keep_bindings(store: ServerStore, directory: Directory) -> None:
+    """A user stays bound to the node that first announced it, across restarts: a node that
+    announces a user bound to another node takes no part in the run (logged)."""
+    bound = store.bindings()
+    for node, users in sorted(directory.node_users.items()):
+        if any(bound.get(int(u), node) != node for u in users):
+            log(WARNING, "rejected node %d: it announces users bound to another node", node)
+            del directory.node_users[node]
+            for u in users:
+                directory.local_counts.pop(int(u), None)
+    if not directory.node_users:
+        raise FedShareError("no node may speak for the users it announced")
+    store.bind(directory.user_node)
 
 
 @app.main()

@@ -87,3 +87,22 @@ def test_a_resumed_run_may_not_change_the_model(tmp_path):
 def test_resuming_needs_a_run_folder_with_a_store(tmp_path):
     with pytest.raises(FedShareError, match=r"no state\.db"):
         resume_settings(tmp_path)
+
+
+def test_a_user_stays_bound_to_the_node_that_announced_it(tmp_path):
+    data = tiny_prepared()
+    shared = data.plan.shared_data(data.split.train)
+    first = Directory({1: np.arange(5), 2: np.arange(5, 10)}, {u: 3 for u in range(10)}, shared)
+    big = 2**64 - 5  # Flower's node ids are unsigned 64-bit
+    open_store(tmp_path / "state.db", Directory({big: np.arange(5), 2: np.arange(5, 10)},
+                                                dict(first.local_counts), shared),
+               FederatedConfig(dim=8)).close()
+    forged = Directory({3: np.arange(5), 2: np.arange(5, 10)}, dict(first.local_counts), shared)
+    store = open_store(tmp_path / "state.db", forged, FederatedConfig(dim=8))
+    assert list(forged.node_users) == [2]  # node 3 claims node big's users: it is out
+    assert set(forged.local_counts) == set(range(5, 10))
+    assert store.bindings() == {**{u: big for u in range(5)}, **{u: 2 for u in range(5, 10)}}
+    store.close()
+    with pytest.raises(FedShareError, match="no node may speak"):
+        open_store(tmp_path / "state.db", Directory({3: np.arange(10)}, {}, shared),
+                   FederatedConfig(dim=8))

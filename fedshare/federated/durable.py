@@ -1,7 +1,8 @@
 """The server's durable state in an embedded SQLite database (``state.db`` of a Flower run).
 
 What a restarted server needs lives here: the shared data D_s, the current item table and the
-round it belongs to, the M snapshots, the server's private state (its user embeddings and the
+round it belongs to, the M snapshots, which node speaks for which user, the server's private
+state (its user embeddings and the
 refinement optimiser's moments), and the unsharing-request log. Every change is one SQLite
 transaction, so a round is either fully committed (table, snapshots, server state and round
 counter together) or not visible at all, and a request acknowledged by
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS shared (user INTEGER NOT NULL, item INTEGER NOT NULL,
 CREATE TABLE IF NOT EXISTS tables (kind TEXT NOT NULL, position INTEGER NOT NULL,
                                    rows INTEGER NOT NULL, cols INTEGER NOT NULL,
                                    data BLOB NOT NULL, PRIMARY KEY (kind, position));
+CREATE TABLE IF NOT EXISTS bindings (user INTEGER PRIMARY KEY, node TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY AUTOINCREMENT,
                                      user INTEGER NOT NULL, items BLOB NOT NULL,
                                      received REAL NOT NULL, served REAL,
@@ -110,6 +112,17 @@ class ServerStore:
         with self._transaction():
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('settings', ?)",
                              (json.dumps(settings, sort_keys=True),))
+
+    # ------------------------------------------------------------------ who speaks for whom
+    def bindings(self) -> dict[int, int]:
+        """user -> the node that announced it first (node ids are unsigned 64-bit: TEXT)."""
+        return {int(u): int(n) for u, n in self._db.execute("SELECT user, node FROM bindings")}
+
+    def bind(self, user_node: dict[int, int]) -> None:
+        """Bind users to nodes; a user already bound keeps its node."""
+        with self._transaction():
+            self._db.executemany("INSERT OR IGNORE INTO bindings VALUES (?, ?)",
+                                 [(int(u), str(int(n))) for u, n in user_node.items()])
 
     # ------------------------------------------------------------------ D_s
     def set_shared(self, shared: Interactions) -> None:
