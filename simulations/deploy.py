@@ -354,17 +354,17 @@ class Deployment:
                    "--ssl-keyfile", str(credentials.server_key.resolve()),
                    "--enable-supernode-auth", "--database", str(database),
                    "--host", "127.0.0.1", "--port", str(self.port)]
-        self.superlink = self._popen(command, self.work_dir / ("superlink.log" if fresh else
-                                                               "superlink-restarted.log"))
+        log = self.work_dir / ("superlink.log" if fresh else "superlink-restarted.log")
+        self.superlink = self._popen(command, log)
         deadline = time.monotonic() + self.startup_timeout
         context = ssl.create_default_context(cafile=str(credentials.ca_cert))
         while not self._healthy(context):
             if self.superlink.poll() is not None:
                 raise FedShareError(f"the SuperLink exited with status {self.superlink.returncode}"
-                                    f"; see {self.work_dir / 'superlink.log'}")
+                                    f"; see {log}")
             if time.monotonic() > deadline:
                 raise FedShareError(f"the SuperLink was not ready in {self.startup_timeout:.0f} s;"
-                                    f" see {self.work_dir / 'superlink.log'}")
+                                    f" see {log}")
             time.sleep(0.3)
 
     def _healthy(self, context: ssl.SSLContext) -> bool:
