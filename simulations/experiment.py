@@ -133,10 +133,10 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
     write_toml(out / "federation.toml", {"num-supernodes": experiment.num_supernodes})
     if engine == "flower":
         summary_path = out / "summary.json"
-        summary_path.unlink(missing_ok=True)  # a resumed run writes its own
+        before = summary_path.stat().st_mtime_ns if summary_path.exists() else None
         run_flower(run, experiment.num_supernodes, out / "flower.log", progress,
                    ray_address=ray_address)
-        if not summary_path.exists():
+        if not summary_path.exists() or summary_path.stat().st_mtime_ns == before:
             raise FedShareError(f"the Flower run ended without a summary; see {out}/flower.log")
         return out, json.loads(summary_path.read_text())
     return out, _run_inprocess(run, out, progress)
