@@ -134,10 +134,11 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
     if engine == "flower":
         summary_path = out / "summary.json"
         before = summary_path.stat().st_mtime_ns if summary_path.exists() else None
-        run_flower(run, experiment.num_supernodes, out / "flower.log", progress,
-                   ray_address=ray_address)
+        log = out / ("flower.log" if resume is None else  # the first run's log stays
+                     f"flower-resumed-{time.strftime('%Y%m%d-%H%M%S')}.log")
+        run_flower(run, experiment.num_supernodes, log, progress, ray_address=ray_address)
         if not summary_path.exists() or summary_path.stat().st_mtime_ns == before:
-            raise FedShareError(f"the Flower run ended without a summary; see {out}/flower.log")
+            raise FedShareError(f"the Flower run ended without a summary; see {log}")
         return out, json.loads(summary_path.read_text())
     return out, _run_inprocess(run, out, progress)
 
