@@ -34,7 +34,7 @@ from fedshare.federated.runconfig import (
     node_users,
 )
 from fedshare.models.local import LocalUpdate
-from strategies.records import FRU_BYTES, FRU_USERS, WEIGHT, int_array, table_from, update_records
+from strategies.records import FRU_BYTES, FRU_USERS, int_array, table_from, update_records
 
 torch.set_num_threads(1)  # one CPU per virtual node on a small machine
 app = ClientApp()
@@ -57,8 +57,13 @@ def _state_file(context: Context) -> Path | None:
     return Path(str(directory)) / f"{node_label(context.node_config)}.npz" if directory else None
 
 
-def _restore(context: Context, run_key: str) -> None:
-    """Bring back the node's saved state once per run, if it belongs to this run."""
+def _restore(context: Context, run_key: str, round_: int | None = None) -> None:
+    """Bring back the node's saved state once per run, if it belongs to this run.
+
+    When the server asks again for a round the node already trained (it stopped before
+    committing that round), the embeddings from before that round are restored, so the
+    round is not trained twice.
+    """
     path = _state_file(context)
     if STATE in context.state or not run_key or path is None or not path.exists():
         return
@@ -66,39 +71,53 @@ def _restore(context: Context, run_key: str) -> None:
         with np.load(path, allow_pickle=False) as saved:
             if str(saved["run-key"]) != run_key:
                 return
-            embeddings, unshared = saved["user-embeddings"].copy(), bool(saved["unshared"])
-    except (OSError, KeyError, ValueError) as exc:
+            unshared = bool(saved["unshared"])
+            embeddings = None
+            if "user-embeddings" in saved.files:
+                repeated = round_ is not None and int(saved["round"]) == round_
+                embeddings = saved["previous" if repeated else "user-embeddings"].copy()
+    except Exception as exc:  # a damaged file: start afresh rather than fail every message
         log(WARNING, "ignored the unreadable client state %s: %s", path, exc)
         return
-    context.state[STATE] = ArrayRecord({"user-embeddings": Array(embeddings)})
+    if embeddings is not None:
+        context.state[STATE] = ArrayRecord({"user-embeddings": Array(embeddings)})
     if unshared:
         context.state[UNSHARED] = ConfigRecord({"done": True})
 
 
-def _persist(context: Context, run_key: str) -> None:
-    """Write the node's state file (beside it, then renamed: never half a file)."""
+def _persist(context: Context, run_key: str, trained: tuple[int, np.ndarray] | None = None
+             ) -> None:
+    """Write the node's state file: the unshared flag, and the embeddings with the round they
+    were last trained in and those from before it (``trained``). Written beside the file,
+    flushed to disk, then renamed: never half a file."""
     path = _state_file(context)
-    if path is None or not run_key or STATE not in context.state:
+    if path is None or not run_key:
         return
+    state = {"run-key": np.array(run_key), "unshared": np.array(_unshared(context))}
+    if STATE in context.state:
+        state["user-embeddings"] = context.state[STATE]["user-embeddings"].numpy()
+        round_, previous = trained if trained is not None else (-1, state["user-embeddings"])
+        state |= {"round": np.array(round_), "previous": previous}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:
-            np.savez(out, **{"run-key": np.array(run_key), "unshared": np.array(
-                _unshared(context)), "user-embeddings": context.state[STATE][
-                    "user-embeddings"].numpy()})
+            np.savez(out, **state)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _population(context: Context, run_key: str = "") -> ClientPopulation:
+def _population(context: Context, run_key: str = "", round_: int | None = None
+                ) -> ClientPopulation:
     """This node's users and data, with the private embeddings restored from the node state.
 
     Once the node has sent its unsharing requests, its users hold only their remaining data.
     """
-    _restore(context, run_key)
+    _restore(context, run_key, round_)
     key = data_key(context.run_config, context.node_config)
     data = load_remaining(key) if _unshared(context) else load_data(key)
     config = federated_config(context.run_config)
@@ -110,9 +129,10 @@ def _population(context: Context, run_key: str = "") -> ClientPopulation:
     return population
 
 
-def _save(population: ClientPopulation, context: Context, run_key: str) -> None:
+def _save(population: ClientPopulation, context: Context, run_key: str, round_: int,
+          previous: np.ndarray) -> None:
     context.state[STATE] = ArrayRecord({"user-embeddings": Array(population.embeddings.numpy())})
-    _persist(context, run_key)
+    _persist(context, run_key, (round_, previous))
 
 
 @app.query("share")
@@ -149,15 +169,16 @@ def unshare(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Local training of the round's sampled users of this node (Eq. 12-15)."""
     run_key = _run_key(msg)
-    population = _population(context, run_key)
-    config = federated_config(context.run_config)
     settings = msg.content["config"]
+    round_ = int(settings["server-round"])
+    population = _population(context, run_key, round_)
+    previous = population.embeddings.numpy().copy()
+    config = federated_config(context.run_config)
     users = np.asarray(settings["users"], dtype=np.int64)
     table = table_from(msg.content["arrays"])
     local = config.local
     if "local-epochs" in settings:  # the unlearning phase's remaining-data rounds
         local = replace(local, epochs=int(settings["local-epochs"]))
-    round_ = int(settings["server-round"])
     alpha = float(context.run_config.get("fru-alpha", 0.0))
     kept: dict[int, int] = {}
 
@@ -170,7 +191,7 @@ def train(msg: Message, context: Context) -> Message:
     learning = alpha > 0 and "local-epochs" not in settings  # not the unlearning phase's rounds
     update = population.train(users, table, local, config.seed, round_,
                               keep_fru_rows if learning else None)
-    _save(population, context, run_key)
+    _save(population, context, run_key, round_, previous)
     arrays, metrics = update_records(update)
     if kept:
         arrays[FRU_USERS] = int_array(np.array(list(kept)))
@@ -192,24 +213,16 @@ def _keep(context: Context, user: int, round_: int, items: torch.Tensor,
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Rank all items for every served user.
-
-    With ``part``: metric means and the user count (FedAvg's weighted mean). With ``parts``
-    (e.g. ``"valid,test"``, one message for the final scores): per part the metric *sums* and
-    the user count, ``"<part>:<metric>"`` and ``"<part>:count"``, which the server adds up
-    exactly even when parts count different users.
-    """
+    """Rank all items for every served user, on each of the ``parts`` asked (``"valid"``, or
+    ``"valid,test"`` for the final scores): per part the metric *sums* and the user count,
+    ``"<part>:<metric>"`` and ``"<part>:count"``, which the server adds up exactly even when
+    parts count different users."""
     population = _population(context, _run_key(msg))
     settings: ConfigRecord = msg.content["config"]
     table = table_from(msg.content["arrays"])
-    if "parts" in settings:
-        reply: dict[str, float] = {}
-        for part in str(settings["parts"]).split(","):
-            sums, count = population.evaluate(population.users, table, part)
-            reply |= {f"{part}:{name}": value for name, value in sums.items()}
-            reply[f"{part}:count"] = count
-        return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)
-    sums, count = population.evaluate(population.users, table, str(settings.get("part", "valid")))
-    metrics = {name: value / max(count, 1) for name, value in sums.items()}
-    return Message(RecordDict({"metrics": MetricRecord({**metrics, WEIGHT: count})}),
-                   reply_to=msg)
+    reply: dict[str, float] = {}
+    for part in str(settings.get("parts", "valid")).split(","):
+        sums, count = population.evaluate(population.users, table, part)
+        reply |= {f"{part}:{name}": value for name, value in sums.items()}
+        reply[f"{part}:count"] = count
+    return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from math import nan
 from pathlib import Path
 from typing import NoReturn
 
@@ -123,7 +124,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
                                   lambda line: print(f"  {line}", file=sys.stderr, flush=True),
                                   ray_address=args.ray_address, resume=args.resume)
     test = summary["test"]
-    print(f"{experiment.name}: test HR@20 {test['hr@20']:.4f}  NDCG@20 {test['ndcg@20']:.4f}  "
+    print(f"{experiment.name}: test HR@20 {test.get('hr@20', nan):.4f}  NDCG@20 "
+          f"{test.get('ndcg@20', nan):.4f}  "
           f"({summary['seconds']:.1f} s) -> {out}")
 
 
@@ -137,6 +139,8 @@ def _cmd_deploy(args: argparse.Namespace) -> None:
     experiment = resolve(args.config, args.set)  # every setting checked before anything starts
     data = _load(args)
     work = Path(args.dir).resolve()
+    if work.exists() and not work.is_dir():
+        raise FedShareError(f"{work} is a file; --dir names a new folder")
     if work.exists() and any(work.iterdir()):
         raise FedShareError(f"{work} is not empty; choose a new --dir")
     users = pick_device_users(data, args.devices)
@@ -148,7 +152,7 @@ def _cmd_deploy(args: argparse.Namespace) -> None:
     summary = json.loads((out / "summary.json").read_text())
     test = summary["test"]
     print(f"deployed run of {len(nodes)} devices (users {', '.join(map(str, users))}): test "
-          f"HR@20 {test['hr@20']:.4f}  NDCG@20 {test['ndcg@20']:.4f} -> {out}")
+          f"HR@20 {test.get('hr@20', nan):.4f}  NDCG@20 {test.get('ndcg@20', nan):.4f} -> {out}")
 
 
 def _seeds(text: str) -> tuple[int, ...]:

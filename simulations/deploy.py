@@ -37,7 +37,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -551,6 +551,21 @@ def _note(log_path: Path, line: str) -> None:
         log.write(line + "\n")
 
 
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a CI timeout, a closed terminal) interrupt like Ctrl-C, so the
+    deployment's processes, which run in sessions of their own, are stopped too."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # ------------------------------------------------------------------------------ entry point
 def deploy(work_dir: Path, node_configs: Sequence[NodeConfig], run_config: Mapping[str, Any],
            timeout: float, out: IO[str] | None = None) -> Path:
@@ -574,7 +589,7 @@ def deploy(work_dir: Path, node_configs: Sequence[NodeConfig], run_config: Mappi
     log_path = work_dir / "run.log"
     print(f"deployment in {work_dir}: logs superlink.log, supernode-<i>.log, run.log; "
           f"credentials in {credentials_dir}", file=out or sys.stdout, flush=True)
-    with Deployment(work_dir, credentials, node_configs) as deployment:
+    with _signals_interrupt(), Deployment(work_dir, credentials, node_configs) as deployment:
         code = deployment.run(settings, log_path, timeout)
     if code != 0:
         raise FedShareError(f"the deployed run failed (status {code}); see {log_path} and "

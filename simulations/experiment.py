@@ -129,8 +129,8 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
                  f"{experiment.num_supernodes} nodes, engine {engine}")
     out = resumed_folder(resume) if resume is not None else new_folder(out_root, experiment.name)
     run = {**experiment.run, "out-dir": str(out)}
-    write_toml(out / "config.toml", run)
-    write_toml(out / "federation.toml", {"num-supernodes": experiment.num_supernodes})
+    if resume is None:  # a resumed run's settings replace the recorded ones once it succeeds
+        record_settings(out, run, experiment.num_supernodes)
     if engine == "flower":
         summary_path = out / "summary.json"
         before = summary_path.stat().st_mtime_ns if summary_path.exists() else None
@@ -139,8 +139,14 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
         run_flower(run, experiment.num_supernodes, log, progress, ray_address=ray_address)
         if not summary_path.exists() or summary_path.stat().st_mtime_ns == before:
             raise FedShareError(f"the Flower run ended without a summary; see {log}")
+        record_settings(out, run, experiment.num_supernodes)
         return out, json.loads(summary_path.read_text())
     return out, _run_inprocess(run, out, progress)
+
+
+def record_settings(out: Path, run: dict[str, Any], num_supernodes: int) -> None:
+    write_toml(out / "config.toml", run)
+    write_toml(out / "federation.toml", {"num-supernodes": num_supernodes})
 
 
 def new_folder(out_root: str | Path, name: str) -> Path:

@@ -126,7 +126,8 @@ def run_flower(run_config: Mapping[str, Any], num_supernodes: int, log_path: Pat
         # cluster it detects on this machine (a `ray start` left running, another test's).
         env["RAY_ADDRESS"] = ray_address or os.environ.get("RAY_ADDRESS") or "local"
         overrides = home / "run-config.toml"
-        write_toml(overrides, run_config)
+        # Simulated nodes draw new ids in every run and prove nothing: no user binding.
+        write_toml(overrides, {"bind-users": False, **run_config})
         with private_superlink(home, env) as connection:
             command = [str(flwr), "run", str(REPO_ROOT), connection, "--run-config",
                        str(overrides), "--federation-config",

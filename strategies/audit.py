@@ -7,10 +7,12 @@ With ``audit-dir`` set in the run config, each reply's arrays and metrics are wr
 from __future__ import annotations
 
 import json
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Message
+from flwr.common import log
 
 
 class MessageAudit:
@@ -20,8 +22,15 @@ class MessageAudit:
         self._count = 0
 
     def record(self, kind: str, server_round: int, message: Message) -> None:
+        """Write one reply; one that cannot be written is logged, never fatal."""
         if message.has_error():
             return
+        try:
+            self._write(kind, server_round, message)
+        except Exception as exc:  # untrusted input
+            log(WARNING, "audit: could not record a %s reply: %s", kind, exc)
+
+    def _write(self, kind: str, server_round: int, message: Message) -> None:
         arrays: dict[str, np.ndarray] = {}
         for name, record in message.content.array_records.items():
             for key, value in record.items():

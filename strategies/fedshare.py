@@ -9,6 +9,7 @@ the Flower-free ``fedshare.federated`` package; this class only routes messages.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -178,7 +179,7 @@ class FedShareStrategy(FedAvg):
                 try:
                     update = update_from(content["arrays"], content["metrics"])
                     fru = self._fru_report(content["arrays"], asked)
-                except (KeyError, TypeError, ValueError) as exc:
+                except Exception as exc:  # untrusted input: any failure rejects it
                     problem = f"malformed reply ({type(exc).__name__}: {exc})"
                 else:
                     problem = update_problem(update, self.server.num_items, self.config.dim,
@@ -237,46 +238,78 @@ class FedShareStrategy(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         server_round += self.offset
-        return self.evaluate_messages(arrays, {"part": "valid"}, grid) \
+        return self.evaluate_messages(arrays, {"parts": "valid"}, grid) \
             if self._is_eval_round(server_round) else []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        replies = list(replies)
         server_round += self.offset
-        if self.audit is not None:
-            for message in replies:
-                self.audit.record("evaluate", server_round, message)
-        metrics = super().aggregate_evaluate(server_round, replies)
-        if metrics is not None and server_round > 0:
+        valid = self.scores(server_round, replies, ("valid",))["valid"]
+        if not valid:
+            return None
+        if server_round > 0:
             row = {"round": server_round, "seconds": time.perf_counter() - self.started,
-                   **{f"valid_{k}": float(v) for k, v in metrics.items() if k != WEIGHT}}
+                   **{f"valid_{k}": v for k, v in valid.items()}}
             self.history.append(row)
             if self.progress is not None:
                 self.progress(row)
-        return metrics
+        return MetricRecord(valid)
 
     def evaluate_now(self, grid: Grid, parts: tuple[str, ...] = ("valid", "test")
                      ) -> dict[str, dict[str, float]]:
-        """Score the current table on ``parts`` across all nodes, in one message per node:
-        the nodes' metric sums over their users, divided by the user counts."""
-        replies = list(grid.send_and_receive(
+        """Score the current table on ``parts`` across all nodes, in one message per node."""
+        replies = grid.send_and_receive(
             self.evaluate_messages(table_record(self.server.table), {"parts": ",".join(parts)},
-                                   grid), timeout=self.timeout))
+                                   grid), timeout=self.timeout)
+        return self.scores(self.offset + self.config.rounds, replies, parts)
+
+    def scores(self, server_round: int, replies: Iterable[Message], parts: tuple[str, ...]
+               ) -> dict[str, dict[str, float]]:
+        """The nodes' metric sums over their users, divided by the user counts, per part.
+
+        A reply is counted only when, for every part, its count is a non-negative whole
+        number and every metric sum is finite and between 0 and the count (each metric of one
+        user lies in [0, 1]); anything else is logged in ``rejected``. A part no node scored
+        is ``{}``.
+        """
         sums: dict[str, float] = {}
         for message in replies:
+            node = message.metadata.src_node_id
             if message.has_error():
-                log(WARNING, "node %d did not evaluate: %s", message.metadata.src_node_id,
-                    message.error.reason)
+                log(WARNING, "node %d did not evaluate: %s", node, message.error.reason)
+                continue
+            try:  # untrusted input: any failure rejects it
+                metrics = {k: float(v) for k, v in message.content["metrics"].items()}
+                problem = _score_problem(metrics, parts)
+            except Exception as exc:
+                problem = f"malformed ({type(exc).__name__}: {exc})"
+            if problem is not None:
+                log(WARNING, "rejected the evaluation of node %d: %s", node, problem)
+                self.rejected.append({"round": server_round, "node": node,
+                                      "reason": f"evaluation: {problem}"})
                 continue
             if self.audit is not None:
-                self.audit.record("evaluate", self.config.rounds, message)
-            for key, value in message.content["metrics"].items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-        scores = {}
+                self.audit.record("evaluate", server_round, message)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        scores: dict[str, dict[str, float]] = {}
         for part in parts:
             count = sums.get(f"{part}:count", 0.0)
-            scores[part] = {key.split(":", 1)[1]: value / max(count, 1.0)
-                            for key, value in sums.items()
-                            if key.startswith(f"{part}:") and key != f"{part}:count"}
+            scores[part] = {} if count <= 0 else {
+                key.split(":", 1)[1]: value / count for key, value in sums.items()
+                if key.startswith(f"{part}:") and key != f"{part}:count"}
         return scores
+
+
+def _score_problem(metrics: dict[str, float], parts: tuple[str, ...]) -> str | None:
+    """Why an evaluate reply cannot be counted (see :meth:`FedShareStrategy.scores`)."""
+    for part in parts:
+        count = metrics.get(f"{part}:count")
+        if count is None or not math.isfinite(count) or count < 0 or count != int(count):
+            return f"no sound user count for {part}"
+        values = [v for k, v in metrics.items() if k.startswith(f"{part}:")]
+        if any(not math.isfinite(v) or v < 0 or v > count for v in values):
+            return f"a metric sum outside [0, count] for {part}"
+    if any(key.split(":", 1)[0] not in parts for key in metrics):
+        return "metrics of a part that was not asked for"
+    return None

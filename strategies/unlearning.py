@@ -64,7 +64,7 @@ def requests_from(strategy: FedShareStrategy, node: int, content: RecordDict
             raise ValueError("users and items are not two integer vectors of one length")
         if not np.isin(users, strategy.directory.node_users.get(node, [])).all():
             raise ValueError("requests for users the node does not serve")
-    except (KeyError, TypeError, ValueError) as exc:
+    except Exception as exc:  # untrusted input: any failure rejects it
         log(WARNING, "rejected the unsharing requests of node %d: %s", node, exc)
         strategy.rejected.append({"round": strategy.config.rounds, "node": node,
                                   "reason": f"unsharing requests: {exc}"})
@@ -77,17 +77,22 @@ def accept_requests(strategy: FedShareStrategy, store: SharedStore,
     """Apply the acknowledged-but-unserved requests of the durable store (a resumed run), then
     the new ones: each all-or-nothing on ``store`` (items the user never shared refuse it
     whole), acknowledged durably before it is served. A request logged before, pending or
-    served, is not applied again. Returns how many requests the phase serves."""
+    served, is not applied again; items of a user's served requests are left out of its new
+    ones (a device keeps announcing everything it unshared). Returns how many requests the
+    phase serves."""
     durable = strategy.store
     pending = durable.pending() if durable is not None else []
     for request in pending:  # applied in a run that stopped before serving them
         store.unshare(request.user, request.items)
     accepted = len(pending)
     for user, items in requests:
-        if durable is not None and (known := durable.find(user, items)) is not None:
-            log(INFO, "unsharing request %d of user %d is already %s", known.id, user,
-                "served" if known.served else "logged")
-            continue
+        if durable is not None:  # a device repeats what it asked before, and may add to it
+            items = np.setdiff1d(items, durable.served_items(user))
+            known = durable.find(user, items) if len(items) else None
+            if not len(items) or known is not None:
+                log(INFO, "the unsharing request of user %d is already %s", user,
+                    "logged" if known is not None and not known.served else "served")
+                continue
         try:
             store.unshare(user, items)
         except FedShareError as exc:

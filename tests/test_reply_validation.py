@@ -231,3 +231,44 @@ def test_requests_for_unshared_items_change_nothing_and_a_repeat_is_served_once(
     assert accept_requests(strategy, again, [(user, shared_items)]) == 1  # the logged one
     assert _pairs(again.interactions()) == _pairs(store.interactions())
     assert len(strategy.store.pending()) == 1
+
+
+@pytest.mark.parametrize(("metrics", "words"), [
+    ({"valid:hr@20": 2.0, "valid:count": 3.0}, None),
+    ({"valid:hr@20": 2.0}, "user count"),
+    ({"valid:hr@20": 2.0, "valid:count": -1.0}, "user count"),
+    ({"valid:hr@20": 2.0, "valid:count": 2.5}, "user count"),
+    ({"valid:hr@20": 2.0, "valid:count": float("inf")}, "user count"),
+    ({"valid:hr@20": float("nan"), "valid:count": 3.0}, "outside"),
+    ({"valid:hr@20": 4.0, "valid:count": 3.0}, "outside"),
+    ({"valid:hr@20": -0.5, "valid:count": 3.0}, "outside"),
+    ({"valid:hr@20": 1.0, "valid:count": 3.0, "test:hr@20": 1.0}, "not asked"),
+])
+def test_forged_evaluations_are_not_counted(metrics, words):
+    from strategies.fedshare import _score_problem
+
+    problem = _score_problem(metrics, ("valid",))
+    assert (problem is None) if words is None else (words in problem)
+
+
+def test_a_user_may_unshare_more_later_and_served_items_are_not_asked_again(durable_strategy):
+    from fedshare.unlearning.store import SharedStore
+    from strategies.unlearning import accept_requests
+
+    data, strategy = durable_strategy
+    train, plan = data.split.train, data.plan
+    owners = np.unique(train.users[plan.shared])
+    user = next(int(u) for u in owners if (plan.shared & (train.users == u)).sum() >= 2)
+    items = np.sort(train.items[plan.shared & (train.users == user)])
+    store = SharedStore(strategy.server.shared)
+    assert accept_requests(strategy, store, [(user, items[:1])]) == 1
+    strategy.store.serve(strategy.store.pending())
+    assert strategy.store.served_items(user).tolist() == items[:1].tolist()
+    later = SharedStore(strategy.store.shared())  # the device now announces both
+    assert accept_requests(strategy, later, [(user, items)]) == 1
+    (pending,) = strategy.store.pending()
+    assert pending.items.tolist() == items[1:].tolist()
+    strategy.store.serve(strategy.store.pending())
+    assert accept_requests(strategy, SharedStore(strategy.store.shared()),
+                           [(user, items)]) == 0  # everything in it was served
+    assert strategy.store.served_count() == 2

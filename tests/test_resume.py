@@ -18,7 +18,7 @@ from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import learn, unlearn
 from simulations.experiment import resolve, resume_settings, run_experiment
 from strategies.fedshare import Directory
-from strategies.server_app import open_store
+from strategies.server_app import ShareReply, build_directory, open_store, stored_directory
 
 SETTINGS = ["eval-every=10", "fraction=0.5", "dim=8", "server-steps=2", "local-epochs=2",
             "seed=0", "snapshots=2", "unlearn-rounds=2", "unlearn-steps=3", "num-supernodes=2"]
@@ -89,20 +89,41 @@ def test_resuming_needs_a_run_folder_with_a_store(tmp_path):
         resume_settings(tmp_path)
 
 
+def _reply(shared, node: int, users: np.ndarray, catalogue=(10, 40), counts=None
+           ) -> ShareReply:
+    mine = np.isin(shared.users, users)
+    return ShareReply(node, users, np.full(len(users), 3) if counts is None else counts,
+                      shared.users[mine], shared.items[mine], catalogue)
+
+
 def test_a_user_stays_bound_to_the_node_that_announced_it(tmp_path):
     data = tiny_prepared()
     shared = data.plan.shared_data(data.split.train)
-    first = Directory({1: np.arange(5), 2: np.arange(5, 10)}, {u: 3 for u in range(10)}, shared)
+    low, high = np.arange(5), np.arange(5, 10)
     big = 2**64 - 5  # Flower's node ids are unsigned 64-bit
-    open_store(tmp_path / "state.db", Directory({big: np.arange(5), 2: np.arange(5, 10)},
-                                                dict(first.local_counts), shared),
-               FederatedConfig(dim=8)).close()
-    forged = Directory({3: np.arange(5), 2: np.arange(5, 10)}, dict(first.local_counts), shared)
-    store = open_store(tmp_path / "state.db", forged, FederatedConfig(dim=8))
-    assert list(forged.node_users) == [2]  # node 3 claims node big's users: it is out
-    assert set(forged.local_counts) == set(range(5, 10))
-    assert store.bindings() == {**{u: big for u in range(5)}, **{u: 2 for u in range(5, 10)}}
-    store.close()
-    with pytest.raises(FedShareError, match="no node may speak"):
-        open_store(tmp_path / "state.db", Directory({3: np.arange(10)}, {}, shared),
-                   FederatedConfig(dim=8))
+    first = build_directory([_reply(shared, 2, high), _reply(shared, big, low)])
+    open_store(tmp_path / "state.db", first, FederatedConfig(dim=8)).close()
+    catalogue, bound = stored_directory(tmp_path / "state.db")
+    assert catalogue == (10, 40)
+    assert bound == {**{u: big for u in range(5)}, **{u: 2 for u in range(5, 10)}}
+    # After a restart node 3 claims node big's users: it is out, even with the lowest id.
+    forged = build_directory([_reply(shared, 2, high), _reply(shared, 3, low),
+                              _reply(shared, big, low)], catalogue, bound)
+    assert set(forged.node_users) == {2, big}
+    with pytest.raises(FedShareError, match="no node sent an acceptable"):
+        build_directory([_reply(shared, 3, np.arange(10))], catalogue, bound)
+
+
+def test_share_replies_that_disagree_or_lie_are_rejected():
+    data = tiny_prepared()
+    shared = data.plan.shared_data(data.split.train)
+    users = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5]), np.array([6, 7])]
+    directory = build_directory([
+        _reply(shared, 1, users[0]), _reply(shared, 2, users[1]),
+        _reply(shared, 3, users[2], catalogue=(10**9, 40)),  # the minority's catalogue
+        _reply(shared, 4, users[3], counts=np.array([3, -1])),  # a negative local count
+        _reply(shared, 5, users[0]),  # user 0 and 1 are node 1's already
+    ])
+    assert set(directory.node_users) == {1, 2}
+    assert (directory.shared.num_users, directory.shared.num_items) == (10, 40)
+    assert set(directory.local_counts) == {0, 1, 2, 3}

@@ -115,7 +115,7 @@ class DeviceData:
             raise FedShareError(f"device file {path} is not readable JSON ({exc})") from None
         try:
             return cls.from_json(document)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise FedShareError(f"device file {path} is malformed: {exc}") from None
 
     @classmethod

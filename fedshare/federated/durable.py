@@ -20,6 +20,7 @@ run presents the same key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -90,6 +91,19 @@ class ServerStore:
 
     def close(self) -> None:
         self._db.close()
+
+    @staticmethod
+    def catalogue_of(path: str | Path) -> tuple[int, int] | None:
+        """The (users, items) an existing store was created for; ``None`` if it has none."""
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)) as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'catalogue'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"{path} is not a FedShare state database: {exc}") from None
+        if row is None:
+            return None
+        users, items = str(row[0]).split()
+        return int(users), int(items)
 
     @property
     def run_key(self) -> str:
@@ -204,6 +218,13 @@ class ServerStore:
         rows = self._db.execute("SELECT id, user, items FROM requests WHERE served IS NULL "
                                 "ORDER BY id").fetchall()
         return [Request(i, u, np.frombuffer(b, dtype=np.int64).copy()) for i, u, b in rows]
+
+    def served_items(self, user: int) -> np.ndarray:
+        """Every item of ``user``'s requests already served (sorted, distinct)."""
+        rows = self._db.execute("SELECT items FROM requests WHERE user = ? AND served IS NOT "
+                                "NULL", (int(user),)).fetchall()
+        return np.unique(np.concatenate([np.zeros(0, np.int64),
+                                         *[np.frombuffer(b, dtype=np.int64) for (b,) in rows]]))
 
     def served_count(self) -> int:
         row = self._db.execute("SELECT COUNT(*) FROM requests WHERE served IS NOT NULL")

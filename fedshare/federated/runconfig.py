@@ -26,7 +26,7 @@ UNLEARN_KEYS = ("unlearn", "unlearn-rounds", "unlearn-steps", "unlearn-lr", "unl
                 "unlearn-bpr", "unlearn-forgotten-graph", "unlearn-remaining-fl",
                 "unlearn-weight", "unlearn-include-self", "unlearn-local-epochs")
 APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", "fru-alpha",
-            "max-failed-fraction", "client-state-dir", *UNLEARN_KEYS)
+            "max-failed-fraction", "client-state-dir", "bind-users", *UNLEARN_KEYS)
 DEVICE_FILE = "device-file"
 """Node-config key of a deployed device's own data (:mod:`fedshare.data.device`)."""
 
