@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pandas as pd
 
@@ -14,11 +16,17 @@ from fedshare.data.prepared import PreparedData
 
 def write_json(path: Path, payload: dict) -> None:
     """Write ``payload`` so that ``path`` is either absent or complete."""
+    write_atomically(path, lambda fh: json.dump(payload, fh, indent=2), "w")
+
+
+def write_atomically(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:
+    """``write(file)`` beside ``path``, then renamed onto it: ``path`` is either the old file
+    or the complete new one, never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

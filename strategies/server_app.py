@@ -16,6 +16,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -26,7 +27,7 @@ from fedshare.federated.config import FederatedConfig
 from fedshare.federated.durable import ServerStore
 from fedshare.federated.runconfig import federated_config, unlearning_config
 from fedshare.federated.validation import share_problem
-from fedshare.reports import metrics_frame, write_json
+from fedshare.reports import metrics_frame, write_atomically, write_json
 from fedshare.unlearning.fru import KIND as FRU_KIND
 from strategies.audit import MessageAudit
 from strategies.fedshare import Directory, FedShareStrategy
@@ -228,9 +229,13 @@ def main(grid: Grid, context: Context) -> None:
         phase = {**learned, **run_unlearning(grid, strategy, unlearning)}
         scores = strategy.evaluate_now(grid)
         valid, test = scores["valid"], scores["test"]
-    metrics_frame(strategy.rounds, strategy.history).to_csv(out_dir / "metrics.csv",
-                                                            index=False)
-    np.save(out_dir / "item_table.npy", strategy.server.table.numpy())
+    metrics = metrics_frame(strategy.rounds, strategy.history)
+    if resumed and (out_dir / "metrics.csv").exists():  # the rounds before the restart first
+        earlier = pd.read_csv(out_dir / "metrics.csv")
+        metrics = pd.concat([earlier[earlier["round"] <= resumed], metrics], ignore_index=True)
+    write_atomically(out_dir / "metrics.csv", lambda fh: metrics.to_csv(fh, index=False), "w")
+    write_atomically(out_dir / "item_table.npy",
+                     lambda fh: np.save(fh, strategy.server.table.numpy()))
     summary = {"variant": config.variant, "rounds": config.rounds, "engine": "flower",
                "valid": valid, "test": test, "seconds": time.perf_counter() - started,
                "nodes": len(nodes), "shared_interactions": len(directory.shared),

@@ -6,6 +6,7 @@ change the model's settings. Killing a server mid-round is tested on a real depl
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from synthetic import tiny_prepared
@@ -52,6 +53,8 @@ def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(runs):
     assert np.allclose(np.load(resumed_out / "item_table.npy"),
                        outcome.federation.server.table.numpy(), atol=1e-5)
     assert resumed["forgotten_interactions"] == int(data.plan.unlearn.sum()) > 0
+    rounds = pd.read_csv(resumed_out / "metrics.csv")["round"].tolist()
+    assert rounds == [1, 2, 3, 4]  # the stopped run's rounds, then the resumed ones
     store = ServerStore(resumed_out / "state.db", data.num_users, data.num_items)
     assert store.last_round() == 4 + 2 and store.pending() == []
     store.close()
