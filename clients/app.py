@@ -12,8 +12,6 @@ store's run key, so a device continues where it was when a stopped run is resume
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import replace
 from logging import WARNING
 from pathlib import Path
@@ -34,6 +32,7 @@ from fedshare.federated.runconfig import (
     node_users,
 )
 from fedshare.models.local import LocalUpdate
+from fedshare.reports import write_atomically
 from strategies.records import FRU_BYTES, FRU_USERS, int_array, table_from, update_records
 
 torch.set_num_threads(1)  # one CPU per virtual node on a small machine
@@ -88,8 +87,7 @@ def _restore(context: Context, run_key: str, round_: int | None = None) -> None:
 def _persist(context: Context, run_key: str, trained: tuple[int, np.ndarray] | None = None
              ) -> None:
     """Write the node's state file: the unshared flag, and the embeddings with the round they
-    were last trained in and those from before it (``trained``). Written beside the file,
-    flushed to disk, then renamed: never half a file."""
+    were last trained in and those from before it (``trained``); never half a file."""
     path = _state_file(context)
     if path is None or not run_key:
         return
@@ -98,17 +96,7 @@ def _persist(context: Context, run_key: str, trained: tuple[int, np.ndarray] | N
         state["user-embeddings"] = context.state[STATE]["user-embeddings"].numpy()
         round_, previous = trained if trained is not None else (-1, state["user-embeddings"])
         state |= {"round": np.array(round_), "previous": previous}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            np.savez(out, **state)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda out: np.savez(out, **state))
 
 
 def _population(context: Context, run_key: str = "", round_: int | None = None

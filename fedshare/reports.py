@@ -20,13 +20,15 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def write_atomically(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:
-    """``write(file)`` beside ``path``, then renamed onto it: ``path`` is either the old file
-    or the complete new one, never half a file."""
+    """``write(file)`` beside ``path``, flushed to disk, then renamed onto it: ``path`` is
+    either the old file or the complete new one, never half a file, even after a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, mode) as fh:
             write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -21,8 +21,6 @@ their final name and renamed, so a crash never leaves half a file; a bad file is
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from fedshare.data.prepared import PreparedData
 from fedshare.data.sharing import NONE, SharingConfig, SharingPlan
 from fedshare.data.split import Split
 from fedshare.errors import FedShareError
+from fedshare.reports import write_json
 
 FORMAT = "fedshare-device/1"
 LOCAL, SHARED, UNSHARE = "local", "shared", "unshare"
@@ -93,17 +92,8 @@ class DeviceData:
 
     def save(self, path: str | Path) -> Path:
         """Write the file atomically (beside it, then renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w") as out:
-                json.dump(self.to_json(), out)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        write_json(Path(path), self.to_json())
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> DeviceData:
