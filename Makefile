@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# MovieLens-100K ships inside this wheel; its dependencies are not wanted.
 	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
+	# Compile the training kernels once (numba caches them beside the source).
+	$(PY) -m fedshare.models.local_kernel
 	touch $(STAMP)
 
 # The main job; simulations/bench.py (MAIN_JOB) times exactly these commands.

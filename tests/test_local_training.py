@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fedshare.errors import FedShareError
 from fedshare.models.embeddings import xavier_table
 from fedshare.models.local import (
     LocalTrainConfig,
@@ -303,16 +304,6 @@ def test_user_batch_from_lists():
     assert batch.known_keys.tolist() == sorted([71, 73, 74, 26, 50])
 
 
-@pytest.mark.parametrize("key_space", [1_000, 1 << 25])
-def test_unique_inverse_equals_numpy(key_space):
-    from fedshare.models.local import _unique_inverse
-
-    keys = np.random.default_rng(3).integers(0, 1_000, size=5_000)
-    rows, inverse = _unique_inverse(keys, key_space)
-    expected_rows, expected_inverse = np.unique(keys, return_inverse=True)
-    assert np.array_equal(rows, expected_rows) and np.array_equal(inverse, expected_inverse)
-
-
 def test_two_negatives_per_positive_with_regularisation_by_hand():
     """k = 2 pairs per positive and epoch, reg > 0: each step's gradient, taken by autograd on
     the written-out loss, equals the trainer's hand-written one."""
@@ -338,20 +329,37 @@ def test_two_negatives_per_positive_with_regularisation_by_hand():
     _assert_autograd_sgd(out, table, e0, lr, loss_of)
 
 
-def test_training_in_small_chunks_equals_one_chunk(monkeypatch):
-    """train_local splits users into chunks of about CHUNK_PAIRS pairs: any split trains alike."""
-    from fedshare.models import local
+def test_compiled_negatives_equal_the_numpy_sampling_stream():
+    """The kernel's SplitMix64 draws are :func:`sample_negatives`'s, slot for slot."""
+    from fedshare.models import local_kernel
+    from fedshare.sampling import sample_negatives
 
-    rng = np.random.default_rng(11)
-    num_items, users = 50, list(range(7))
-    train = [rng.choice(num_items, n, replace=False) for n in (3, 9, 1, 14, 6, 2, 8)]
-    batch = UserBatch.from_lists(users, train, train, num_items)
-    table, emb = torch.randn(num_items, 4), torch.randn(len(users), 4)
-    config = LocalTrainConfig(epochs=2, reg=0.01)
-    whole = train_local(batch, table, emb, config, seed=3, round_=1)
-    monkeypatch.setattr(local, "CHUNK_PAIRS", 5)
-    chunked = train_local(batch, table, emb, config, seed=3, round_=1)
-    torch.testing.assert_close(chunked.user_embeddings, whole.user_embeddings, atol=1e-6, rtol=0)
-    for b in range(len(users)):
-        torch.testing.assert_close(chunked.item_table(b, table), whole.item_table(b, table),
-                                   atol=1e-6, rtol=0)
+    train, known = _dataset(6)
+    users = np.array([3, 0, 29, 7, 12])
+    batch = _batch(users, train, known)
+    k, epochs, seed, round_ = 3, 2, 17, 4
+    per = k * epochs
+    negatives = np.empty(len(batch.items) * per, np.int64)
+    rows = np.empty(len(batch.items) * (1 + per), np.int64)
+    count = np.zeros(len(users), np.int64)
+    lo = np.searchsorted(batch.known_keys, users * NUM_ITEMS)
+    hi = np.searchsorted(batch.known_keys, (users + 1) * NUM_ITEMS)
+    assert local_kernel.sample_rows(0, len(users), users, batch.indptr, batch.items, lo, hi,
+                                    batch.known_keys % NUM_ITEMS, NUM_ITEMS, k, epochs, seed,
+                                    round_, 1000, negatives, rows, count)
+    owner = np.repeat(users, batch.sizes * per)
+    slots = np.concatenate([np.arange(n * per) for n in batch.sizes])
+    expected = sample_negatives(owner, slots, batch.known_keys, NUM_ITEMS, seed, round_)
+    assert np.array_equal(negatives, expected)
+    for b in range(len(users)):  # private rows: sorted unique positives and negatives
+        mine = negatives[batch.indptr[b] * per: batch.indptr[b + 1] * per]
+        start = batch.indptr[b] * (1 + per)
+        assert rows[start: start + count[b]].tolist() == sorted(
+            set(train[users[b]].tolist()) | set(mine.tolist()))
+
+
+def test_a_user_who_knows_every_item_cannot_sample_negatives():
+    batch = UserBatch.from_lists([0], [np.array([1])], [np.arange(NUM_ITEMS)], NUM_ITEMS)
+    table, user_emb = _start()
+    with pytest.raises(FedShareError, match="cannot sample negatives"):
+        train_local(batch, table, user_emb[:1], CONFIGS["full-batch"])

@@ -25,14 +25,14 @@ user's pairs into shuffled mini-batches.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fedshare.sampling import counter_uniform, sample_negatives
+from fedshare.errors import FedShareError
+from fedshare.models import local_kernel as kernel
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,9 @@ class UserBatch:
             users) else np.zeros(0, np.int64)
         keys = [u * num_items + np.asarray(k, np.int64) for u, k in zip(users, known_items,
                                                                          strict=True)]
-        known = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+        known = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        if not (known[1:] > known[:-1]).all():  # already sorted and unique for sorted users
+            known = np.unique(known)
         return cls(users, indptr, items, known)
 
     @property
@@ -121,8 +123,13 @@ class LocalUpdate:
     def weighted_sum(self, start: Tensor, weights: Tensor) -> Tensor:
         """``sum_b w_b V_b`` without materialising any V_b: ``W * start + sum_b w_b delta_b``."""
         total = start * weights.sum()
-        delta = (self.row_value - start[self.row_item]) * weights[self.row_user, None]
-        return total.index_add(0, self.row_item, delta)
+        deltas = kernel.weighted_delta_sum(
+            self.row_user.numpy(), self.row_item.numpy(),
+            self.row_value.detach().to(torch.float32).contiguous().numpy(),
+            start.detach().to(torch.float32).contiguous().numpy(),
+            weights.detach().to(torch.float32).numpy(), torch.get_num_threads())
+        total += torch.from_numpy(deltas).to(start.dtype)
+        return total
 
 
 def user_representation(user_emb: Tensor, item_table: Tensor, indptr: Tensor,
@@ -134,14 +141,12 @@ def user_representation(user_emb: Tensor, item_table: Tensor, indptr: Tensor,
     return 0.5 * (user_emb + agg / sizes.clamp(min=1).sqrt()[:, None])
 
 
-CHUNK_PAIRS = 1 << 15
-"""Users are trained in chunks of about this many (positive, negative) pairs per epoch: their
-working set stays in cache, and memory stays flat however many users a cohort holds."""
-
-
 def train_local(batch: UserBatch, item_table: Tensor, user_emb: Tensor, config: LocalTrainConfig,
                 seed: int = 0, round_: int = 0) -> LocalUpdate:
     """Train every user of ``batch`` on its own ego graph, as if alone (see module docstring).
+
+    The loop itself is compiled (:mod:`fedshare.models.local_kernel`): pass 1 draws each
+    user's negatives and its private rows, pass 2 runs each user's SGD in cache.
 
     Args:
         batch: users and their local training items.
@@ -150,130 +155,34 @@ def train_local(batch: UserBatch, item_table: Tensor, user_emb: Tensor, config: 
         config: local hyper-parameters.
         seed, round_: keys of the negative-sampling stream.
     """
-    pairs = np.cumsum(batch.sizes * config.num_negatives)
-    bounds = np.searchsorted(pairs, np.arange(CHUNK_PAIRS, int(pairs[-1]) if len(pairs) else 0,
-                                              CHUNK_PAIRS), side="right")
-    edges = [0, *np.unique(bounds).tolist(), len(batch.users)]
-    parts = [_train_chunk(batch.subset(lo, hi), item_table, user_emb[lo:hi], config, seed,
-                          round_) for lo, hi in itertools.pairwise(edges) if hi > lo]
-    if not parts:
-        return _train_chunk(batch, item_table, user_emb, config, seed, round_)
-    offsets = np.cumsum([0, *[len(p.users) for p in parts[:-1]]])
-    return LocalUpdate(batch.users, torch.cat([p.user_embeddings for p in parts]),
-                       torch.cat([p.row_user + int(o) for p, o in zip(parts, offsets,
-                                                                      strict=True)]),
-                       torch.cat([p.row_item for p in parts]),
-                       torch.cat([p.row_value for p in parts]))
-
-
-def _train_chunk(batch: UserBatch, item_table: Tensor, user_emb: Tensor,
-                 config: LocalTrainConfig, seed: int, round_: int) -> LocalUpdate:
-    """:func:`train_local` for one chunk of users, with the gradient of Eq. 15 written out.
-
-    The users' parameters are disjoint, so each step's gradient is per pair and per user;
-    written out (``d cos(a, b) / da = (b^ - cos a^) / |a|``) it costs a few vector operations per
-    pair, without the autograd graph that scatters into a zero-filled copy of every row per
-    lookup. Tests compare it with autograd on hand-built cases.
-    """
-    num_items = item_table.shape[0]
-    sizes = batch.sizes
-    k, epochs = config.num_negatives, config.epochs
-    # One (positive, negative) pair per positive, negative slot and epoch.
-    pair_owner = np.repeat(np.repeat(np.arange(len(sizes)), sizes), k * epochs)
-    pair_pos = np.repeat(batch.items, k * epochs)
-    within = np.arange(len(pair_owner)) - np.repeat(batch.indptr[:-1] * k * epochs,
-                                                    sizes * k * epochs)
-    pair_epoch = within % (k * epochs) // k
-    slot = within  # distinct for every draw of one user
-    pair_neg = sample_negatives(batch.users[pair_owner], slot, batch.known_keys, num_items,
-                                seed, round_)
-    pair_step = _step_of_pairs(batch.users, pair_owner, pair_epoch, slot, sizes * k, config,
-                               seed, round_)
-
-    # Private rows: each user's positives and negatives, deduplicated per user.
-    keys = np.concatenate([pair_owner * num_items + pair_pos, pair_owner * num_items + pair_neg,
-                           np.repeat(np.arange(len(sizes)), sizes) * num_items + batch.items])
-    row_keys, inverse = _unique_inverse(keys, len(sizes) * num_items)
-    n_pairs = len(pair_owner)
-    row_user = torch.from_numpy(row_keys // num_items)
-    row_item = torch.from_numpy(row_keys % num_items)
-    rows = item_table[row_item].clone()
-    users = user_emb.detach().clone()
-    if n_pairs == 0:
-        return LocalUpdate(batch.users, users, row_user, row_item, rows)
-
-    # Pairs grouped by step (stable: within a step, in user order).
-    small = pair_step.astype(np.int16) if pair_step.max() < 2**15 else pair_step
-    order = np.argsort(small, kind="stable")  # radix sort for 16-bit keys
-    starts = np.searchsorted(pair_step[order], np.arange(int(pair_step.max()) + 2))
-    pos_row = torch.from_numpy(inverse[:n_pairs][order])
-    neg_row = torch.from_numpy(inverse[n_pairs: 2 * n_pairs][order])
-    owner_all = torch.from_numpy(pair_owner[order])
-    ego_row = torch.from_numpy(inverse[2 * n_pairs:])
-    ego_owner = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes))
-    inv_sqrt = 1.0 / torch.from_numpy(sizes).clamp(min=1).to(rows.dtype).sqrt()
-    lr, reg, num_users = config.lr, config.reg, len(sizes)
-    for step in range(len(starts) - 1):
-        lo, hi = int(starts[step]), int(starts[step + 1])
-        if hi == lo:
-            continue
-        owner, p_idx, n_idx = owner_all[lo:hi], pos_row[lo:hi], neg_row[lo:hi]
-        count = torch.bincount(owner, minlength=num_users).to(rows.dtype)
-        weight = 1.0 / count[owner]  # each user's loss is the mean over its pairs of the step
-        ego_sum = torch.zeros_like(users).index_add_(0, ego_owner, rows[ego_row])
-        u = (0.5 * (users + ego_sum * inv_sqrt[:, None]))[owner]  # Eq. 13-14, L = 1
-        pos, neg = rows[p_idx], rows[n_idx]
-        scaled = inv_sqrt[owner, None]
-        v_pos = 0.5 * (pos + users[owner] * scaled)
-        v_neg = 0.5 * neg
-        u_norm, pos_norm, neg_norm = (x.norm(dim=1).clamp(min=1e-12) for x in (u, v_pos, v_neg))
-        u_hat, pos_hat, neg_hat = u / u_norm[:, None], v_pos / pos_norm[:, None], \
-            v_neg / neg_norm[:, None]
-        cos_pos, cos_neg = (u_hat * pos_hat).sum(1), (u_hat * neg_hat).sum(1)
-        # d/dx of -ln sigma(x), x = cos_pos - cos_neg, times the pair's weight
-        g_x = -torch.sigmoid(cos_neg - cos_pos) * weight
-        g_u = (g_x / u_norm)[:, None] * (pos_hat - neg_hat
-                                         - (cos_pos - cos_neg)[:, None] * u_hat)
-        g_pos = (g_x / pos_norm)[:, None] * (u_hat - cos_pos[:, None] * pos_hat)
-        g_neg = (-g_x / neg_norm)[:, None] * (u_hat - cos_neg[:, None] * neg_hat)
-        g_user_vec = torch.zeros_like(users).index_add_(0, owner, g_u)
-        g_users = 0.5 * g_user_vec + torch.zeros_like(users).index_add_(
-            0, owner, 0.5 * scaled * g_pos) + 2 * reg * users * (count > 0)[:, None]
-        two_reg = (2 * reg * weight)[:, None]
-        g_pos_rows = 0.5 * g_pos + two_reg * pos
-        g_neg_rows = 0.5 * g_neg + two_reg * neg
-        g_ego_rows = (0.5 * inv_sqrt[:, None] * g_user_vec)[ego_owner]
-        # Every gradient is taken at the step's start values, then SGD moves every row.
-        # (index_add_ with ``alpha`` takes a path about 8x slower: scale first.)
-        rows.index_add_(0, p_idx, g_pos_rows.mul_(-lr))
-        rows.index_add_(0, n_idx, g_neg_rows.mul_(-lr))
-        rows.index_add_(0, ego_row, g_ego_rows.mul_(-lr))
-        users -= lr * g_users
-    return LocalUpdate(batch.users, users, row_user, row_item, rows)
-
-
-def _unique_inverse(keys: np.ndarray, key_space: int) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(keys, return_inverse=True)``; by marking a dense table when the key space is
-    small (a chunk of users times the items), which avoids sorting."""
-    if key_space > 1 << 24:
-        return np.unique(keys, return_inverse=True)
-    present = np.zeros(key_space, dtype=bool)
-    present[keys] = True
-    position = np.cumsum(present) - 1
-    return np.flatnonzero(present), position[keys]
-
-
-def _step_of_pairs(users: np.ndarray, owner: np.ndarray, epoch: np.ndarray, slot: np.ndarray,
-                   pairs_per_epoch: np.ndarray, config: LocalTrainConfig, seed: int,
-                   round_: int) -> np.ndarray:
-    """The SGD step at which each pair is used: epoch-major, shuffled mini-batches per user."""
-    if config.batch_size is None:
-        return epoch.astype(np.int64)
-    steps_per_epoch = -(-pairs_per_epoch // config.batch_size)
-    idx = np.arange(len(owner))
-    order = np.lexsort((counter_uniform(seed, round_, users[owner], slot, 1 << 40), epoch, owner))
-    group = owner[order] * (config.epochs + 1) + epoch[order]
-    first = np.searchsorted(group, group, side="left")
-    rank = np.empty(len(owner), dtype=np.int64)
-    rank[order] = idx - first
-    return epoch * steps_per_epoch[owner] + rank // config.batch_size
+    num_items, dim = item_table.shape
+    users, indptr, items = batch.users, batch.indptr, batch.items
+    per = config.num_negatives * config.epochs
+    known_lo = np.searchsorted(batch.known_keys, users * num_items)
+    known_hi = np.searchsorted(batch.known_keys, (users + 1) * num_items)
+    negatives = np.empty(len(items) * per, dtype=np.int64)
+    row_items = np.empty(len(items) * (1 + per), dtype=np.int64)
+    row_count = np.zeros(len(users), dtype=np.int64)
+    table = item_table.detach().to(torch.float32).contiguous().numpy()
+    emb = user_emb.detach().to(torch.float32).numpy().copy()
+    threads = torch.get_num_threads()
+    sampled = kernel.run_ranges(kernel.sample_rows, batch.sizes, threads, users, indptr, items,
+                                known_lo, known_hi, batch.known_keys % num_items, num_items,
+                                config.num_negatives, config.epochs, seed, round_, 1000,
+                                negatives, row_items, row_count)
+    if not all(sampled):
+        raise FedShareError("cannot sample negatives: some user interacted with (almost) every "
+                            "item")
+    row_ptr = np.concatenate([[0], np.cumsum(row_count)])
+    row_offset = indptr[:-1] * (1 + per)
+    row_value = np.empty((int(row_ptr[-1]), dim), dtype=np.float32)
+    kernel.run_ranges(kernel.train_rows, batch.sizes, threads, users, indptr, items, negatives,
+                      row_items, row_ptr, row_offset, table, emb, config.num_negatives,
+                      config.epochs, config.batch_size or 0, config.lr, config.reg, seed, round_,
+                      row_value)
+    row_user = np.repeat(np.arange(len(users)), row_count)
+    row_item = row_items[np.repeat(row_offset - row_ptr[:-1], row_count)
+                         + np.arange(int(row_ptr[-1]))]
+    dtype = item_table.dtype
+    return LocalUpdate(users, torch.from_numpy(emb).to(dtype), torch.from_numpy(row_user),
+                       torch.from_numpy(row_item), torch.from_numpy(row_value).to(dtype))
