@@ -21,7 +21,8 @@ def info_nce(local: Tensor, global_: Tensor, tau: float) -> Tensor:
     Row ``i`` of ``local`` is pulled towards row ``i`` of ``global_`` and pushed from the other
     rows: ``-log exp(cos(l_i, g_i)/tau) / sum_j exp(cos(l_i, g_j)/tau)``.
     """
-    logits = F.normalize(local, dim=-1) @ F.normalize(global_, dim=-1).T / tau
+    # 1/tau scales the n x d view rather than the n x n logits (and their gradient)
+    logits = (F.normalize(local, dim=-1) / tau) @ F.normalize(global_, dim=-1).T
     return F.cross_entropy(logits, torch.arange(len(local), device=local.device))
 
 

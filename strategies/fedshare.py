@@ -80,6 +80,7 @@ class FedShareStrategy(FedAvg):
         self.history: list[dict] = []
         self.rounds: list[dict] = []
         self.started = time.perf_counter()
+        self.train_started = self.started
         self.max_failed = max_failed  # the largest fraction of failed nodes a round tolerates
         self.sampled: dict[int, list[int]] = {}  # node -> users asked to train, this round
         self.rejected: list[dict] = []
@@ -122,6 +123,7 @@ class FedShareStrategy(FedAvg):
         Nodes the SuperLink no longer lists as connected are not sent anything; they count
         as failed nodes of the round.
         """
+        self.train_started = time.perf_counter()
         users = sample_users(self.candidates, self.config.fraction, self.config.seed, round_)
         per_node: dict[int, list[int]] = {}
         for u in users:
@@ -210,16 +212,21 @@ class FedShareStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.offset
+        replied = time.perf_counter()
         local_view, updates = self.local_view(server_round, replies)
         table = self.server.table if self.round_failed else \
             self.server.finish_round(local_view, server_round)
         if self.store is not None:
             self.store.commit_round(server_round, table, list(self.server.snapshots),
                                     self.server.state())
-        self.rounds.append({"round": server_round,
-                            "seconds": time.perf_counter() - self.started,
+        now = time.perf_counter()
+        self.rounds.append({"round": server_round, "seconds": now - self.started,
                             "num-users": sum(u.num_users for u in updates),
-                            "num-examples": sum(u.weight for u in updates)})
+                            "num-examples": sum(u.weight for u in updates),
+                            # sent -> every reply in: messages and local training
+                            "train-seconds": replied - self.train_started,
+                            # aggregation, refinement (Eq. 18), the durable commit
+                            "server-seconds": now - replied})
         metrics = MetricRecord({"num-users": sum(u.num_users for u in updates),
                                 WEIGHT: float(sum(u.weight for u in updates))})
         return table_record(table), metrics

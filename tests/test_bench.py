@@ -87,4 +87,7 @@ def test_flower_modes_compare_cohorts_with_one_node_per_user():
     assert figures["cohort_nodes"] == 2 and figures["per_user_nodes"] == 12
     for mode in ("cohort", "per_user"):
         assert figures[f"{mode}_round_seconds"] > 0 and figures[f"{mode}_updates_per_s"] > 0
+        # the train phase (messages + local training) is part of the round
+        assert 0 < figures[f"{mode}_train_seconds"] <= figures[f"{mode}_round_seconds"]
+        assert figures[f"{mode}_server_seconds"] >= 0
     assert figures["cohort_over_per_user"] > 0
