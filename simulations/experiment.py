@@ -31,9 +31,7 @@ from fedshare.federated.runconfig import (
     load_data,
     unlearning_config,
 )
-from fedshare.federated.simulate import simulate
 from fedshare.reports import metrics_frame, write_json
-from fedshare.unlearning.phase import unlearn
 from simulations.flower_runner import run_flower, toml_value, write_toml
 
 ENGINES = ("flower", "inprocess")
@@ -184,6 +182,11 @@ def resume_settings(folder: str | Path, sets: Sequence[str] = ()) -> Experiment:
 
 def _run_inprocess(run: dict[str, Any], out: Path,
                    progress: Callable[[str], None] | None) -> dict:
+    # Imported here: a Flower run's launcher only waits for its processes, and the engine
+    # (PyG, and numba through PyG) would add some 200 MB to it.
+    from fedshare.federated.simulate import simulate
+    from fedshare.unlearning.phase import unlearn
+
     data = load_data(data_key(run, {}))
     config = federated_config(run)
 

@@ -230,7 +230,7 @@ def no_runs(monkeypatch):
         raise AssertionError("a run started despite invalid input")
 
     monkeypatch.setattr(experiment_module, "run_flower", refuse)
-    monkeypatch.setattr(experiment_module, "simulate", refuse)
+    monkeypatch.setattr(experiment_module, "_run_inprocess", refuse)
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [

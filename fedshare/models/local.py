@@ -26,13 +26,13 @@ user's pairs into shuffled mini-batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from fedshare.errors import FedShareError
-from fedshare.models import local_kernel as kernel
 
 
 @dataclass(frozen=True)
@@ -123,13 +123,21 @@ class LocalUpdate:
     def weighted_sum(self, start: Tensor, weights: Tensor) -> Tensor:
         """``sum_b w_b V_b`` without materialising any V_b: ``W * start + sum_b w_b delta_b``."""
         total = start * weights.sum()
-        deltas = kernel.weighted_delta_sum(
+        deltas = _kernel().weighted_delta_sum(
             self.row_user.numpy(), self.row_item.numpy(),
             self.row_value.detach().to(torch.float32).contiguous().numpy(),
             start.detach().to(torch.float32).contiguous().numpy(),
             weights.detach().to(torch.float32).numpy(), torch.get_num_threads())
         total += torch.from_numpy(deltas).to(start.dtype)
         return total
+
+
+def _kernel() -> ModuleType:
+    """The compiled kernels, imported on first use: numba and LLVM add about 150 MB to a
+    process, and only processes that train clients need them (not a ServerApp, not the CLI)."""
+    from fedshare.models import local_kernel
+
+    return local_kernel
 
 
 def user_representation(user_emb: Tensor, item_table: Tensor, indptr: Tensor,
@@ -165,7 +173,7 @@ def train_local(batch: UserBatch, item_table: Tensor, user_emb: Tensor, config: 
     row_count = np.zeros(len(users), dtype=np.int64)
     table = item_table.detach().to(torch.float32).contiguous().numpy()
     emb = user_emb.detach().to(torch.float32).numpy().copy()
-    threads = torch.get_num_threads()
+    threads, kernel = torch.get_num_threads(), _kernel()
     sampled = kernel.run_ranges(kernel.sample_rows, batch.sizes, threads, users, indptr, items,
                                 known_lo, known_hi, batch.known_keys % num_items, num_items,
                                 config.num_negatives, config.epochs, seed, round_, 1000,
