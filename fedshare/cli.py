@@ -17,6 +17,7 @@ from typing import NoReturn
 from fedshare.data import PreparedData, SharingConfig, prepare
 from fedshare.data.loaders import SOURCES
 from fedshare.errors import FedShareError
+from fedshare.models import CENTRAL_MODELS
 from fedshare.reports import data_stats, format_stats, write_json
 
 
@@ -236,9 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     central = commands.add_parser("central", help="centralised reference run")
     _add_data_args(central)
-    from fedshare.central import MODELS
-
-    central.add_argument("--model", choices=MODELS, default="lightgcn")
+    central.add_argument("--model", choices=CENTRAL_MODELS, default="lightgcn")
     central.add_argument("--epochs", type=int, default=300, help="maximum epochs")
     central.add_argument("--seed", type=int, default=0)
     central.add_argument("--out", help="folder for summary.json")

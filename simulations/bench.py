@@ -69,7 +69,7 @@ def environment() -> dict[str, Any]:
     """What the figures were measured on: cores, threads, load, versions."""
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     versions = {name: importlib.metadata.version(name)
-                for name in ("torch", "torch_geometric", "flwr", "numpy")}
+                for name in ("torch", "torch_geometric", "flwr", "numpy", "numba")}
     return {"cpu_count": os.cpu_count(), "usable_cores": affinity,
             "torch_threads": torch.get_num_threads(), "cuda_used": False,
             "load_average_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
