@@ -89,11 +89,14 @@ class Server:
         j = sample_negatives(u, np.arange(n), self._known, self.num_items, self.config.seed,
                              (round_ << 16) + step)
         u_t, i_t, j_t = (torch.from_numpy(x) for x in (u, i, j))
-        uv = users_g[u_t]
-        pos = F.cosine_similarity(uv, items_g[i_t])
-        neg = F.cosine_similarity(uv, items_g[j_t])
-        reg = (self.user[u_t].pow(2).sum() + self.item[i_t].pow(2).sum()
-               + self.item[j_t].pow(2).sum()) / n
+        # index_select, not x[idx]: its backward is index_add_, where x[idx]'s is the far
+        # slower accumulating index_put_
+        uv = users_g.index_select(0, u_t)
+        pos = F.cosine_similarity(uv, items_g.index_select(0, i_t))
+        neg = F.cosine_similarity(uv, items_g.index_select(0, j_t))
+        reg = (self.user.index_select(0, u_t).pow(2).sum()
+               + self.item.index_select(0, i_t).pow(2).sum()
+               + self.item.index_select(0, j_t).pow(2).sum()) / n
         return bpr_loss(pos, neg).mean() + self.config.reg * reg
 
     def _train_on_graph(self, start: Tensor, round_: int, contrastive: bool,
@@ -111,9 +114,11 @@ class Server:
                 n = min(cfg.server_batch_size, len(self._graph_items))
                 b = self._graph_items[torch.from_numpy(
                     rng.choice(len(self._graph_items), size=n, replace=False))]
-                loss = loss + cfg.contrastive_weight * info_nce(self.item[b], items_g[b], cfg.tau)
+                local = self.item.index_select(0, b)
+                loss = loss + cfg.contrastive_weight * info_nce(local, items_g.index_select(0, b),
+                                                                cfg.tau)
                 if not cfg.uses_bpr:
-                    loss = loss + cfg.reg * self.item[b].pow(2).sum() / n
+                    loss = loss + cfg.reg * local.pow(2).sum() / n
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
@@ -127,6 +132,7 @@ class Server:
         rng = np.random.default_rng([cfg.seed, round_, 0xF0E7])
         items = torch.unique(torch.cat([self._graph_items,
                                         has_forgotten.nonzero().squeeze(1)]))
+        forgotten_items, has_forgotten_items = forgotten[:, items], has_forgotten[items]
         with torch.no_grad():
             self.item.copy_(local_view)
         for group in self.optimizer.param_groups:  # the phase's own step size, then back
@@ -137,8 +143,9 @@ class Server:
             else:
                 users_g, items_g = self.user, self.item / (cfg.num_layers + 1)
             loss = unlearning.weight * contrastive_unlearning_loss(
-                self.item[items], items_g[items], forgotten[:, items], has_forgotten[items],
-                unlearning.tau, unlearning.positive_in_denominator)
+                self.item.index_select(0, items), items_g.index_select(0, items),
+                forgotten_items, has_forgotten_items, unlearning.tau,
+                unlearning.positive_in_denominator)
             if unlearning.bpr and self.graph is not None:
                 loss = loss + self._bpr(users_g, items_g, rng, round_, step)
             self.optimizer.zero_grad()
