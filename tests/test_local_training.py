@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -362,3 +363,51 @@ def test_a_user_who_knows_every_item_cannot_sample_negatives():
     table, user_emb = _start()
     with pytest.raises(FedShareError, match="cannot sample negatives"):
         train_local(batch, table, user_emb[:1], CONFIGS["full-batch"])
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread budget (the kernels' too) for one test, then restore it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_training_and_averaging_do_not_depend_on_the_thread_count(threads):
+    train, known = _dataset(8)
+    table, user_emb = _start(8)
+    batch = _batch(range(NUM_USERS), train, known)
+    rng = np.random.default_rng(3)
+    n = 300_000  # several fixed row ranges in the weighted sum
+    big = LocalUpdate(np.arange(50), torch.zeros(50, DIM),
+                      torch.from_numpy(rng.integers(0, 50, n)),
+                      torch.from_numpy(rng.integers(0, NUM_ITEMS, n)),
+                      torch.from_numpy(rng.standard_normal((n, DIM)).astype(np.float32)))
+    weights = torch.rand(50, generator=torch.Generator().manual_seed(1))
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        update = train_local(batch, table, user_emb, CONFIGS["mini-batch"], seed=4)
+        results.append((update.row_value, update.user_embeddings,
+                        update.weighted_sum(table, torch.rand(NUM_USERS, generator=torch.Generator(
+                        ).manual_seed(2))), big.weighted_sum(table, weights)))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    # and the big sum is the plain one
+    expected = table * weights.sum() + torch.zeros_like(table).index_add_(
+        0, big.row_item, (big.row_value - table[big.row_item]) * weights[big.row_user, None])
+    torch.testing.assert_close(results[0][3], expected, atol=1e-3, rtol=1e-5)
+
+
+def test_ranges_have_about_equal_cost_and_keep_their_order():
+    from fedshare.models.local_kernel import run_ranges
+
+    cost = np.array([100, 1, 1, 1, 1, 100, 1, 1, 50, 50])
+    spans = run_ranges(lambda lo, hi: (lo, hi), cost, 2)
+    assert spans[0][0] == 0 and spans[-1][1] == len(cost)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))  # contiguous, in order
+    # cut at cost quantiles (RANGES_PER_THREAD per thread): no range exceeds a share plus one user
+    assert len(spans) > 2
+    assert max(int(cost[lo:hi].sum()) for lo, hi in spans) <= cost.sum() / 8 + cost.max()
+    assert run_ranges(lambda lo, hi: (lo, hi), cost, 1) == [(0, len(cost))]
+    assert run_ranges(lambda lo, hi: (lo, hi), np.zeros(0), 2) == []
