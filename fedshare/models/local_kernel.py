@@ -32,9 +32,11 @@ _M2 = np.uint64(0x94D049BB133111EB)
 MINIBATCH_KEY = 1 << 40
 """Last key of the mini-batch shuffling stream (``counter_uniform(seed, round, user, slot,
 MINIBATCH_KEY)``), distinct from every negative-sampling attempt number."""
-_NO_REASSOC = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
-"""fastmath without ``reassoc``: a reassociated (vectorised) sum peels loop iterations by the
-address's alignment, so one user's result would depend on where its rows lie in memory."""
+_EXACT = {"nnan", "ninf", "nsz", "arcp", "afn"}
+"""fastmath without ``reassoc`` or ``contract``: LLVM vectorises a loop behind a run-time check
+that its arrays do not overlap and runs a scalar copy otherwise; a reassociated sum, or a
+multiply-add fused in one copy only, would then make a user's floats depend on where its rows
+lie in memory."""
 RANGES_PER_THREAD = 4
 """Users are cut into this many ranges of about equal work per thread (sizes vary 100x)."""
 
@@ -116,7 +118,7 @@ def sample_rows(first: int, last: int, users: np.ndarray, indptr: np.ndarray,
     return True
 
 
-@njit(cache=True, fastmath=_NO_REASSOC, nogil=True)
+@njit(cache=True, fastmath=_EXACT, nogil=True)
 def _train_user(rows: np.ndarray, emb: np.ndarray, pos: np.ndarray, pair_p: np.ndarray,
                 pair_q: np.ndarray, step_ptr: np.ndarray, lr: np.float32, reg: np.float32,
                 grad: np.ndarray, touched: np.ndarray, moved: np.ndarray) -> None:
