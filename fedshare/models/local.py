@@ -10,11 +10,13 @@ Eq. 13-14 with L = 1 and ``alpha_l = 1/2`` reduce to::
 and the loss is Eq. 15: ``-ln sigma(cos(u, v_i) - cos(u, v_j)) + lambda ||Theta_u||^2``.
 
 Batching: every user owns a private copy of the rows it touches (its positives and its sampled
-negatives; SGD never moves any other row), so many users train in one call on flat, segment-
-indexed tensors. Per-user losses are summed, never averaged across users, and parameters are
-disjoint, so each user's SGD trajectory is exactly the one it would follow alone; a single user
-is a batch of one. Negatives come from :mod:`fedshare.sampling`'s counter-based stream, so they
-do not depend on who else is in the batch either.
+negatives; SGD never moves any other row), so many users train in one call: their rows lie in
+flat, segment-indexed arrays and a compiled loop (:mod:`fedshare.models.local_kernel`) trains
+one user after another, in cache, on torch's thread budget. Per-user losses are summed, never
+averaged across users, and parameters are disjoint, so each user's SGD trajectory is exactly the
+one it would follow alone; a single user is a batch of one. Negatives come from
+:mod:`fedshare.sampling`'s counter-based stream, so they do not depend on who else is in the
+batch either.
 
 Choices where the paper is silent: plain SGD (an adaptive optimiser would keep moving rows whose
 gradient is zero in a step); the L2 term covers the user embedding and the item rows of the
@@ -134,7 +136,7 @@ class LocalUpdate:
 
 def _kernel() -> ModuleType:
     """The compiled kernels, imported on first use: numba and LLVM add about 150 MB to a
-    process, and only processes that train clients need them (not a ServerApp, not the CLI)."""
+    process, and only processes that train clients need them."""
     from fedshare.models import local_kernel
 
     return local_kernel
