@@ -411,3 +411,27 @@ def test_ranges_have_about_equal_cost_and_keep_their_order():
     assert max(int(cost[lo:hi].sum()) for lo, hi in spans) <= cost.sum() / 8 + cost.max()
     assert run_ranges(lambda lo, hi: (lo, hi), cost, 1) == [(0, len(cost))]
     assert run_ranges(lambda lo, hi: (lo, hi), np.zeros(0), 2) == []
+
+
+def _ranges_in_child(queue) -> None:
+    from fedshare.models.local_kernel import run_ranges
+
+    queue.put(run_ranges(lambda lo, hi: hi - lo, np.ones(16), 2))
+
+
+def test_a_forked_child_does_not_use_the_parents_thread_pool():
+    """The child inherits the pool object but none of its threads: it must make its own."""
+    import multiprocessing
+
+    from fedshare.models.local_kernel import run_ranges
+
+    assert sum(run_ranges(lambda lo, hi: hi - lo, np.ones(16), 2)) == 16  # parent's pool exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_ranges_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+    assert sum(queue.get(timeout=5)) == 16

@@ -19,6 +19,7 @@ compares the two).
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -311,7 +312,9 @@ def add_weighted_deltas(first: int, last: int, row_user: np.ndarray, row_item: n
             acc[i, c] += w * (row_value[r, c] - start[i, c])
 
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+"""(process id, thread count, pool): a forked child inherits the pool but not its threads, so a
+pool made in another process is replaced, never used."""
 _POOL_LOCK = threading.Lock()
 
 
@@ -328,11 +331,12 @@ def run_ranges(kernel: Callable[..., object], cost: np.ndarray, threads: int,
     if threads <= 1 or len(ranges) == 1:
         return [kernel(lo, hi, *args) for lo, hi in ranges]
     with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != threads:
-            if _POOL is not None:
-                _POOL[1].shutdown()
-            _POOL = (threads, ThreadPoolExecutor(threads, thread_name_prefix="fedshare-kernel"))
-        pool = _POOL[1]
+        if _POOL is None or _POOL[:2] != (os.getpid(), threads):
+            if _POOL is not None and _POOL[0] == os.getpid():
+                _POOL[2].shutdown()
+            _POOL = (os.getpid(), threads,
+                     ThreadPoolExecutor(threads, thread_name_prefix="fedshare-kernel"))
+        pool = _POOL[2]
     return list(pool.map(lambda r: kernel(r[0], r[1], *args), ranges))
 
 
