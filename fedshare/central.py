@@ -19,11 +19,8 @@ from fedshare.data.split import Split
 from fedshare.graph import BipartiteGraph
 from fedshare.losses import bpr_loss, l2_penalty
 from fedshare.metrics import embedding_scorer, evaluate_topk
-from fedshare.models import CENTRAL_MODELS
 from fedshare.models.lightgcn import LightGCN
 from fedshare.sampling import sample_negatives
-
-MODELS = CENTRAL_MODELS
 
 
 @dataclass(frozen=True)
