@@ -26,6 +26,14 @@ def info_nce(local: Tensor, global_: Tensor, tau: float) -> Tensor:
     return F.cross_entropy(logits, torch.arange(len(local), device=local.device))
 
 
+def sampled_rows_l2(table: Tensor, *rows: Tensor) -> Tensor:
+    """``sum_k ||table[r_k]||^2`` over every index ``r_k`` in ``rows`` (repeats count): the L2
+    term of a sampled batch (Eq. 15, Eq. 18) as a count-weighted sum over the table, which
+    spares a gather per index set and the scatter-add of its backward (same value)."""
+    counts = torch.bincount(torch.cat(rows), minlength=len(table)).to(table.dtype)
+    return counts @ table.pow(2).sum(1)
+
+
 def l2_penalty(*tensors: Tensor) -> Tensor:
     """Sum of squared L2 norms, the ``lambda ||Theta||^2`` term of Eq. 15 and Eq. 18."""
     return sum(t.pow(2).sum() for t in tensors)

@@ -2,7 +2,8 @@
 
 Draws come from a counter-based generator (SplitMix64 of ``seed, round, user, counter``), so a
 user's negatives are a pure function of who they are and when they train: a cohort of users and
-one user alone sample identically, and the whole batch is drawn in vectorised numpy.
+one user alone sample identically. The draws run compiled
+(:mod:`fedshare.sampling_kernel`); :func:`counter_hash` is the stream's numpy definition.
 """
 
 from __future__ import annotations
@@ -50,17 +51,13 @@ def sample_negatives(users: np.ndarray, slots: np.ndarray, known_keys: np.ndarra
         num_items: size of the item space.
         seed, round_: stream keys.
     """
-    users = np.asarray(users, dtype=np.int64)
+    from fedshare.sampling_kernel import draw_negatives  # numba: imported on first use
+
+    users = np.ascontiguousarray(users, dtype=np.int64)
+    slots = np.ascontiguousarray(np.broadcast_to(slots, users.shape), dtype=np.int64)
     items = np.empty(len(users), dtype=np.int64)
-    todo = np.arange(len(users))
-    for attempt in range(max_attempts):
-        h = counter_hash(seed, round_, users[todo], slots[todo], attempt)
-        cand = (h % np.uint64(num_items)).astype(np.int64)
-        keys = users[todo] * num_items + cand
-        pos = np.searchsorted(known_keys, keys).clip(max=max(len(known_keys) - 1, 0))
-        clash = known_keys[pos] == keys if len(known_keys) else np.zeros(len(keys), bool)
-        items[todo[~clash]] = cand[~clash]
-        todo = todo[clash]
-        if len(todo) == 0:
-            return items
-    raise FedShareError("cannot sample negatives: some user interacted with (almost) every item")
+    if not draw_negatives(users, slots, np.ascontiguousarray(known_keys, dtype=np.int64),
+                          int(num_items), int(seed), int(round_), int(max_attempts), items):
+        raise FedShareError("cannot sample negatives: some user interacted with (almost) "
+                            "every item")
+    return items

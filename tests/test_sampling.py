@@ -133,3 +133,28 @@ def test_splitmix64_reference_values():
     states = np.array([0, golden, (2 * golden) % 2**64], dtype=np.uint64)
     out = splitmix64(states).tolist()
     assert out == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+
+
+def _reference_negatives(users, slots, known_keys, num_items, seed, round_):
+    """The stream's definition, one draw at a time in numpy: the first attempt whose item the
+    user does not know."""
+    known = set(known_keys.tolist())
+    out = []
+    for u, s in zip(users.tolist(), slots.tolist(), strict=True):
+        for attempt in range(1000):
+            item = int(counter_hash(seed, round_, u, s, attempt) % np.uint64(num_items))
+            if u * num_items + item not in known:
+                out.append(item)
+                break
+    return np.array(out, dtype=np.int64)
+
+
+@pytest.mark.parametrize(("seed", "round_"), [(0, 0), (3, 7), (11, (5 << 16) + 9)])
+def test_compiled_draws_equal_the_streams_definition(seed, round_):
+    known = _known(seed, num_users=12)
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, 12, size=300)
+    slots = rng.integers(0, 1 << 20, size=300)
+    got = sample_negatives(users, slots, _keys(known), NUM_ITEMS, seed=seed, round_=round_)
+    np.testing.assert_array_equal(
+        got, _reference_negatives(users, slots, _keys(known), NUM_ITEMS, seed, round_))

@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fedshare.data.interactions import Interactions
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import NodeUpdate
 from fedshare.graph import BipartiteGraph
-from fedshare.losses import bpr_loss, info_nce
+from fedshare.loss_kernels import cosine_bpr_loss
+from fedshare.losses import info_nce, sampled_rows_l2
 from fedshare.models.embeddings import xavier_table
 from fedshare.sampling import sample_negatives
 from fedshare.storage import SnapshotStore, StorageLedger
 from fedshare.unlearning.config import UnlearningConfig
-from fedshare.unlearning.contrastive import contrastive_unlearning_loss
+from fedshare.unlearning.contrastive import ContrastiveUnlearningLoss
 
 
 class Server:
@@ -83,21 +83,15 @@ class Server:
 
     def _bpr(self, users_g: Tensor, items_g: Tensor, rng: np.random.Generator,
              round_: int, step: int) -> Tensor:
+        """Cosine BPR on a batch of G_s's edges (compiled, with its gradient) + L2 of its rows."""
         n = min(self.config.server_batch_size, len(self._edges_u))
         pick = rng.choice(len(self._edges_u), size=n, replace=False)
         u, i = self._edges_u[pick], self._edges_i[pick]
         j = sample_negatives(u, np.arange(n), self._known, self.num_items, self.config.seed,
                              (round_ << 16) + step)
-        u_t, i_t, j_t = (torch.from_numpy(x) for x in (u, i, j))
-        # index_select, not x[idx]: its backward is index_add_, where x[idx]'s is the far
-        # slower accumulating index_put_
-        uv = users_g.index_select(0, u_t)
-        pos = F.cosine_similarity(uv, items_g.index_select(0, i_t))
-        neg = F.cosine_similarity(uv, items_g.index_select(0, j_t))
-        reg = (self.user.index_select(0, u_t).pow(2).sum()
-               + self.item.index_select(0, i_t).pow(2).sum()
-               + self.item.index_select(0, j_t).pow(2).sum()) / n
-        return bpr_loss(pos, neg).mean() + self.config.reg * reg
+        reg = (sampled_rows_l2(self.user, torch.from_numpy(u))
+               + sampled_rows_l2(self.item, torch.from_numpy(np.concatenate([i, j])))) / n
+        return cosine_bpr_loss(users_g, items_g, u, i, j) + self.config.reg * reg
 
     def _train_on_graph(self, start: Tensor, round_: int, contrastive: bool,
                         steps: int | None = None) -> Tensor:
@@ -124,15 +118,19 @@ class Server:
             self.optimizer.step()
         return self.item.detach().clone()
 
-    def unlearn_round(self, local_view: Tensor, round_: int, forgotten: Tensor,
-                      has_forgotten: Tensor, unlearning: UnlearningConfig) -> Tensor:
+    def unlearning_loss(self, forgotten: Tensor, has_forgotten: Tensor,
+                        unlearning: UnlearningConfig) -> ContrastiveUnlearningLoss:
+        """L_CU (Eq. 25) of an unlearning phase, over the items of the updated G_s and I_f."""
+        items = torch.unique(torch.cat([self._graph_items, has_forgotten.nonzero().squeeze(1)]))
+        return ContrastiveUnlearningLoss(forgotten, has_forgotten, items, unlearning.tau,
+                                         unlearning.positive_in_denominator)
+
+    def unlearn_round(self, local_view: Tensor, round_: int, l_cu: ContrastiveUnlearningLoss,
+                      unlearning: UnlearningConfig) -> Tensor:
         """Algorithm 2, lines 12-17: minimise L_CU (Eq. 25), optionally + BPR on the updated G_s,
         starting from the new local view; the result becomes V_s."""
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, round_, 0xF0E7])
-        items = torch.unique(torch.cat([self._graph_items,
-                                        has_forgotten.nonzero().squeeze(1)]))
-        forgotten_items, has_forgotten_items = forgotten[:, items], has_forgotten[items]
         with torch.no_grad():
             self.item.copy_(local_view)
         for group in self.optimizer.param_groups:  # the phase's own step size, then back
@@ -142,10 +140,7 @@ class Server:
                 users_g, items_g = self.graph.propagate(self.user, self.item, cfg.num_layers)
             else:
                 users_g, items_g = self.user, self.item / (cfg.num_layers + 1)
-            loss = unlearning.weight * contrastive_unlearning_loss(
-                self.item.index_select(0, items), items_g.index_select(0, items),
-                forgotten_items, has_forgotten_items, unlearning.tau,
-                unlearning.positive_in_denominator)
+            loss = unlearning.weight * l_cu(self.item, items_g)
             if unlearning.bpr and self.graph is not None:
                 loss = loss + self._bpr(users_g, items_g, rng, round_, step)
             self.optimizer.zero_grad()

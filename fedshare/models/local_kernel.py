@@ -27,9 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+from fedshare.sampling_kernel import hash5
+
 MINIBATCH_KEY = 1 << 40
 """Last key of the mini-batch shuffling stream (``counter_uniform(seed, round, user, slot,
 MINIBATCH_KEY)``), distinct from every negative-sampling attempt number."""
@@ -42,26 +41,6 @@ RANGES_PER_THREAD = 4
 """Users are cut into this many ranges of about equal work per thread (sizes vary 100x)."""
 
 
-@njit(cache=True, inline="always")
-def _mix(z: np.uint64) -> np.uint64:
-    """SplitMix64 finaliser (:func:`fedshare.sampling.splitmix64`)."""
-    z = z + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
-@njit(cache=True, inline="always")
-def _hash(seed: np.uint64, round_: np.uint64, user: np.uint64, slot: np.uint64,
-          last: np.uint64) -> np.uint64:
-    """:func:`fedshare.sampling.counter_hash` of five keys."""
-    state = _mix(np.uint64(0) ^ seed)
-    state = _mix(state ^ round_)
-    state = _mix(state ^ user)
-    state = _mix(state ^ slot)
-    return _mix(state ^ last)
-
-
 @njit(cache=True, nogil=True)
 def _draw_negatives(user: int, count: int, stamp: int, known: np.ndarray, num_items: int,
                     seed: int, round_: int, max_attempts: int, out: np.ndarray) -> bool:
@@ -72,7 +51,7 @@ def _draw_negatives(user: int, count: int, stamp: int, known: np.ndarray, num_it
     for slot in range(count):
         found = False
         for attempt in range(max_attempts):
-            cand = np.int64(_hash(s, r, u, np.uint64(slot), np.uint64(attempt)) % items)
+            cand = np.int64(hash5(s, r, u, np.uint64(slot), np.uint64(attempt)) % items)
             if known[cand] != stamp:
                 out[slot] = cand
                 found = True
@@ -246,7 +225,7 @@ def _pairs(user: int, pos: np.ndarray, neg: np.ndarray, k: int, epochs: int, bat
             for i in range(n):
                 for j in range(k):
                     slot = np.uint64(i * k * epochs + e * k + j)
-                    keys[i * k + j] = _hash(s, r, u, slot, np.uint64(MINIBATCH_KEY)) >> \
+                    keys[i * k + j] = hash5(s, r, u, slot, np.uint64(MINIBATCH_KEY)) >> \
                         np.uint64(11)
             order = np.argsort(keys, kind="mergesort")
             pair_p[base: base + per_epoch] = pair_p[base + order]
@@ -359,10 +338,13 @@ def weighted_delta_sum(row_user: np.ndarray, row_item: np.ndarray, row_value: np
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's cache) every kernel on a tiny batch."""
+    """Compile (or load from numba's cache) every numba kernel of fedshare on tiny inputs:
+    client training, negative sampling and the server's losses."""
     import torch
 
+    from fedshare import loss_kernels
     from fedshare.models.local import LocalTrainConfig, UserBatch, train_local
+    from fedshare.sampling import sample_negatives
 
     batch = UserBatch.from_lists([0, 1], [np.array([1, 2]), np.array([3])],
                                  [np.array([1, 2]), np.array([3])], 8)
@@ -370,6 +352,14 @@ def warm_up() -> None:
         update = train_local(batch, torch.zeros(8, 4), torch.zeros(2, 4),
                              LocalTrainConfig(batch_size=batch_size))
         update.weighted_sum(torch.zeros(8, 4), torch.ones(2))
+    sample_negatives(np.array([0]), np.array([0]), np.array([1]), 8, 0)
+    table = torch.ones(8, 4, requires_grad=True)
+    loss_kernels.cosine_bpr_loss(table, table, np.array([0]), np.array([1]), np.array([2]))
+    rows = np.ones((8, 4), np.float32)
+    for positive_in_denominator in (False, True):
+        loss_kernels.contrastive_unlearning(rows, rows, np.ones(8, bool), 8, np.array([1]),
+                                            np.ones((2, 1, 4), np.float32), 0.5,
+                                            positive_in_denominator, rows.copy(), rows.copy())
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ def run_algorithm2(server: Server, store: SharedStore, config: UnlearningConfig,
                             config.include_self)
     has_forgotten = torch.zeros(server.num_items, dtype=torch.bool)
     has_forgotten[torch.from_numpy(np.unique(forgotten.items))] = True
+    l_cu = server.unlearning_loss(views, has_forgotten, config)
     for r in range(1, config.rounds + 1):
         round_ = first_round + r
         local_view = remaining_round(round_) if config.remaining_fl else server.table
-        server.unlearn_round(local_view, round_, views, has_forgotten, config)
+        server.unlearn_round(local_view, round_, l_cu, config)
     complete_erasure(server, store)
 
 

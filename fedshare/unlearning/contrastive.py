@@ -24,6 +24,7 @@ views; ``remaining_fl=False`` reuses the previous table as the local view.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,6 +32,7 @@ from torch import Tensor
 from fedshare.data.interactions import Interactions
 from fedshare.errors import FedShareError
 from fedshare.graph import BipartiteGraph
+from fedshare.loss_kernels import KernelLoss, as_array, contrastive_unlearning
 
 
 def contrastive_unlearning_loss(local: Tensor, global_: Tensor, forgotten: Tensor,
@@ -53,6 +55,41 @@ def contrastive_unlearning_loss(local: Tensor, global_: Tensor, forgotten: Tenso
         return torch.where(has_forgotten, softmax, -positive).mean()
     denominator = torch.logsumexp(negative, dim=0)
     return (-positive + torch.where(has_forgotten, denominator, 0.0)).mean()
+
+
+class ContrastiveUnlearningLoss:
+    """L_CU (Eq. 25) over a fixed item set, in the form the server's unlearning steps use.
+
+    The value of :func:`contrastive_unlearning_loss` on ``items`` (a test checks value and
+    gradient), at a fraction of the cost per step: the forgotten views are constant through the
+    phase, so they are normalised once and kept only for the items of I_f (the only ones with
+    forgotten negatives), and the loss and its gradient come from one compiled pass
+    (:func:`fedshare.loss_kernels.contrastive_unlearning`).
+
+    Args:
+        forgotten: forgotten views ``[M, I, d]`` of every item. has_forgotten: ``[I]``, I_f.
+        items: the items the loss averages over (those of G_s and I_f).
+    """
+
+    def __init__(self, forgotten: Tensor, has_forgotten: Tensor, items: Tensor, tau: float,
+                 positive_in_denominator: bool = False) -> None:
+        self.tau, self.positive_in_denominator = float(tau), bool(positive_in_denominator)
+        self.mask = np.zeros(len(has_forgotten), dtype=bool)
+        self.mask[items.numpy()] = True
+        self.count = len(items)
+        targets = items[has_forgotten.index_select(0, items)]  # I_f among ``items``
+        self.targets = targets.numpy().astype(np.int64)
+        self.negatives = as_array(F.normalize(forgotten.index_select(1, targets), dim=-1))
+
+    def __call__(self, local: Tensor, global_: Tensor) -> Tensor:
+        """L_CU of the local and global item tables ``[I, d]``, differentiable w.r.t. both."""
+        local_a, global_a = as_array(local), as_array(global_)
+        grad_local, grad_global = np.zeros_like(local_a), np.zeros_like(global_a)
+        value = contrastive_unlearning(local_a, global_a, self.mask, self.count, self.targets,
+                                       self.negatives, self.tau, self.positive_in_denominator,
+                                       grad_local, grad_global)
+        return KernelLoss.apply(local, global_, value, torch.from_numpy(grad_local),
+                                torch.from_numpy(grad_global))
 
 
 def forgotten_views(snapshots: list[Tensor], users: Tensor, forgotten: Interactions,
