@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# MovieLens-100K ships inside this wheel; its dependencies are not wanted.
 	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
-	# Compile the training kernels once (numba caches them beside the source).
+	# Compile the numba kernels once (numba caches them beside the source).
 	$(PY) -m fedshare.models.local_kernel
 	touch $(STAMP)
 

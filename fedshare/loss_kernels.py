@@ -10,7 +10,11 @@ gradient with the autograd forms (:func:`fedshare.losses.bpr_loss` on
 ``F.cosine_similarity``, :func:`fedshare.unlearning.contrastive.contrastive_unlearning_loss`).
 
 The cosine gradient is ``d cos(a, b) / da = (b^ - cos(a, b) a^) / |a|`` with norms clamped at
-1e-12 like ``F.normalize``; sums run in float64 and gradients are stored in float32.
+1e-12 like ``F.normalize``. Row sums may be reassociated (vectorised), unlike the client
+kernel's: the client kernel must give a user the same floats wherever its rows lie in memory
+(alone or in a cohort), while these losses only need the same floats for the same inputs, which
+one compiled loop over one ordering of the batch always gives. The gradient rows they write are
+float32 arrays of their own, never the rows they read.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor
 
 _TINY = 1e-12
 _FAST = {"reassoc", "nnan", "ninf", "nsz", "arcp", "afn"}
+"""fastmath without ``contract``: reassociated (vectorised) sums; see the module docstring."""
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
