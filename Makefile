@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	# MovieLens-100K ships inside this wheel; its dependencies are not wanted.
 	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
 	# Compile the numba kernels once (numba caches them beside the source).
-	$(PY) -m fedshare.models.local_kernel
+	$(PY) -m fedshare.kernels
 	touch $(STAMP)
 
 # The main job; simulations/bench.py (MAIN_JOB) times exactly these commands.

@@ -196,7 +196,7 @@ def learning_round(data: PreparedData, config: FederatedConfig) -> dict[str, Any
     A round of a run, not a process's first: the numba kernels are loaded beforehand (once per
     process, timed apart)."""
     from fedshare.federated.simulate import InProcessFederation
-    from fedshare.models.local_kernel import warm_up
+    from fedshare.kernels import warm_up
 
     config = replace(config, fraction=1.0)
     start = time.perf_counter()

@@ -8,7 +8,7 @@ users run on ``torch.get_num_threads()`` Python threads (the kernels release the
 budget as torch. Plain threads rather than numba's ``parallel=True``: the kernels compile in
 half the time, and no second threading runtime (OpenMP, TBB or numba's workqueue, which aborts
 when two threads enter it) runs beside torch's and Ray's. numba compiles once per checkout
-(``cache=True``; ``make`` warms the cache when it installs).
+(``cache=True``; ``make`` warms the cache when it installs, :mod:`fedshare.kernels`).
 
 Everything a user's result depends on (its rows, its negatives, its step order) is computed
 from that user alone, so a user trains bit for bit alike alone or in any cohort. Negatives
@@ -335,32 +335,3 @@ def weighted_delta_sum(row_user: np.ndarray, row_item: np.ndarray, row_value: np
 
     run_ranges(part, np.ones(parts), threads)
     return partial.sum(0) if parts > 1 else partial[0]
-
-
-def warm_up() -> None:
-    """Compile (or load from numba's cache) every numba kernel of fedshare on tiny inputs:
-    client training, negative sampling and the server's losses."""
-    import torch
-
-    from fedshare import loss_kernels
-    from fedshare.models.local import LocalTrainConfig, UserBatch, train_local
-    from fedshare.sampling import sample_negatives
-
-    batch = UserBatch.from_lists([0, 1], [np.array([1, 2]), np.array([3])],
-                                 [np.array([1, 2]), np.array([3])], 8)
-    for batch_size in (None, 1):
-        update = train_local(batch, torch.zeros(8, 4), torch.zeros(2, 4),
-                             LocalTrainConfig(batch_size=batch_size))
-        update.weighted_sum(torch.zeros(8, 4), torch.ones(2))
-    sample_negatives(np.array([0]), np.array([0]), np.array([1]), 8, 0)
-    table = torch.ones(8, 4, requires_grad=True)
-    loss_kernels.cosine_bpr_loss(table, table, np.array([0]), np.array([1]), np.array([2]))
-    rows = np.ones((8, 4), np.float32)
-    for positive_in_denominator in (False, True):
-        loss_kernels.contrastive_unlearning(rows, rows, np.ones(8, bool), 8, np.array([1]),
-                                            np.ones((2, 1, 4), np.float32), 0.5,
-                                            positive_in_denominator, rows.copy(), rows.copy())
-
-
-if __name__ == "__main__":
-    warm_up()
