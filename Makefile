@@ -27,6 +27,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	# the layers of pyproject.toml's [tool.importlinter] contracts
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 clean:

@@ -18,12 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
+from fedshare import protocol
+from fedshare.atomic import write_atomically
 from fedshare.federated.population import ClientPopulation
-from fedshare.federated.runconfig import (
+from fedshare.models.local import LocalUpdate
+from fedshare.runconfig import (
     data_key,
     federated_config,
     load_data,
@@ -31,9 +34,6 @@ from fedshare.federated.runconfig import (
     node_label,
     node_users,
 )
-from fedshare.models.local import LocalUpdate
-from fedshare.reports import write_atomically
-from strategies.records import FRU_BYTES, FRU_USERS, int_array, table_from, update_records
 
 torch.set_num_threads(1)  # one CPU per virtual node on a small machine
 app = ClientApp()
@@ -43,11 +43,6 @@ UNSHARED = "fedshare-unshared"
 
 def _unshared(context: Context) -> bool:
     return UNSHARED in context.state and bool(context.state[UNSHARED]["done"])
-
-
-def _run_key(msg: Message) -> str:
-    config = msg.content.get("config", {})
-    return str(config.get("run-key", ""))
 
 
 def _state_file(context: Context) -> Path | None:
@@ -128,63 +123,49 @@ def share(msg: Message, context: Context) -> Message:
     """Upload this node's I_share (and nothing of I_local) and describe its users."""
     population = _population(context)
     users, items = population.shared_interactions()
-    arrays = ArrayRecord({"served-users": int_array(population.users),
-                          "local-counts": int_array(population.local_count(population.users)),
-                          "share-users": int_array(users), "share-items": int_array(items)})
-    metrics = MetricRecord({"num-items": population.num_items,
-                            "num-users-total": population.num_users})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return protocol.share_reply(msg, population.users, population.local_count(population.users),
+                                users, items, (population.num_users, population.num_items))
 
 
 @app.query("unshare")
 def unshare(msg: Message, context: Context) -> Message:
     """Send this node's users' unsharing requests (I_unlearn, a subset of what they shared) and
     from now on keep only the remaining data (the unshared interactions count nowhere, Eq. 9)."""
-    run_key = _run_key(msg)
+    run_key = protocol.run_key(msg)
     _restore(context, run_key)
     data = load_data(data_key(context.run_config, context.node_config))
     users = node_users(context.node_config, data.num_users)
     train = data.split.train
     mine = data.plan.unlearn & np.isin(train.users, users)
-    arrays = ArrayRecord({"unshare-users": int_array(train.users[mine]),
-                          "unshare-items": int_array(train.items[mine])})
     context.state[UNSHARED] = ConfigRecord({"done": True})
     _persist(context, run_key)
-    return Message(RecordDict({"arrays": arrays}), reply_to=msg)
+    return protocol.unshare_reply(msg, train.users[mine], train.items[mine])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of the round's sampled users of this node (Eq. 12-15)."""
-    run_key = _run_key(msg)
-    settings = msg.content["config"]
-    round_ = int(settings["server-round"])
-    population = _population(context, run_key, round_)
+    request = protocol.read_train_request(msg)
+    population = _population(context, request.run_key, request.round)
     previous = population.embeddings.numpy().copy()
     config = federated_config(context.run_config)
-    users = np.asarray(settings["users"], dtype=np.int64)
-    table = table_from(msg.content["arrays"])
     local = config.local
-    if "local-epochs" in settings:  # the unlearning phase's remaining-data rounds
-        local = replace(local, epochs=int(settings["local-epochs"]))
+    if request.local_epochs is not None:  # the unlearning phase's remaining-data rounds
+        local = replace(local, epochs=request.local_epochs)
     alpha = float(context.run_config.get("fru-alpha", 0.0))
     kept: dict[int, int] = {}
 
     def keep_fru_rows(trained: LocalUpdate, weights: torch.Tensor) -> None:
         from fedshare.unlearning.fru import important_rows  # only FRU runs pay its imports
 
-        for user, items, rows in important_rows(trained, table, alpha):
-            kept[user] = _keep(context, user, round_, items, rows)
+        for user, items, rows in important_rows(trained, request.table, alpha):
+            kept[user] = _keep(context, user, request.round, items, rows)
 
-    learning = alpha > 0 and "local-epochs" not in settings  # not the unlearning phase's rounds
-    update = population.train(users, table, local, config.seed, round_,
+    learning = alpha > 0 and request.local_epochs is None  # not the unlearning phase's rounds
+    update = population.train(request.users, request.table, local, config.seed, request.round,
                               keep_fru_rows if learning else None)
-    _save(population, context, run_key, round_, previous)
-    arrays, metrics = update_records(update)
-    if kept:
-        arrays[FRU_USERS] = int_array(np.array(list(kept)))
-        arrays[FRU_BYTES] = int_array(np.array(list(kept.values())))
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    _save(population, context, request.run_key, request.round, previous)
+    return protocol.train_reply(msg, update, kept)
 
 
 def _keep(context: Context, user: int, round_: int, items: torch.Tensor,
@@ -201,16 +182,11 @@ def _keep(context: Context, user: int, round_: int, items: torch.Tensor,
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Rank all items for every served user, on each of the ``parts`` asked (``"valid"``, or
-    ``"valid,test"`` for the final scores): per part the metric *sums* and the user count,
-    ``"<part>:<metric>"`` and ``"<part>:count"``, which the server adds up exactly even when
-    parts count different users."""
-    population = _population(context, _run_key(msg))
-    settings: ConfigRecord = msg.content["config"]
-    table = table_from(msg.content["arrays"])
-    reply: dict[str, float] = {}
-    for part in str(settings.get("parts", "valid")).split(","):
-        sums, count = population.evaluate(population.users, table, part)
-        reply |= {f"{part}:{name}": value for name, value in sums.items()}
-        reply[f"{part}:count"] = count
-    return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)
+    """Rank all items for every served user on each part asked (``valid``, or ``valid`` and
+    ``test`` for the final scores) and reply with the metric sums and the user count per part,
+    which the server adds up exactly even when parts count different users."""
+    request = protocol.read_evaluate_request(msg)
+    population = _population(context, request.run_key)
+    return protocol.evaluate_reply(msg, {
+        part: population.evaluate(population.users, request.table, part)
+        for part in request.parts})

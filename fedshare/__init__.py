@@ -1,7 +1,8 @@
 """FedShare: federated recommendation with personalised data sharing and unlearning.
 
-The core library is Flower-free so that every piece can be unit-tested directly; the Flower
-ServerApp strategies live in ``strategies/`` and the ClientApps in ``clients/``.
+The core knows nothing of how it is run: the Flower ServerApp lives in ``strategies/``, the
+ClientApp in ``clients/``, the ``fedshare`` command and every launcher in ``simulations/``. Flower
+enters the core in one module, :mod:`fedshare.protocol`, the wire format both apps share.
 """
 
 from fedshare.errors import FedShareError

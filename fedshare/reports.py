@@ -1,38 +1,10 @@
-"""Summaries of data and runs, as dicts, text and atomically written JSON."""
+"""Summaries of data and runs, as dicts, text and tables."""
 
 from __future__ import annotations
-
-import json
-import os
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
-from typing import IO
 
 import pandas as pd
 
 from fedshare.data.prepared import PreparedData
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` so that ``path`` is either absent or complete."""
-    write_atomically(path, lambda fh: json.dump(payload, fh, indent=2), "w")
-
-
-def write_atomically(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:
-    """``write(file)`` beside ``path``, flushed to disk, then renamed onto it: ``path`` is
-    either the old file or the complete new one, never half a file, even after a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def metrics_frame(rounds: list[dict], validations: list[dict]) -> pd.DataFrame:

@@ -56,6 +56,7 @@ from fedshare.data.synthetic import synthetic_prepared
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import ClientPopulation
 from fedshare.models.embeddings import xavier_table
+from simulations.processes import signal_group, tree_memory
 
 QUICK_SIZE = {"num_users": 600, "num_items": 1500, "num_interactions": 60_000}
 
@@ -195,7 +196,7 @@ def learning_round(data: PreparedData, config: FederatedConfig) -> dict[str, Any
 
     A round of a run, not a process's first: the numba kernels are loaded beforehand (once per
     process, timed apart)."""
-    from fedshare.federated.simulate import InProcessFederation
+    from fedshare.federated.inprocess import InProcessFederation
     from fedshare.kernels import warm_up
 
     config = replace(config, fraction=1.0)
@@ -206,12 +207,12 @@ def learning_round(data: PreparedData, config: FederatedConfig) -> dict[str, Any
     federation = InProcessFederation(data, config)
     setup_s = time.perf_counter() - start
     start = time.perf_counter()
-    aggregated = federation.train_round(1)
+    aggregated, entered = federation.learning.local_view(1, federation.client_updates(1))
     clients_s = time.perf_counter() - start
     start = time.perf_counter()
     federation.server.finish_round(aggregated, 1)
     server_s = time.perf_counter() - start
-    return {"variant": config.variant, "users_trained": federation.last_round["num-users"],
+    return {"variant": config.variant, "users_trained": sum(u.num_users for u in entered),
             "shared_edges": len(federation.server.shared), "server_steps": config.server_steps,
             "kernel_load_seconds": load_s, "setup_seconds": setup_s,
             "clients_and_aggregation_seconds": clients_s,
@@ -293,7 +294,7 @@ def unlearning_ratio(config: FederatedConfig) -> dict[str, Any]:
 
 
 def _unlearning_ratio(config: FederatedConfig) -> dict[str, Any]:
-    from fedshare.federated.runconfig import data_key, load_data
+    from fedshare.runconfig import data_key, load_data
     from fedshare.unlearning.config import UnlearningConfig
     from fedshare.unlearning.phase import learn, unlearn
     from simulations.experiment import resolve
@@ -322,59 +323,6 @@ MAIN_JOB = (["fedshare", "data", "stats", "--dataset", "ml-100k"],
 """The README's main job (``make demo`` runs exactly these)."""
 
 
-def _pss_bytes(pid: int) -> int:
-    """Proportional set size: resident memory with shared pages split between their users."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _tree(root: int) -> list[int]:
-    """``root`` and every descendant (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
-
-
-def _tree_pss_bytes(root: int) -> int:
-    return sum(_pss_bytes(pid) for pid in _tree(root))
-
-
-def _tree_rss_bytes(root: int) -> int:
-    """Summed resident memory of ``root`` and every descendant (from /proc): shared pages
-    (libraries, Ray's object store) count once per process, so this bounds the truth above."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(stat.parent.name)
-        children.setdefault(int(fields[1]), []).append(pid)
-        rss[pid] = int(fields[21]) * resource.getpagesize()
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo += children.get(pid, [])
-    return total
-
-
 def main_job(out: Path, commands: Sequence[Sequence[str]] = MAIN_JOB) -> dict[str, Any]:
     """Run the main job's commands one after the other; wall time and peak tree memory."""
     import subprocess
@@ -395,13 +343,12 @@ def main_job(out: Path, commands: Sequence[Sequence[str]] = MAIN_JOB) -> dict[st
                                        start_new_session=True)
             try:
                 while process.poll() is None:
-                    own_peak = max(own_peak, _tree_rss_bytes(process.pid))
-                    own_pss = max(own_pss, _tree_pss_bytes(process.pid))
+                    memory = tree_memory(process.pid)
+                    own_peak, own_pss = max(own_peak, memory.rss), max(own_pss, memory.pss)
                     time.sleep(0.2)
             finally:  # interrupted: stop the command and everything it started
-                if process.poll() is None:
-                    os.killpg(process.pid, signal.SIGTERM)
-                    process.wait()
+                signal_group(process, signal.SIGTERM)
+                process.wait()
         if process.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed; see {out / 'main-job.log'}")
         name = " ".join(command[1:3] if command[1] == "data" else command[1:2])

@@ -6,7 +6,7 @@ A config file (``simulations/configs/*.toml``) has a ``[run]`` table of run-conf
 ``metrics.csv`` (one row per validation), ``summary.json`` and, for the Flower engine,
 ``flower.log``. The ``flower`` engine runs the real app (ServerApp, virtual SuperNodes on Ray);
 ``inprocess`` runs the same client, aggregation and server code in one process
-(:func:`fedshare.federated.simulate.simulate`), which gives the same numbers faster.
+(:func:`fedshare.federated.inprocess.run_inprocess`), which gives the same numbers faster.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from fedshare.atomic import write_json
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
-from fedshare.federated.runconfig import (
+from fedshare.runconfig import (
     APP_KEYS,
     DATA_KEYS,
     data_key,
@@ -31,7 +32,6 @@ from fedshare.federated.runconfig import (
     load_data,
     unlearning_config,
 )
-from fedshare.reports import metrics_frame, write_json
 from simulations.flower_runner import run_flower, toml_value, write_toml
 
 ENGINES = ("flower", "inprocess")
@@ -184,35 +184,33 @@ def _run_inprocess(run: dict[str, Any], out: Path,
                    progress: Callable[[str], None] | None) -> dict:
     # Imported here: a Flower run's launcher only waits for its processes, and the engine
     # (PyG, and numba through PyG) would add some 200 MB to it.
-    from fedshare.federated.simulate import simulate
+    from fedshare.federated.inprocess import run_inprocess
+    from fedshare.federated.rounds import progress_line
+    from fedshare.federated.summary import PhaseSummary, RunSummary
+    from fedshare.storage_ledger import FRU_CLIENT
     from fedshare.unlearning.phase import unlearn
 
     data = load_data(data_key(run, {}))
     config = federated_config(run)
-
-    def report(row: dict) -> None:
-        if progress is not None:
-            progress(f"round {row['round']}  {row['seconds']:.1f} s  valid HR@20 "
-                     f"{row['valid_hr@20']:.4f}  NDCG@20 {row['valid_ndcg@20']:.4f}")
-
-    result = simulate(data, config, report)
+    report = None if progress is None else (lambda row: progress(progress_line(row)))
+    result = run_inprocess(data, config, report)
     assert result.federation is not None
-    federation, valid, test, phase = result.federation, result.valid, result.test, {}
+    federation, valid, test, phase = result.federation, result.valid, result.test, None
     unlearning = unlearning_config(run)
     if unlearning is not None:  # the same Algorithm 2 the Flower strategy runs
         outcome = unlearn(federation, data, "fedshare", unlearning, config.rounds)
         federation = outcome.federation
         valid, test = federation.evaluate("valid"), federation.evaluate("test")
-        phase = {"learned_valid": result.valid, "learned_test": result.test,
-                 "unlearning_seconds": outcome.seconds,
-                 "unlearning_kept_bytes": outcome.kept_bytes,
-                 "forgotten_interactions": int(data.plan.unlearn.sum()),
-                 "unlearning": unlearning.to_dict()}
-    np.save(out / "item_table.npy", federation.server.table.numpy())
-    metrics_frame(result.rounds, result.history).to_csv(out / "metrics.csv", index=False)
-    summary = {"variant": config.variant, "rounds": config.rounds, "valid": valid,
-               "test": test, "seconds": result.seconds, "engine": "inprocess",
-               "shared_interactions": int(data.plan.shared.sum()) if config.shares else 0,
-               **phase}
+        assert outcome.store is not None
+        phase = PhaseSummary(result.valid, result.test, outcome.seconds, outcome.kept_bytes,
+                             len(outcome.store.log), int(data.plan.unlearn.sum()),
+                             unlearning.to_dict())
+    server = federation.server
+    np.save(out / "item_table.npy", server.table.numpy())
+    result.federation.log.frame().to_csv(out / "metrics.csv", index=False)
+    summary = RunSummary(config.variant, config.rounds, "inprocess", valid, test, result.seconds,
+                         int(data.plan.shared.sum()) if config.shares else 0,
+                         server.snapshot_bytes(), len(server.snapshots),
+                         federation.ledger.held(kind=FRU_CLIENT), phase=phase).to_dict()
     write_json(out / "summary.json", summary)
     return summary

@@ -20,17 +20,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from fedshare.errors import FedShareError
+from simulations.processes import stop_process
+from simulations.superlink import HOST, flower_bin, free_port, start_superlink
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROGRESS = "fedshare-progress"
@@ -49,20 +48,6 @@ def write_toml(path: Path, values: Mapping[str, Any]) -> None:
     path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def private_superlink(home: Path, env: dict[str, str], startup: float = 60.0
                       ) -> Iterator[str]:
@@ -72,29 +57,17 @@ def private_superlink(home: Path, env: dict[str, str], startup: float = 60.0
     run`` on the machine: a second run would borrow it and lose it when the first stops it.
     Yields the connection name written to ``home/config.toml``.
     """
-    port = _free_port()
-    command = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure",
-               "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
-               "--port", str(port), "--log-file", str(home / "superlink.log")]
-    with open(home / "superlink.out", "w") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    port = free_port()
+    process = start_superlink(["--insecure", "--simulation", "--isolation", "subprocess",
+                               "--log-file", str(home / "superlink.log")],
+                              port, home / "superlink.out", env, timeout=startup)
     try:
-        deadline = time.monotonic() + startup
-        while not _healthy(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise FedShareError(f"the Flower SuperLink did not start; see {home}")
-            time.sleep(0.3)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "fedshare"\n\n[superlink.fedshare]\n'
-            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+            f'address = "{HOST}:{port}"\ninsecure = true\n')
         yield "fedshare"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 15.0, group=False)
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -115,9 +88,7 @@ def run_flower(run_config: Mapping[str, Any], num_supernodes: int, log_path: Pat
 
     Raises :class:`FedShareError` when the run fails; its logs stay in ``log_path``.
     """
-    flwr = Path(sys.executable).parent / "flwr"
-    if not flwr.exists():
-        raise FedShareError(f"flwr not found beside {sys.executable}; install the project")
+    flwr = flower_bin("flwr")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedshare-flwr-") as tmp:
         home = Path(tmp)
@@ -129,7 +100,7 @@ def run_flower(run_config: Mapping[str, Any], num_supernodes: int, log_path: Pat
         # Simulated nodes draw new ids in every run and prove nothing: no user binding.
         write_toml(overrides, {"bind-users": False, **run_config})
         with private_superlink(home, env) as connection:
-            command = [str(flwr), "run", str(REPO_ROOT), connection, "--run-config",
+            command = [flwr, "run", str(REPO_ROOT), connection, "--run-config",
                        str(overrides), "--federation-config",
                        f"num-supernodes={num_supernodes} client-resources-num-cpus=1", "--stream"]
             with open(log_path, "w") as log, subprocess.Popen(

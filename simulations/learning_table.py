@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from fedshare.central import CentralConfig, run_central
-from fedshare.federated.runconfig import data_key, load_data
+from fedshare.runconfig import data_key, load_data
 from simulations.experiment import resolve, run_experiment
 
 CONFIGS = Path(__file__).parent / "configs"

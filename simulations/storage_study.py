@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fedshare.federated.runconfig import data_key, load_data
+from fedshare.runconfig import data_key, load_data
 from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import UnlearningOutcome, learn, unlearn
 from fedshare.unlearning.replay import ReplayConfig

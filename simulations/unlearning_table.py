@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fedshare.federated.runconfig import data_key, load_data
+from fedshare.runconfig import data_key, load_data
 from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import METHODS, learn, unlearn
 from fedshare.unlearning.remaining import add_canaries

@@ -2,41 +2,40 @@
 
 The server never loads interaction data itself: it learns D_s from the nodes' ``query.share``
 replies (each node uploads only its users' I_share) and scores the model through evaluate
-messages. Outputs go to ``out-dir``: ``config.json``, ``metrics.csv`` (one row per validation)
-and ``summary.json`` (final validation and test HR/NDCG/Recall@20, wall time, bytes kept).
+messages. Outputs go to ``out-dir``: ``config.json``, ``state.db`` (the state database),
+``metrics.csv`` (one row per round, validation metrics where validated), ``item_table.npy`` and
+``summary.json`` (:class:`fedshare.federated.summary.RunSummary`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import Counter
-from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedshare.data.interactions import Interactions
+from fedshare import protocol
+from fedshare.atomic import write_atomically, write_json
 from fedshare.errors import FedShareError
-from fedshare.federated.config import FederatedConfig
-from fedshare.federated.durable import ServerStore
-from fedshare.federated.runconfig import federated_config, unlearning_config
-from fedshare.federated.validation import share_problem
-from fedshare.reports import metrics_frame, write_atomically, write_json
-from fedshare.unlearning.fru import KIND as FRU_KIND
+from fedshare.federated.directory import Directory, build_directory
+from fedshare.federated.rounds import progress_line
+from fedshare.federated.state_db import StateDB, open_store, stored_directory
+from fedshare.federated.summary import RunSummary
+from fedshare.runconfig import ServerSettings
+from fedshare.storage_ledger import FRU_CLIENT
 from strategies.audit import MessageAudit
-from strategies.fedshare import Directory, FedShareStrategy
-from strategies.records import table_record
+from strategies.fedshare import FedShareStrategy
+from strategies.inbox import Inbox
 from strategies.unlearning import run_unlearning
 
 app = ServerApp()
 PROGRESS = "fedshare-progress"
-RESUMABLE = ("rounds", "eval_every")  # settings a resumed run may change
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float, max_failed: float = 0.0
@@ -57,195 +56,85 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, max_failed: float 
         time.sleep(0.5)
 
 
-@dataclass
-class ShareReply:
-    """One node's share reply, read but not yet trusted."""
-
-    node: int
-    served: np.ndarray
-    counts: np.ndarray
-    users: np.ndarray
-    items: np.ndarray
-    catalogue: tuple[int, int]
-
-
-def share_replies(grid: Grid, nodes: list[int], audit: MessageAudit | None,
-                  timeout: float = 3600) -> list[ShareReply]:
-    """Ask every node for its users and its I_share. A node that fails, is late or sends a
-    reply that cannot be read takes no part in the run (logged)."""
-    messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
-                        message_type="query.share") for node in nodes]
-    replies = []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log(WARNING, "node %d sent no share reply: %s", node, reply.error.reason)
-            continue
-        try:  # untrusted input: any failure to read it rejects it
-            arrays, metrics = reply.content["arrays"], reply.content["metrics"]
-            read = ShareReply(node, arrays["served-users"].numpy(),
-                              arrays["local-counts"].numpy(), arrays["share-users"].numpy(),
-                              arrays["share-items"].numpy(),
-                              (int(metrics["num-users-total"]), int(metrics["num-items"])))
-            if audit is not None:
-                audit.record("share", 0, reply)
-        except Exception as exc:
-            log(WARNING, "rejected the share reply of node %d: malformed (%s: %s)", node,
-                type(exc).__name__, exc)
-            continue
-        replies.append(read)
-    return sorted(replies, key=lambda r: r.node)  # order-independent
-
-
-def build_directory(replies: list[ShareReply], catalogue: tuple[int, int] | None = None,
-                    bound: dict[int, int] | None = None) -> Directory:
-    """D_s (Eq. 7) and who serves whom, from the readable share replies.
-
-    The catalogue is the stored one on a resumed run, else the one most nodes report; a node
-    reporting another is rejected. A node claiming a user bound to another node (``bound``,
-    kept across restarts) or already claimed in this round is rejected; so is a node whose
-    local counts are not one non-negative integer per served user.
-    """
-    if catalogue is None:
-        sizes = Counter(r.catalogue for r in replies if min(r.catalogue) > 0)
-        if not sizes:
-            raise FedShareError("no node sent an acceptable share reply")
-        catalogue = min(sizes, key=lambda size: (-sizes[size], size))
-    bound = bound or {}
-    node_users: dict[int, np.ndarray] = {}
-    counts: dict[int, int] = {}
-    users, items = [], []
-    for reply in replies:
-        claimed = {int(u) for us in node_users.values() for u in us}
-        problem = share_problem(reply.served, reply.users, reply.items, *catalogue, claimed)
-        if reply.catalogue != catalogue:
-            problem = f"a catalogue of {reply.catalogue}, not {catalogue}"
-        elif problem is None and (reply.counts.shape != reply.served.shape
-                                  or reply.counts.dtype.kind not in "iu"
-                                  or bool((reply.counts < 0).any())):
-            problem = "local counts are not one non-negative integer per served user"
-        elif problem is None and any(bound.get(int(u), reply.node) != reply.node
-                                     for u in reply.served):
-            problem = "it announces users bound to another node"
-        if problem is not None:
-            log(WARNING, "rejected the share reply of node %d: %s", reply.node, problem)
-            continue
-        node_users[reply.node] = reply.served
-        counts.update(zip(reply.served.tolist(), reply.counts.tolist(), strict=True))
-        users.append(reply.users)
-        items.append(reply.items)
-    if not node_users:
-        raise FedShareError("no node sent an acceptable share reply")
-    shared = Interactions.from_arrays(np.concatenate(users), np.concatenate(items), *catalogue)
-    return Directory(node_users, counts, shared)
-
-
-def open_store(path: Path, directory: Directory, config: FederatedConfig,
-               bind: bool = True) -> ServerStore:
-    """The run directory's durable store: a new one takes D_s from the share round; an existing
-    one (a resumed run) is authoritative for D_s, since requests it served deleted
-    interactions the devices still hold. A resumed run must use the same settings, the number
-    of rounds and the evaluation period aside. With ``bind``, users newly announced are bound
-    to their nodes for good."""
-    shared = directory.shared
-    try:
-        store = ServerStore(path, shared.num_users, shared.num_items)
-    except ValueError as exc:
-        raise FedShareError(str(exc)) from None
-    settings = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}
-    stored = store.settings()
-    if stored is None:
-        store.set_shared(shared)
-        store.set_settings(settings)
-    elif stored != json.loads(json.dumps(settings)):
-        changed = sorted(k for k in settings if stored.get(k) != settings[k])
-        store.close()
-        raise FedShareError(f"{path} belongs to a run with other settings ({', '.join(changed)})"
-                            "; use a new out-dir")
-    else:
-        directory.shared = store.shared()
-    if bind:
-        store.bind(directory.user_node)
-    return store
-
-
-def stored_directory(path: Path) -> tuple[tuple[int, int] | None, dict[int, int]]:
-    """The catalogue and user bindings of an existing store (a resumed run)."""
-    try:
-        catalogue = ServerStore.catalogue_of(path)
-        if catalogue is None:
-            return None, {}
-        store = ServerStore(path, *catalogue)
-    except ValueError as exc:
-        raise FedShareError(str(exc)) from None
-    try:
-        return catalogue, store.bindings()
-    finally:
-        store.close()
+def share_round(grid: Grid, nodes: list[int], inbox: Inbox, stored: Path | None,
+                bind: bool, timeout: float = 3600) -> Directory:
+    """Ask every node for its users and its I_share and build the directory and D_s from the
+    replies (a resumed run keeps its catalogue and, with ``bind``, its user bindings). A node
+    that fails, is late or sends a reply that cannot be read or is refused takes no part."""
+    replies = grid.send_and_receive([protocol.share_request(node) for node in nodes],
+                                    timeout=timeout)
+    read = [reply for _, reply in inbox.read("share", 0, replies, protocol.read_share_reply)]
+    catalogue, bound = stored_directory(stored) if stored is not None else (None, {})
+    directory, refused = build_directory(read, catalogue, bound if bind else {})
+    for node, reason in refused:
+        inbox.reject("share", 0, node, reason)
+    return directory
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_config = context.run_config
-    config = federated_config(run_config)
-    unlearning = unlearning_config(run_config)
-    out_dir = Path(str(run_config.get("out-dir") or f"runs/flwr-{time.strftime('%Y%m%d-%H%M%S')}"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    audit = MessageAudit(str(run_config["audit-dir"])) if run_config.get("audit-dir") else None
+    settings = ServerSettings.read(context.run_config)
     started = time.perf_counter()
-    max_failed = float(run_config.get("max-failed-fraction", 0.5))
-    nodes = wait_for_nodes(grid, int(run_config.get("num-nodes", 2)),
-                           float(run_config.get("node-timeout", 120)), max_failed)
-    replies = share_replies(grid, nodes, audit, float(run_config.get("round-timeout", 3600)))
-    path = out_dir / "state.db"
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    inbox = Inbox(MessageAudit(settings.audit_dir) if settings.audit_dir else None)
+    nodes = wait_for_nodes(grid, settings.num_nodes, settings.node_timeout, settings.max_failed)
+    path = settings.out_dir / "state.db"
     # Simulated nodes draw new ids every run and are not authenticated: nothing to bind to.
-    bind = bool(run_config.get("bind-users", True))
-    catalogue, bound = stored_directory(path) if path.exists() else (None, {})
-    directory = build_directory(replies, catalogue, bound if bind else {})
+    directory = share_round(grid, nodes, inbox, path if path.exists() else None, settings.bind,
+                            settings.round_timeout)
+    store = open_store(path, directory, settings.config, settings.bind)
+    try:
+        summary, strategy = run(grid, settings, directory, store, inbox)
+        summary.nodes, summary.seconds = len(nodes), time.perf_counter() - started
+        write_outputs(settings.out_dir, strategy, summary)
+    finally:
+        store.close()
+    log(INFO, "%s done  test HR@20 %.4f  NDCG@20 %.4f  -> %s", PROGRESS,
+        summary.test.get("hr@20", float("nan")), summary.test.get("ndcg@20", float("nan")),
+        settings.out_dir)
+    print(json.dumps(summary.to_dict()))
 
-    def progress(row: dict) -> None:
-        log(INFO, "%s round %d  %.1f s  valid HR@20 %.4f  NDCG@20 %.4f", PROGRESS, row["round"],
-            row["seconds"], row["valid_hr@20"], row["valid_ndcg@20"])
 
-    store = open_store(path, directory, config, bind)
+def run(grid: Grid, settings: ServerSettings, directory: Directory, store: StateDB,
+        inbox: Inbox) -> tuple[RunSummary, FedShareStrategy]:
+    """The learning rounds left to run, the final scores, then the unlearning phase if asked."""
+    config = settings.config
     resumed = store.last_round()
     if store.pending() and config.rounds > resumed:
-        store.close()
         raise FedShareError("acknowledged unsharing requests wait to be served: resume with "
                             f"rounds={resumed} first")
-    strategy = FedShareStrategy(config, directory, progress, audit, max_failed, store)
-    strategy.timeout = float(run_config.get("round-timeout", 3600))
+    strategy = FedShareStrategy(
+        config, directory, lambda row: log(INFO, "%s %s", PROGRESS, progress_line(row)), inbox,
+        settings.max_failed, store, settings.round_timeout)
     strategy.resume(store)
-    write_json(out_dir / "config.json", {**config.to_dict(), **{
-        k: v for k, v in run_config.items() if k not in config.to_run_config()}})
+    write_json(settings.out_dir / "config.json", settings.recorded())
     if resumed < config.rounds:
-        strategy.start(grid, table_record(strategy.server.table),
+        strategy.start(grid, protocol.table_record(strategy.server.table),
                        num_rounds=config.rounds - resumed, timeout=strategy.timeout)
     scores = strategy.evaluate_now(grid)
-    valid, test = scores["valid"], scores["test"]
-    phase: dict = {}
-    if unlearning is not None:
-        learned = {"learned_valid": valid, "learned_test": test}
-        phase = {**learned, **run_unlearning(grid, strategy, unlearning)}
+    phase = None
+    if settings.unlearning is not None:
+        phase = run_unlearning(grid, strategy, settings.unlearning,
+                               (scores["valid"], scores["test"]))
         scores = strategy.evaluate_now(grid)
-        valid, test = scores["valid"], scores["test"]
-    metrics = metrics_frame(strategy.rounds, strategy.history)
+    server = strategy.server
+    summary = RunSummary(config.variant, config.rounds, "flower", scores["valid"],
+                         scores["test"], 0.0, len(directory.shared), server.snapshot_bytes(),
+                         len(server.snapshots), server.ledger.held(kind=FRU_CLIENT),
+                         rejected_replies=strategy.rejected, resumed_from_round=resumed,
+                         phase=phase)
+    return summary, strategy
+
+
+def write_outputs(out_dir: Path, strategy: FedShareStrategy, summary: RunSummary) -> None:
+    """``metrics.csv`` (a resumed run's rows after the rows before the restart),
+    ``item_table.npy`` and ``summary.json``, each written whole."""
+    metrics = strategy.log.frame()
+    resumed = summary.resumed_from_round
     if resumed and (out_dir / "metrics.csv").exists():  # the rounds before the restart first
         earlier = pd.read_csv(out_dir / "metrics.csv")
         metrics = pd.concat([earlier[earlier["round"] <= resumed], metrics], ignore_index=True)
     write_atomically(out_dir / "metrics.csv", lambda fh: metrics.to_csv(fh, index=False), "w")
     write_atomically(out_dir / "item_table.npy",
                      lambda fh: np.save(fh, strategy.server.table.numpy()))
-    summary = {"variant": config.variant, "rounds": config.rounds, "engine": "flower",
-               "valid": valid, "test": test, "seconds": time.perf_counter() - started,
-               "nodes": len(nodes), "shared_interactions": len(directory.shared),
-               "snapshot_bytes": strategy.server.snapshot_bytes(),
-               "fru_client_bytes": strategy.server.ledger.held(kind=FRU_KIND),
-               "rejected_replies": strategy.rejected,
-               "snapshots": len(strategy.server.snapshots), "resumed_from_round": resumed,
-               **phase}
-    store.close()
-    write_json(out_dir / "summary.json", summary)
-    log(INFO, "%s done  test HR@20 %.4f  NDCG@20 %.4f  -> %s", PROGRESS,
-        test.get("hr@20", float("nan")), test.get("ndcg@20", float("nan")), out_dir)
-    print(json.dumps(summary))
+    write_json(out_dir / "summary.json", summary.to_dict())

@@ -12,62 +12,51 @@ are deleted when the phase ends.
 from __future__ import annotations
 
 import time
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedshare import protocol
 from fedshare.errors import FedShareError
+from fedshare.federated.summary import PhaseSummary
 from fedshare.unlearning.algorithm import run_algorithm2
 from fedshare.unlearning.config import UnlearningConfig
-from fedshare.unlearning.store import SharedStore
+from fedshare.unlearning.shared_store import SharedStore
 from strategies.fedshare import FedShareStrategy
-from strategies.records import table_record
 
 
 def collect_requests(grid: Grid, strategy: FedShareStrategy) -> list[tuple[int, np.ndarray]]:
     """Ask the connected nodes whose shares were accepted for their users' unsharing requests.
 
     The server binds each user to the authenticated node that announced it in the share round:
-    a node may speak only for its own users (anything else is logged and dropped). A node that
+    a node may speak only for its own users (anything else is rejected whole). A node that
     fails or does not answer in time sends nothing now; it can repeat its requests later.
     """
-    served = strategy.directory.node_users
     online = set(grid.get_node_ids())
-    messages = [Message(RecordDict({"config": ConfigRecord({"run-key": strategy.run_key})}),
-                        dst_node_id=node, message_type="query.unshare")
-                for node in served if node in online]
+    messages = [protocol.unshare_request(node, strategy.run_key)
+                for node in strategy.directory.node_users if node in online]
+    replies = grid.send_and_receive(messages, timeout=strategy.timeout)
     requests = []
-    for reply in grid.send_and_receive(messages, timeout=strategy.timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log(WARNING, "node %d sent no unsharing requests: %s", node, reply.error.reason)
-            continue
-        if strategy.audit is not None:
-            strategy.audit.record("unshare", strategy.config.rounds, reply)
-        requests += requests_from(strategy, node, reply.content)
+    for node, content in strategy.inbox.read("unshare", strategy.config.rounds, replies,
+                                             lambda m: m.content):
+        requests += requests_from(strategy, node, content)
     return requests
 
 
 def requests_from(strategy: FedShareStrategy, node: int, content: RecordDict
                   ) -> list[tuple[int, np.ndarray]]:
-    """One node's ``(user, items)`` unsharing requests; all of them are dropped (and logged in
-    ``strategy.rejected``) when the reply is malformed or speaks for a user of another node."""
+    """One node's ``(user, items)`` unsharing requests; all of them are rejected when the reply
+    is malformed or speaks for a user of another node."""
     try:
-        users = content["arrays"]["unshare-users"].numpy()
-        items = content["arrays"]["unshare-items"].numpy()
-        if users.shape != items.shape or users.ndim != 1 or users.dtype.kind != "i" \
-                or items.dtype.kind != "i":
-            raise ValueError("users and items are not two integer vectors of one length")
+        users, items = protocol.read_unshare_reply(content)
         if not np.isin(users, strategy.directory.node_users.get(node, [])).all():
             raise ValueError("requests for users the node does not serve")
     except Exception as exc:  # untrusted input: any failure rejects it
-        log(WARNING, "rejected the unsharing requests of node %d: %s", node, exc)
-        strategy.rejected.append({"round": strategy.config.rounds, "node": node,
-                                  "reason": f"unsharing requests: {exc}"})
+        strategy.inbox.reject("unshare", strategy.config.rounds, node, str(exc))
         return []
     return [(int(u), items[users == u]) for u in np.unique(users)]
 
@@ -96,9 +85,7 @@ def accept_requests(strategy: FedShareStrategy, store: SharedStore,
         try:
             store.unshare(user, items)
         except FedShareError as exc:
-            log(WARNING, "rejected an unsharing request: %s", exc)
-            strategy.rejected.append({"round": strategy.config.rounds, "node": -1,
-                                      "reason": str(exc)})
+            strategy.inbox.reject("unshare", strategy.config.rounds, -1, str(exc))
             continue
         if durable is not None:
             durable.acknowledge(user, items)
@@ -106,8 +93,10 @@ def accept_requests(strategy: FedShareStrategy, store: SharedStore,
     return accepted
 
 
-def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningConfig) -> dict:
-    """Algorithm 2 after ``strategy`` has learned; returns timing and storage figures.
+def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningConfig,
+                   learned: tuple[dict, dict]) -> PhaseSummary:
+    """Algorithm 2 after ``strategy`` has learned (``learned``: its valid and test scores);
+    returns the phase's summary.
 
     Rounds are numbered on from the last committed one; with nothing to serve (e.g. a resumed
     run whose phase had already finished) the model is left as it is.
@@ -118,23 +107,29 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
     store = SharedStore(server.shared)
     accepted = accept_requests(strategy, store, collect_requests(grid, strategy))
     first = max(strategy.config.rounds, strategy.store.last_round() if strategy.store else 0)
-    result = {"unlearning_kept_bytes": kept, "unshare_requests": accepted,
-              "forgotten_interactions": len(store.forgotten()), "unlearning": config.to_dict()}
+    forgotten = len(store.forgotten())
+
+    def summary() -> PhaseSummary:
+        return PhaseSummary(*learned, time.perf_counter() - started, kept, accepted, forgotten,
+                            config.to_dict())
+
     if accepted == 0:
         log(INFO, "no unsharing request to serve")
-        return {**result, "unlearning_seconds": time.perf_counter() - started}
+        return summary()
     server.set_shared(store.interactions())
 
     def remaining_round(round_: int) -> torch.Tensor:
-        messages = strategy.train_messages(
-            round_, table_record(server.table),
-            ConfigRecord({"local-epochs": config.local_epochs}), grid)
-        return strategy.local_view(round_, grid.send_and_receive(messages,
-                                                                 timeout=strategy.timeout))[0]
+        """A remaining-data round: the nodes now hold only their remaining data (Eq. 9)."""
+        messages = strategy.train_messages(round_, grid, config.local_epochs)
+        replies = grid.send_and_receive(messages, timeout=strategy.timeout)
+        updates = strategy.accepted_updates(round_, replies)
+        if updates is None:
+            return server.table.clone()
+        return strategy.learning.local_view(round_, updates)[0]
 
     run_algorithm2(server, store, config, first, remaining_round)
     if strategy.store is not None:  # D_s without the requests and the unlearned table, at once
         strategy.store.serve(strategy.store.pending(), (first + config.rounds, server.table,
                                                         list(server.snapshots),
                                                         server.state()))
-    return {**result, "unlearning_seconds": time.perf_counter() - started}
+    return summary()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 
+import psutil
 import pytest
 
 from fedshare.data.synthetic import synthetic_prepared
 from fedshare.federated.config import FederatedConfig
 from simulations import bench
+from simulations.processes import tree_memory
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +62,23 @@ def test_main_quick_run_prints_and_writes_figures(tmp_path, monkeypatch, capsys)
     assert "cohort_updates_per_s" in printed and "pyg_over_fedshare" in printed
 
 
-def test_tree_rss_counts_this_process():
+def test_tree_memory_counts_this_process_and_its_children():
     import os
+    import subprocess
+    import sys
 
-    assert bench._tree_rss_bytes(os.getpid()) > 10 * 2**20
+    alone = tree_memory(os.getpid())
+    assert alone.rss > 10 * 2**20 and 0 < alone.pss <= alone.rss
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as child:
+        try:
+            time.sleep(0.5)  # the child's interpreter is resident by now
+            own = psutil.Process().memory_info().rss
+            mine, its = tree_memory(os.getpid()), tree_memory(child.pid)
+            assert its.rss > 2**20 and its.pss > 0
+            assert mine.rss >= own + its.rss - 2**20  # the child's memory is summed in
+        finally:
+            child.kill()
+    assert tree_memory(child.pid) == (0, 0)  # a process that is gone counts nothing
 
 
 def test_main_job_runs_its_commands_and_measures_them(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fedshare.data.loaders as loaders
-from fedshare.cli import main
+from simulations.cli import main
 
 ML100K_AVAILABLE = loaders.recbole_ml100k_dir() is not None
 needs_ml100k = pytest.mark.skipif(not ML100K_AVAILABLE,

@@ -36,14 +36,10 @@ from synthetic import tiny_prepared
 
 from fedshare.data.device import DeviceData, pick_device_users, write_device_files
 from fedshare.errors import FedShareError
-from fedshare.federated.durable import ServerStore
-from simulations.deploy import (
-    Credentials,
-    Deployment,
-    make_credentials,
-    render_node_config,
-    started_run_id,
-)
+from fedshare.federated.state_db import StateDB
+from simulations.credentials import Credentials, make_credentials
+from simulations.deploy import Deployment, render_node_config, started_run_id
+from simulations.processes import descendants, live
 
 DEVICES = 4
 RUN = {"num-nodes": DEVICES, "rounds": 2, "fraction": 1.0, "eval-every": 100,
@@ -124,10 +120,22 @@ def _wait_for(condition: Callable[[], bool], timeout: float, what: str,
         time.sleep(0.1)
 
 
+def _serverapp_pids(deployment: Deployment) -> list[int]:
+    """The live ServerApp processes (``python .../flwr-serverapp ...``) below the SuperLink."""
+    assert deployment.superlink is not None
+    found = []
+    for process in descendants(deployment.superlink):
+        with contextlib.suppress(psutil.Error):
+            if (any(Path(arg).name == "flwr-serverapp" for arg in process.cmdline()[:2])
+                    and live(process)):
+                found.append(process.pid)
+    return found
+
+
 def _kill_server(deployment: Deployment, run: subprocess.Popen, log: Path) -> None:
     """SIGKILL the ServerApp process (a crash: no cleanup), stop the log stream and have the
     SuperLink mark the run stopped."""
-    pids = deployment.serverapp_pids()
+    pids = _serverapp_pids(deployment)
     assert pids, "no ServerApp process found"
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -197,7 +205,7 @@ def test_learn_unshare_unlearn_survive_two_server_crashes(deployment, seen):
         os.killpg(second.pid, signal.SIGKILL)
     second.wait()
     running.restart_superlink()
-    with contextlib.closing(ServerStore(state, data.num_users, data.num_items)) as store:
+    with contextlib.closing(StateDB(state, data.num_users, data.num_items)) as store:
         pending = store.pending()
         assert pending and store.served_count() == 0  # acknowledged, not yet served
         assert store.last_round() == RUN["rounds"]  # learning done, unlearning not committed
@@ -210,7 +218,7 @@ def test_learn_unshare_unlearn_survive_two_server_crashes(deployment, seen):
     shared = {(d.user, int(i)) for d in devices for i in d.shared}
     local = {(d.user, int(i)) for d in devices for i in d.local}
     assert unshared and local
-    with contextlib.closing(ServerStore(state, data.num_users, data.num_items)) as store:
+    with contextlib.closing(StateDB(state, data.num_users, data.num_items)) as store:
         assert store.last_round() == RUN["rounds"] + RUN["unlearn-rounds"]
         assert store.pending() == []
         held = _pairs(store.shared().users, store.shared().items)
@@ -238,7 +246,7 @@ def test_a_supernode_killed_mid_round_does_not_stop_the_round(deployment, seen):
     assert run.wait(timeout=600) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == RUN["rounds"]
-    with contextlib.closing(ServerStore(out / "state.db", 12, 40)) as store:
+    with contextlib.closing(StateDB(out / "state.db", 12, 40)) as store:
         assert store.last_round() == RUN["rounds"]
 
 
@@ -284,7 +292,7 @@ def test_stop_leaves_no_process(deployment, seen):
     fixture's exit calls it again: a no-op)."""
     deployment = deployment[-1]
     assert len({p.pid for p in seen}) >= 2 + 2 * DEVICES  # SuperLink, SuperNodes, SuperExecs
-    node = psutil.Process(deployment.supernode_pids()[0])
+    node = psutil.Process(deployment.supernodes[0].pid)
     group = [p for p in seen if p.is_running() and _group(p) == node.pid]
     assert len(group) >= 2  # the SuperNode and its SuperExec
     deployment.kill_supernode(0)

@@ -13,8 +13,8 @@ from synthetic import tiny_prepared
 from fedshare.data.device import DeviceData, write_device_files
 from fedshare.errors import FedShareError
 from fedshare.federated.population import ClientPopulation
-from fedshare.federated.runconfig import data_key, load_data, node_label, node_users
 from fedshare.models.local import LocalTrainConfig
+from fedshare.runconfig import data_key, load_data, node_label, node_users
 
 
 @pytest.fixture(scope="module")

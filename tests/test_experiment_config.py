@@ -13,11 +13,11 @@ import pytest
 from synthetic import tiny_prepared
 
 import simulations.experiment as experiment_module
-from fedshare.cli import main
 from fedshare.data.prepared import PreparedData
 from fedshare.errors import FedShareError
 from fedshare.federated.config import VARIANTS, FederatedConfig
-from fedshare.federated.runconfig import APP_KEYS, DATA_KEYS
+from fedshare.runconfig import APP_KEYS, DATA_KEYS
+from simulations.cli import main
 from simulations.experiment import DATA_DEFAULTS, Experiment, parse_value, resolve, run_experiment
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,12 +24,13 @@ from fedshare.data.sharing import FULL, NONE, PARTIAL
 from fedshare.errors import FedShareError
 from fedshare.federated.aggregation import aggregate
 from fedshare.federated.config import AGGREGATIONS, VARIANTS, FederatedConfig
+from fedshare.federated.inprocess import run_inprocess
 from fedshare.federated.population import ClientPopulation, NodeUpdate, initial_user_embeddings
-from fedshare.federated.runconfig import APP_KEYS, DATA_KEYS, federated_config, node_users
+from fedshare.federated.rounds import sample_users
 from fedshare.federated.server import Server
-from fedshare.federated.simulate import sample_users, simulate
 from fedshare.models.embeddings import xavier_table
 from fedshare.models.local import LocalTrainConfig
+from fedshare.runconfig import APP_KEYS, DATA_KEYS, federated_config, node_users
 
 NUM_USERS, NUM_ITEMS, DIM, SEED = 10, 40, 8, 0
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
@@ -356,15 +357,15 @@ def test_snapshots_keep_the_last_m_tables(data):
 def test_a_server_restored_from_its_state_continues_exactly(data, tmp_path):
     """Resuming from the durable store: V_s, user embeddings and Adam's moments are enough for
     the next round to be what an uninterrupted server computes."""
-    from fedshare.federated.durable import ServerStore
+    from fedshare.federated.state_db import StateDB
 
     server = Server(_shared(data), _config(snapshots=3))
     for round_ in (1, 2):
         server.finish_round(_start_table(seed=round_), round_)
-    store = ServerStore(tmp_path / "state.db", data.num_users, data.num_items)
+    store = StateDB(tmp_path / "state.db", data.num_users, data.num_items)
     store.commit_round(2, server.table, list(server.snapshots), server.state())
     store.close()
-    reopened = ServerStore(tmp_path / "state.db", data.num_users, data.num_items)
+    reopened = StateDB(tmp_path / "state.db", data.num_users, data.num_items)
     resumed = Server(_shared(data), _config(snapshots=3))
     resumed.load_state(reopened.model(), reopened.state())
     for snapshot in reopened.snapshots():
@@ -594,7 +595,7 @@ def test_sample_users_depends_on_seed_and_round():
 def test_simulate_is_deterministic(data):
     config = FederatedConfig(rounds=3, eval_every=1, fraction=0.5, dim=DIM, server_steps=2,
                              local_epochs=2)
-    first, second = simulate(data, config), simulate(data, config)
+    first, second = run_inprocess(data, config), run_inprocess(data, config)
     assert torch.equal(first.table, second.table)
     assert first.history[-1]["valid_ndcg@20"] == second.history[-1]["valid_ndcg@20"]
     assert first.test == second.test and first.valid == second.valid
@@ -611,14 +612,14 @@ def test_simulate_is_deterministic(data):
                                          if k.startswith("valid_")})
     assert first.table.shape == (NUM_ITEMS, DIM)
     assert first.config == config.to_dict()
-    other = simulate(data, FederatedConfig(rounds=3, eval_every=1, fraction=0.5, dim=DIM,
+    other = run_inprocess(data, FederatedConfig(rounds=3, eval_every=1, fraction=0.5, dim=DIM,
                                            server_steps=2, local_epochs=2, seed=1))
     assert not torch.equal(first.table, other.table)
 
 
 def test_simulate_evaluates_every_eval_every_rounds_and_at_the_end(data):
     seen = []
-    result = simulate(data, FederatedConfig(rounds=5, eval_every=2, dim=DIM, server_steps=1,
+    result = run_inprocess(data, FederatedConfig(rounds=5, eval_every=2, dim=DIM, server_steps=1,
                                             local_epochs=1), seen.append)
     assert [row["round"] for row in result.history] == [2, 4, 5]
     assert seen == result.history
@@ -628,7 +629,7 @@ def test_simulate_evaluates_every_eval_every_rounds_and_at_the_end(data):
 def test_simulate_runs_every_variant(data, variant):
     config = FederatedConfig(variant=variant, rounds=2, eval_every=1, fraction=0.5, dim=DIM,
                              server_steps=2, local_epochs=1)
-    result = simulate(data, config)
+    result = run_inprocess(data, config)
     assert torch.isfinite(result.table).all()
     assert not torch.allclose(result.table, Server(_shared(data), config).table)
     assert all(0.0 <= v <= 1.0 for v in result.test.values())
@@ -638,7 +639,7 @@ def test_simulate_no_sharing_equals_plain_fedavg_by_hand(data):
     """No sharing, no server training: the run is sample -> train -> aggregate, nothing else."""
     config = FederatedConfig(variant="no-sharing", rounds=2, eval_every=2, fraction=0.5,
                              dim=DIM, local_epochs=1, aggregation="eq16")
-    result = simulate(data, config)
+    result = run_inprocess(data, config)
     shared = _shared(data)
     table = Server(shared.subset(np.zeros(len(shared), bool)), config).table
     population = ClientPopulation(data, np.arange(NUM_USERS), DIM, config.seed, shares=False)

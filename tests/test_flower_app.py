@@ -27,7 +27,7 @@ from synthetic import tiny_prepared
 
 from fedshare.data.prepared import PreparedData
 from fedshare.data.sharing import FULL, NONE, PARTIAL
-from fedshare.federated.simulate import sample_users
+from fedshare.federated.rounds import sample_users
 from simulations.experiment import resolve, run_experiment
 
 NUM_USERS, NUM_ITEMS, DIM, SEED, ROUNDS, FRACTION = 10, 40, 8, 0, 2, 0.5

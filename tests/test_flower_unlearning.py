@@ -10,7 +10,7 @@ import pytest
 import torch
 from synthetic import tiny_prepared
 
-from fedshare.federated.runconfig import federated_config
+from fedshare.runconfig import federated_config
 from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import learn, unlearn
 from simulations.experiment import resolve, run_experiment
@@ -78,10 +78,10 @@ def test_unshare_replies_carry_only_shared_interactions(flower_run):
 def test_the_durable_server_state_holds_no_forgotten_interaction(flower_run):
     """After the run, the server's SQLite store holds the unlearned table, its one snapshot,
     the remaining D_s (no forgotten pair) and every request, served once."""
-    from fedshare.federated.durable import ServerStore
+    from fedshare.federated.state_db import StateDB
 
     data, experiment, out, _, _ = flower_run
-    store = ServerStore(out / "state.db", data.num_users, data.num_items)
+    store = StateDB(out / "state.db", data.num_users, data.num_items)
     config = federated_config(experiment.run)
     assert store.last_round() == config.rounds + 2  # learning rounds + unlearn-rounds
     assert np.allclose(store.model().numpy(), np.load(out / "item_table.npy"))

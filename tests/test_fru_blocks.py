@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedshare.models.local import LocalTrainConfig, UserBatch, train_local
-from fedshare.storage import StorageLedger, client
+from fedshare.storage_ledger import StorageLedger, client
 from fedshare.unlearning.fru import KIND, expected_bytes, select_important_rows, store_round
 from fedshare.unlearning.replay import calibrated_step
 

@@ -28,6 +28,7 @@ from fedshare.data.prepared import PreparedData
 from fedshare.errors import FedShareError
 from fedshare.federated.aggregation import aggregate
 from fedshare.federated.config import FederatedConfig
+from fedshare.federated.inprocess import InProcessFederation, run_inprocess
 from fedshare.federated.population import (
     ClientPopulation,
     NodeUpdate,
@@ -35,8 +36,7 @@ from fedshare.federated.population import (
 )
 from fedshare.federated.recording import RoundRecorder
 from fedshare.federated.server import Server
-from fedshare.federated.simulate import InProcessFederation, simulate
-from fedshare.storage import SERVER, client
+from fedshare.storage_ledger import SERVER, client
 from fedshare.unlearning import cufru, fru, phase
 from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.cufru import TransferStation, cufru_unlearn
@@ -108,7 +108,7 @@ class Capture(RoundRecorder):
 def record(data: PreparedData, config: FederatedConfig, alpha: float = ALPHA
            ) -> tuple[InProcessFederation, Capture]:
     capture = Capture()
-    result = simulate(data, config, recorders=(FruHistory(alpha), TransferStation(), capture))
+    result = run_inprocess(data, config, recorders=(FruHistory(alpha), TransferStation(), capture))
     assert result.federation is not None
     assert len(capture.rounds) == config.rounds
     return result.federation, capture

@@ -11,13 +11,14 @@ from synthetic import tiny_prepared
 
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
+from fedshare.federated.directory import Directory
 from fedshare.federated.population import NodeUpdate
 from fedshare.federated.validation import share_problem, update_problem
-from fedshare.storage import client
+from fedshare.protocol import FRU_BYTES, FRU_USERS, NUM_USERS, ROW_WEIGHT, TABLE, WEIGHT
+from fedshare.storage_ledger import client
 from fedshare.unlearning.fru import KIND
 from simulations.experiment import resolve
-from strategies.fedshare import Directory, FedShareStrategy
-from strategies.records import FRU_BYTES, FRU_USERS, ROW_WEIGHT, TABLE, WEIGHT
+from strategies.fedshare import FedShareStrategy
 
 NUM_ITEMS, DIM = 40, 8
 
@@ -68,7 +69,7 @@ def _reply(table: np.ndarray, weight: float = 3.0, users: int = 1,
         arrays[FRU_USERS] = Array(np.array(fru[0], dtype=np.int64))
         arrays[FRU_BYTES] = Array(np.array(fru[1], dtype=np.int64))
     return RecordDict({"arrays": arrays,
-                       "metrics": MetricRecord({WEIGHT: weight, "num-users": users})})
+                       "metrics": MetricRecord({WEIGHT: weight, NUM_USERS: users})})
 
 
 def test_only_sound_replies_are_averaged_and_the_rest_logged(strategy):
@@ -78,7 +79,7 @@ def test_only_sound_replies_are_averaged_and_the_rest_logged(strategy):
     nan = good.copy()
     nan[0, 0] = np.nan
     missing = RecordDict({"arrays": ArrayRecord({TABLE: Array(good)}),
-                          "metrics": MetricRecord({WEIGHT: 3.0, "num-users": 1})})
+                          "metrics": MetricRecord({WEIGHT: 3.0, NUM_USERS: 1})})
     accepted = strategy.accept_replies(1, [(1, _reply(good, fru=([0], [136]))),
                                            (2, _reply(nan, fru=([5], [999]))),
                                            (3, missing),
@@ -97,15 +98,17 @@ def test_a_round_with_too_many_failures_changes_nothing(strategy, caplog):
     strategy.sampled = {1: [0], 2: [5], 3: [6]}
     start = strategy.server.table.clone()
     bad = np.full((NUM_ITEMS, DIM), np.inf, dtype=np.float32)
-    view, updates = strategy.local_view(1, [])  # every node timed out
-    assert strategy.round_failed and updates == [] and torch.equal(view, start)
+    updates = strategy.accepted_updates(1, [])  # every node timed out
+    table = strategy.learning(1, updates)
+    assert updates is None and torch.equal(table, start)
+    assert strategy.log.rounds[-1]["num-users"] == 0
     good = (start + 1).numpy()
     replies = [(1, _reply(good)), (2, _reply(bad)), (3, _reply(bad))]
     accepted = len(strategy.accept_replies(1, replies))
-    assert accepted == 1 and strategy.too_many_failures(accepted)  # 2 of 3 failed > 0.5
+    assert accepted == 1 and strategy.checks.too_many_failures(3, accepted)  # 2 of 3 > 0.5
     strategy.sampled = {1: [0], 2: [5]}
     accepted = len(strategy.accept_replies(1, replies[:2]))
-    assert accepted == 1 and not strategy.too_many_failures(accepted)  # 1 of 2: tolerated
+    assert accepted == 1 and not strategy.checks.too_many_failures(2, accepted)  # tolerated
 
 
 @pytest.mark.parametrize("setting", ["max-failed-fraction=1.5", "fru-alpha=-0.1",
@@ -163,12 +166,12 @@ def test_bad_fru_store_reports_reject_the_reply_and_change_no_ledger(strategy, f
 # ------------------------------------------------------------------ unsharing requests
 @pytest.fixture
 def durable_strategy(tmp_path):
-    from fedshare.federated.durable import ServerStore
+    from fedshare.federated.state_db import StateDB
 
     data = tiny_prepared(10, NUM_ITEMS)
     config = FederatedConfig(dim=DIM, rounds=1, server_steps=0, seed=0)
     shared = data.plan.shared_data(data.split.train)
-    store = ServerStore(tmp_path / "state.db", 10, NUM_ITEMS)
+    store = StateDB(tmp_path / "state.db", 10, NUM_ITEMS)
     store.set_shared(shared)
     directory = Directory({1: np.arange(5), 2: np.arange(5, 10)},
                           {u: 3 for u in range(10)}, shared)
@@ -205,7 +208,7 @@ def test_forged_and_malformed_unsharing_requests_are_dropped(durable_strategy, n
 
 def test_requests_for_unshared_items_change_nothing_and_a_repeat_is_served_once(
         durable_strategy):
-    from fedshare.unlearning.store import SharedStore
+    from fedshare.unlearning.shared_store import SharedStore
     from strategies.unlearning import accept_requests
 
     data, strategy = durable_strategy
@@ -245,14 +248,18 @@ def test_requests_for_unshared_items_change_nothing_and_a_repeat_is_served_once(
     ({"valid:hr@20": 1.0, "valid:count": 3.0, "test:hr@20": 1.0}, "not asked"),
 ])
 def test_forged_evaluations_are_not_counted(metrics, words):
-    from strategies.fedshare import _score_problem
+    from fedshare.protocol import read_evaluate_reply
 
-    problem = _score_problem(metrics, ("valid",))
-    assert (problem is None) if words is None else (words in problem)
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if words is None:
+        assert read_evaluate_reply(content, ("valid",)) == {"valid": ({"hr@20": 2.0}, 3)}
+    else:
+        with pytest.raises(ValueError, match=words):
+            read_evaluate_reply(content, ("valid",))
 
 
 def test_a_user_may_unshare_more_later_and_served_items_are_not_asked_again(durable_strategy):
-    from fedshare.unlearning.store import SharedStore
+    from fedshare.unlearning.shared_store import SharedStore
     from strategies.unlearning import accept_requests
 
     data, strategy = durable_strategy

@@ -13,13 +13,12 @@ from synthetic import tiny_prepared
 
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
-from fedshare.federated.durable import ServerStore
-from fedshare.federated.runconfig import federated_config
+from fedshare.federated.directory import Directory, ShareReply, build_directory
+from fedshare.federated.state_db import StateDB, open_store, stored_directory
+from fedshare.runconfig import federated_config
 from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import learn, unlearn
 from simulations.experiment import resolve, resume_settings, run_experiment
-from strategies.fedshare import Directory
-from strategies.server_app import ShareReply, build_directory, open_store, stored_directory
 
 SETTINGS = ["eval-every=10", "fraction=0.5", "dim=8", "server-steps=2", "local-epochs=2",
             "seed=0", "snapshots=2", "unlearn-rounds=2", "unlearn-steps=3", "num-supernodes=2"]
@@ -55,7 +54,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(runs):
     assert resumed["forgotten_interactions"] == int(data.plan.unlearn.sum()) > 0
     rounds = pd.read_csv(resumed_out / "metrics.csv")["round"].tolist()
     assert rounds == [1, 2, 3, 4]  # the stopped run's rounds, then the resumed ones
-    store = ServerStore(resumed_out / "state.db", data.num_users, data.num_items)
+    store = StateDB(resumed_out / "state.db", data.num_users, data.num_items)
     assert store.last_round() == 4 + 2 and store.pending() == []
     store.close()
 
@@ -64,7 +63,7 @@ def test_clients_keep_their_state_in_files_tagged_with_the_run(runs):
     _, root, _, (stopped_out, _, _) = runs
     files = sorted(p.name for p in (root / "clients").iterdir())
     assert files == ["partition-0-of-2.npz", "partition-1-of-2.npz"]
-    store = ServerStore(stopped_out / "state.db", 10, 40)
+    store = StateDB(stopped_out / "state.db", 10, 40)
     key = store.run_key
     store.close()
     for name in files:
@@ -104,15 +103,15 @@ def test_a_user_stays_bound_to_the_node_that_announced_it(tmp_path):
     shared = data.plan.shared_data(data.split.train)
     low, high = np.arange(5), np.arange(5, 10)
     big = 2**64 - 5  # Flower's node ids are unsigned 64-bit
-    first = build_directory([_reply(shared, 2, high), _reply(shared, big, low)])
+    first, _ = build_directory([_reply(shared, 2, high), _reply(shared, big, low)])
     open_store(tmp_path / "state.db", first, FederatedConfig(dim=8)).close()
     catalogue, bound = stored_directory(tmp_path / "state.db")
     assert catalogue == (10, 40)
     assert bound == {**{u: big for u in range(5)}, **{u: 2 for u in range(5, 10)}}
     # After a restart node 3 claims node big's users: it is out, even with the lowest id.
-    forged = build_directory([_reply(shared, 2, high), _reply(shared, 3, low),
+    forged, refused = build_directory([_reply(shared, 2, high), _reply(shared, 3, low),
                               _reply(shared, big, low)], catalogue, bound)
-    assert set(forged.node_users) == {2, big}
+    assert set(forged.node_users) == {2, big} and [node for node, _ in refused] == [3]
     with pytest.raises(FedShareError, match="no node sent an acceptable"):
         build_directory([_reply(shared, 3, np.arange(10))], catalogue, bound)
 
@@ -121,12 +120,13 @@ def test_share_replies_that_disagree_or_lie_are_rejected():
     data = tiny_prepared()
     shared = data.plan.shared_data(data.split.train)
     users = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5]), np.array([6, 7])]
-    directory = build_directory([
+    directory, refused = build_directory([
         _reply(shared, 1, users[0]), _reply(shared, 2, users[1]),
         _reply(shared, 3, users[2], catalogue=(10**9, 40)),  # the minority's catalogue
         _reply(shared, 4, users[3], counts=np.array([3, -1])),  # a negative local count
         _reply(shared, 5, users[0]),  # user 0 and 1 are node 1's already
     ])
     assert set(directory.node_users) == {1, 2}
+    assert [node for node, _ in refused] == [3, 4, 5]
     assert (directory.shared.num_users, directory.shared.num_items) == (10, 40)
     assert set(directory.local_counts) == {0, 1, 2, 3}

@@ -7,7 +7,7 @@ import torch
 from synthetic import tiny_prepared
 
 from fedshare.federated.config import FederatedConfig
-from fedshare.storage import SERVER, SnapshotStore, StorageLedger, client, tensor_bytes
+from fedshare.storage_ledger import SERVER, SnapshotStore, StorageLedger, client, tensor_bytes
 from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import learn, unlearn
 

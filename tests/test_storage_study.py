@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from synthetic import tiny_prepared
 
-from fedshare.cli import main
+from simulations.cli import main
 
 NUM_ITEMS, DIM = 40, 8
 

@@ -31,7 +31,7 @@ from fedshare.unlearning.contrastive import contrastive_unlearning_loss, forgott
 from fedshare.unlearning.effect import forgotten_recall, membership_auc
 from fedshare.unlearning.remaining import add_canaries, remaining_data
 from fedshare.unlearning.report import outcome_scorer, unlearning_row
-from fedshare.unlearning.store import SharedStore, UnshareRequest
+from fedshare.unlearning.shared_store import SharedStore, UnshareRequest
 
 NUM_USERS, NUM_ITEMS, DIM = 12, 40, 8
 CONFIG = FederatedConfig(rounds=3, eval_every=3, fraction=0.5, server_steps=3, snapshots=2,

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fedshare.atomic import write_json
 from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
 from fedshare.data.sharing import NONE, SharingConfig, SharingPlan
 from fedshare.data.split import Split
 from fedshare.errors import FedShareError
-from fedshare.reports import write_json
 
 FORMAT = "fedshare-device/1"
 LOCAL, SHARED, UNSHARE = "local", "shared", "unshare"

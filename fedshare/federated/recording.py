@@ -1,4 +1,5 @@
-"""Hooks through which unlearning baselines record the learning phase they will later undo.
+"""Hooks at the moments of every learning round: how unlearning baselines record the learning
+phase they will later undo, and how a Flower run commits each round to its state database.
 
 FRU keeps client-side update histories and CUFRU a server-side "transfer station"; both watch
 the same three moments of every round of Algorithm 1: the clients' local updates, the aggregate
@@ -16,7 +17,7 @@ import numpy as np
 from torch import Tensor
 
 from fedshare.models.local import LocalUpdate
-from fedshare.storage import StorageLedger
+from fedshare.storage_ledger import StorageLedger
 
 
 class RoundRecorder:
@@ -35,6 +36,9 @@ class RoundRecorder:
 
     def refined(self, round_: int, aggregated: Tensor, refined: Tensor) -> None:
         """The server turned the aggregate of ``round_`` into the new global table."""
+
+    def committed(self, round_: int, table: Tensor) -> None:
+        """Round ``round_`` is final with global table ``table`` (unchanged if it failed)."""
 
     def __deepcopy__(self, memo: dict) -> RoundRecorder:
         return self

@@ -17,11 +17,14 @@ client of weight |D_s|.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from fedshare.data.interactions import Interactions
+from fedshare.federated.aggregation import aggregate
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import NodeUpdate
 from fedshare.graph import BipartiteGraph
@@ -29,9 +32,7 @@ from fedshare.loss_kernels import cosine_bpr_loss
 from fedshare.losses import info_nce, sampled_rows_l2
 from fedshare.models.embeddings import xavier_table
 from fedshare.sampling import sample_negatives
-from fedshare.storage import SnapshotStore, StorageLedger
-from fedshare.unlearning.config import UnlearningConfig
-from fedshare.unlearning.contrastive import ContrastiveUnlearningLoss
+from fedshare.storage_ledger import SnapshotStore, StorageLedger
 
 
 class Server:
@@ -68,7 +69,8 @@ class Server:
         self.graph = BipartiteGraph(shared) if len(shared) and self.config.shares else None
         self._edges_u, self._edges_i = shared.users, shared.items
         self._known = np.unique(self._edges_u * shared.num_items + self._edges_i)
-        self._graph_items = torch.from_numpy(np.flatnonzero(shared.item_degrees() > 0))
+        # items with an edge in G_s: the rows InfoNCE (Eq. 17) and L_CU (Eq. 25) range over
+        self.graph_items = torch.from_numpy(np.flatnonzero(shared.item_degrees() > 0))
 
     @property
     def trains_on_graph(self) -> bool:
@@ -81,9 +83,10 @@ class Server:
     def snapshot_bytes(self) -> int:
         return self.snapshots.nbytes
 
-    def _bpr(self, users_g: Tensor, items_g: Tensor, rng: np.random.Generator,
+    def bpr_loss(self, users_g: Tensor, items_g: Tensor, rng: np.random.Generator,
              round_: int, step: int) -> Tensor:
-        """Cosine BPR on a batch of G_s's edges (compiled, with its gradient) + L2 of its rows."""
+        """Cosine BPR on a batch of G_s's edges (compiled, with its gradient) + L2 of its rows
+        (Eq. 15 on the server's graph; the BPR term of Eq. 18 and of Algorithm 2, line 15)."""
         n = min(self.config.server_batch_size, len(self._edges_u))
         pick = rng.choice(len(self._edges_u), size=n, replace=False)
         u, i = self._edges_u[pick], self._edges_i[pick]
@@ -103,53 +106,18 @@ class Server:
             users_g, items_g = self.graph.propagate(self.user, self.item, cfg.num_layers)
             loss = torch.zeros(())
             if cfg.uses_bpr or not contrastive:
-                loss = loss + self._bpr(users_g, items_g, rng, round_, step)
+                loss = loss + self.bpr_loss(users_g, items_g, rng, round_, step)
             if contrastive and cfg.contrastive_weight > 0:
-                n = min(cfg.server_batch_size, len(self._graph_items))
-                b = self._graph_items[torch.from_numpy(
-                    rng.choice(len(self._graph_items), size=n, replace=False))]
+                n = min(cfg.server_batch_size, len(self.graph_items))
+                b = self.graph_items[torch.from_numpy(
+                    rng.choice(len(self.graph_items), size=n, replace=False))]
                 local = self.item.index_select(0, b)
                 loss = loss + cfg.contrastive_weight * info_nce(local, items_g.index_select(0, b),
                                                                 cfg.tau)
                 if not cfg.uses_bpr:
                     loss = loss + cfg.reg * local.pow(2).sum() / n
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
+            self.step(loss)
         return self.item.detach().clone()
-
-    def unlearning_loss(self, forgotten: Tensor, has_forgotten: Tensor,
-                        unlearning: UnlearningConfig) -> ContrastiveUnlearningLoss:
-        """L_CU (Eq. 25) of an unlearning phase, over the items of the updated G_s and I_f."""
-        items = torch.unique(torch.cat([self._graph_items, has_forgotten.nonzero().squeeze(1)]))
-        return ContrastiveUnlearningLoss(forgotten, has_forgotten, items, unlearning.tau,
-                                         unlearning.positive_in_denominator)
-
-    def unlearn_round(self, local_view: Tensor, round_: int, l_cu: ContrastiveUnlearningLoss,
-                      unlearning: UnlearningConfig) -> Tensor:
-        """Algorithm 2, lines 12-17: minimise L_CU (Eq. 25), optionally + BPR on the updated G_s,
-        starting from the new local view; the result becomes V_s."""
-        cfg = self.config
-        rng = np.random.default_rng([cfg.seed, round_, 0xF0E7])
-        with torch.no_grad():
-            self.item.copy_(local_view)
-        for group in self.optimizer.param_groups:  # the phase's own step size, then back
-            group["lr"] = unlearning.lr
-        for step in range(unlearning.steps):
-            if self.graph is not None:
-                users_g, items_g = self.graph.propagate(self.user, self.item, cfg.num_layers)
-            else:
-                users_g, items_g = self.user, self.item / (cfg.num_layers + 1)
-            loss = unlearning.weight * l_cu(self.item, items_g)
-            if unlearning.bpr and self.graph is not None:
-                loss = loss + self._bpr(users_g, items_g, rng, round_, step)
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.server_refine_lr
-        self.table = self.item.detach().clone()
-        return self.table
 
     def server_client_update(self, round_: int) -> NodeUpdate | None:
         """FedShare-FedAvg: the server trains on D_s like one more client of weight |D_s|."""
@@ -159,6 +127,10 @@ class Server:
         changed = (table != self.table).any(dim=1)
         row_weight = changed.float() * float(len(self.shared))
         return NodeUpdate(table, float(len(self.shared)), row_weight, 1)
+
+    def aggregate(self, updates: Sequence[NodeUpdate]) -> Tensor:
+        """The local view (Eq. 16) from V_s and the round's updates."""
+        return aggregate(self.table, updates, self.config.aggregation, self.config.server_lr)
 
     @property
     def refines(self) -> bool:
@@ -206,6 +178,12 @@ class Server:
                     "step": state[f"adam-{name}-step"].reshape(()).clone(),
                     "exp_avg": state[f"adam-{name}-m"].clone(),
                     "exp_avg_sq": state[f"adam-{name}-v"].clone()}
+
+    def step(self, loss: Tensor) -> None:
+        """One Adam step of the refinement optimiser on ``loss`` (user and item embeddings)."""
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
 
     def finish_round(self, aggregated: Tensor, round_: int) -> Tensor:
         """Refine the aggregated table on G_s (Eq. 18), keep a snapshot, return the new V_s."""

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fedshare.federated.population import NodeUpdate
+from fedshare.storage_ledger import FRU_CLIENT, StorageLedger, client
 
 
 def update_problem(update: NodeUpdate, num_items: int, dim: int, sampled: int,
@@ -65,3 +66,42 @@ def share_problem(served: np.ndarray, users: np.ndarray, items: np.ndarray, num_
     if len(np.unique(users * num_items + items)) != len(users):
         return "an interaction shared twice"
     return None
+
+
+class ReplyChecks:
+    """The server's judge of train replies.
+
+    Args:
+        num_items, dim: the shape of V_s.
+        local_counts: |I_local| per user, from the share round (the most a user may weigh).
+        ledger: where the FRU store sizes that accepted replies report are recorded.
+        max_failed: a round completes while at most this fraction of the nodes asked to train
+            fail, time out or send a rejected reply; beyond it the round changes nothing.
+    """
+
+    def __init__(self, num_items: int, dim: int, local_counts: dict[int, int],
+                 ledger: StorageLedger, max_failed: float = 0.5) -> None:
+        self.num_items, self.dim = num_items, dim
+        self.local_counts = local_counts
+        self.ledger = ledger
+        self.max_failed = max_failed
+
+    def train_problem(self, asked: list[int] | None, update: NodeUpdate,
+                      fru: list[tuple[int, int]]) -> str | None:
+        """Why ``update`` may not be averaged (``asked``: the users the node was asked to
+        train, ``None`` if it was not asked), or ``None``: then the FRU store sizes it reports
+        go to the ledger."""
+        if asked is None:
+            return "a reply from a node that was not asked to train"
+        problem = update_problem(update, self.num_items, self.dim, len(asked),
+                                 sum(self.local_counts.get(u, 0) for u in asked))
+        if problem is None:
+            for user, nbytes in fru:  # FRU's client-side stores, as the nodes report them
+                self.ledger.set(client(user), FRU_CLIENT, nbytes)
+        return problem
+
+    def too_many_failures(self, asked: int, accepted: int) -> bool:
+        """Whether more than ``max_failed`` of a round's ``asked`` nodes gave no accepted
+        reply."""
+        asked = max(asked, 1)
+        return (asked - accepted) / asked > self.max_failed

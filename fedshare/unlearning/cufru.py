@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedshare.federated.inprocess import InProcessFederation
 from fedshare.federated.recording import RoundRecorder
-from fedshare.federated.simulate import InProcessFederation
 from fedshare.models.local import LocalUpdate
-from fedshare.storage import SERVER, RowStore, StorageLedger
+from fedshare.storage_ledger import SERVER, RowStore, StorageLedger
 from fedshare.unlearning.replay import (
     ReplayConfig,
     calibrated_step,

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedshare.federated.inprocess import InProcessFederation
 from fedshare.federated.recording import RoundRecorder
-from fedshare.federated.simulate import InProcessFederation
 from fedshare.models.local import LocalUpdate
-from fedshare.storage import SERVER, RowStore, StorageLedger, client
+from fedshare.storage_ledger import FRU_CLIENT, SERVER, RowStore, StorageLedger, client
 from fedshare.unlearning.replay import (
     ReplayConfig,
     calibrated_step,
@@ -45,7 +45,7 @@ from fedshare.unlearning.replay import (
     sparse_aggregate,
 )
 
-KIND = "fru-updates"
+KIND = FRU_CLIENT
 SERVER_KINDS = ("fru-server-updates", "fru-rounds", "fru-checkpoint")
 KINDS = (KIND, *SERVER_KINDS)
 

@@ -29,15 +29,15 @@ import numpy as np
 from fedshare.data.prepared import PreparedData
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
+from fedshare.federated.inprocess import InProcessFederation, run_inprocess
 from fedshare.federated.population import ClientPopulation
-from fedshare.federated.simulate import InProcessFederation, simulate
-from fedshare.storage import SERVER, StorageLedger
+from fedshare.storage_ledger import SERVER, StorageLedger
 from fedshare.unlearning import cufru, fru
 from fedshare.unlearning.algorithm import complete_erasure, run_algorithm2
 from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.remaining import remaining_data
 from fedshare.unlearning.replay import ReplayConfig
-from fedshare.unlearning.store import SharedStore
+from fedshare.unlearning.shared_store import SharedStore
 
 METHODS = ("no-unlearning", "fedshare", "wo-forgotten-graph", "wo-remaining-fl", "fru", "cufru",
            "retrain")
@@ -98,7 +98,7 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
         raise FedShareError(f"unknown unlearning method {method!r}; one of {', '.join(METHODS)}")
     if method == "retrain":
         start = time.perf_counter()
-        result = simulate(remaining_data(data), learned.config)
+        result = run_inprocess(remaining_data(data), learned.config)
         assert result.federation is not None
         return UnlearningOutcome(method, result.federation, time.perf_counter() - start, 0)
     if method in ("fru", "cufru"):
@@ -140,6 +140,6 @@ def learn(data: PreparedData, config: FederatedConfig, record: bool = False,
     """The learning phase; ``record`` keeps the FRU and CUFRU histories (``alpha``: FRU's
     fraction of stored rows)."""
     recorders = (fru.FruHistory(alpha), cufru.TransferStation()) if record else ()
-    result = simulate(data, config, recorders=recorders)
+    result = run_inprocess(data, config, recorders=recorders)
     assert result.federation is not None
     return result.federation

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from fedshare.federated.aggregation import aggregate
+from fedshare.federated.inprocess import InProcessFederation
 from fedshare.federated.server import Server
-from fedshare.federated.simulate import InProcessFederation
 from fedshare.models.local import LocalTrainConfig
 
 

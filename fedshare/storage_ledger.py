@@ -16,6 +16,9 @@ import torch
 from torch import Tensor
 
 SERVER = "server"
+FRU_CLIENT = "fru-updates"
+"""Kind of FRU's client-side update stores: reported by the nodes that hold them, in Flower runs
+through their train replies (:class:`fedshare.federated.validation.ReplyChecks`)."""
 
 
 def tensor_bytes(*tensors: Tensor) -> int:

@@ -14,11 +14,12 @@ from math import nan
 from pathlib import Path
 from typing import NoReturn
 
+from fedshare.atomic import write_json
 from fedshare.data import PreparedData, SharingConfig, prepare
 from fedshare.data.loaders import SOURCES
 from fedshare.errors import FedShareError
 from fedshare.models import CENTRAL_MODELS
-from fedshare.reports import data_stats, format_stats, write_json
+from fedshare.reports import data_stats, format_stats
 
 
 def _fractions(text: str) -> tuple[float, ...]:

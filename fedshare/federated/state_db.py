@@ -6,7 +6,7 @@ state (its user embeddings and the
 refinement optimiser's moments), and the unsharing-request log. Every change is one SQLite
 transaction, so a round is either fully committed (table, snapshots, server state and round
 counter together) or not visible at all, and a request acknowledged by
-:meth:`ServerStore.acknowledge` survives any crash after the call returns. Serving requests
+:meth:`StateDB.acknowledge` survives any crash after the call returns. Serving requests
 deletes their interactions from D_s and marks them served in the same transaction: a request is
 never served twice, and acknowledging the same request again (a device repeats it after a
 restart) returns the request already logged instead of a new one.
@@ -33,6 +33,13 @@ import torch
 from torch import Tensor
 
 from fedshare.data.interactions import Interactions
+from fedshare.errors import FedShareError
+from fedshare.federated.config import FederatedConfig
+from fedshare.federated.directory import Directory
+from fedshare.federated.recording import RoundRecorder
+from fedshare.federated.server import Server
+
+RESUMABLE = ("rounds", "eval_every")  # settings a resumed run may change
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,7 +66,7 @@ class Request:
     served: bool = False
 
 
-class ServerStore:
+class StateDB:
     """SQLite-backed server state (module docstring).
 
     Args:
@@ -273,3 +280,72 @@ class _Transaction:
                 raise
         if self._db.in_transaction:  # SQLite may have rolled back already (I/O error, full)
             self._db.execute("ROLLBACK")
+
+
+class CommitRounds(RoundRecorder):
+    """The round hook of a Flower run: each finished round (table, snapshots, the server's
+    private state and the round counter) is committed in one transaction."""
+
+    name = "state-db"
+
+    def __init__(self, store: StateDB, server: Server) -> None:
+        self.store, self.server = store, server
+
+    def committed(self, round_: int, table: Tensor) -> None:
+        self.store.commit_round(round_, table, list(self.server.snapshots), self.server.state())
+
+
+def restore_server(server: Server, store: StateDB) -> int:
+    """Continue from the store's last committed round: V_s, snapshots and the server's private
+    state as committed. Returns that round (0 for a new store)."""
+    last = store.last_round()
+    table = store.model()
+    if last and table is not None:
+        server.load_state(table, store.state())
+        for snapshot in store.snapshots():
+            server.snapshots.append(snapshot)
+    return last
+
+
+def open_store(path: Path, directory: Directory, config: FederatedConfig,
+               bind: bool = True) -> StateDB:
+    """The run directory's durable store: a new one takes D_s from the share round; an existing
+    one (a resumed run) is authoritative for D_s, since requests it served deleted
+    interactions the devices still hold. A resumed run must use the same settings, the number
+    of rounds and the evaluation period aside. With ``bind``, users newly announced are bound
+    to their nodes for good."""
+    shared = directory.shared
+    try:
+        store = StateDB(path, shared.num_users, shared.num_items)
+    except ValueError as exc:
+        raise FedShareError(str(exc)) from None
+    settings = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}
+    stored = store.settings()
+    if stored is None:
+        store.set_shared(shared)
+        store.set_settings(settings)
+    elif stored != json.loads(json.dumps(settings)):
+        changed = sorted(k for k in settings if stored.get(k) != settings[k])
+        store.close()
+        raise FedShareError(f"{path} belongs to a run with other settings ({', '.join(changed)})"
+                            "; use a new out-dir")
+    else:
+        directory.shared = store.shared()
+    if bind:
+        store.bind(directory.user_node)
+    return store
+
+
+def stored_directory(path: Path) -> tuple[tuple[int, int] | None, dict[int, int]]:
+    """The catalogue and user bindings of an existing store (a resumed run)."""
+    try:
+        catalogue = StateDB.catalogue_of(path)
+        if catalogue is None:
+            return None, {}
+        store = StateDB(path, *catalogue)
+    except ValueError as exc:
+        raise FedShareError(str(exc)) from None
+    try:
+        return catalogue, store.bindings()
+    finally:
+        store.close()

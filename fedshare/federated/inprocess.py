@@ -1,7 +1,9 @@
-"""The learning phase in one process: every sampled user trains in one batched call.
+"""The in-process engine: the learning phase in one process, every sampled user trained in one
+batched call.
 
 This is the vectorised reference of the Flower app (``strategies/``, ``clients/``): the same
-client, aggregation and server code, without messages. It is what tuning and tests run.
+client code, the same round (:class:`fedshare.federated.rounds.LearningRound`) and server code,
+without messages. It is what tuning and tests run.
 """
 
 from __future__ import annotations
@@ -14,20 +16,13 @@ import numpy as np
 import torch
 
 from fedshare.data.prepared import PreparedData
-from fedshare.federated.aggregation import aggregate
 from fedshare.federated.config import FederatedConfig
-from fedshare.federated.population import ClientPopulation
+from fedshare.federated.population import ClientPopulation, NodeUpdate
 from fedshare.federated.recording import RoundRecorder
+from fedshare.federated.rounds import LearningRound, RunLog, is_eval_round, sample_users
 from fedshare.federated.server import Server
 from fedshare.models.local import LocalUpdate
-from fedshare.storage import StorageLedger
-
-
-def sample_users(candidates: np.ndarray, fraction: float, seed: int, round_: int) -> np.ndarray:
-    """The users of round ``round_`` (Sec. IV-B1): a seeded uniform sample without replacement."""
-    n = max(1, int(np.ceil(round(fraction * len(candidates), 9))))
-    rng = np.random.default_rng([seed, round_, 0x5A3])
-    return np.sort(rng.choice(candidates, size=min(n, len(candidates)), replace=False))
+from fedshare.storage_ledger import StorageLedger
 
 
 @dataclass
@@ -54,10 +49,12 @@ class InProcessFederation:
         config: the run's settings.
         recorders: learning-phase hooks (the FRU / CUFRU histories); they report their bytes
             to :attr:`ledger`, the one ledger of every store of the run.
+        progress: called with each validation row.
     """
 
     def __init__(self, data: PreparedData, config: FederatedConfig,
-                 recorders: tuple[RoundRecorder, ...] = ()) -> None:
+                 recorders: tuple[RoundRecorder, ...] = (),
+                 progress: Callable[[dict], None] | None = None) -> None:
         self.data = data
         self.config = config
         shared = data.plan.shared_data(data.split.train)
@@ -72,11 +69,12 @@ class InProcessFederation:
         self.population = ClientPopulation(data, np.arange(data.num_users), config.dim,
                                            config.seed, shares=config.shares)
         self.candidates = self.population.trainable()
-        self.last_round: dict = {}
+        self.log = RunLog(progress)
+        self.learning = LearningRound(self.server, recorders, self.log)
 
-    def train_round(self, round_: int, epochs: int | None = None) -> torch.Tensor:
-        """Sample, train locally (``epochs``: other than the configured local epochs) and
-        aggregate (Eq. 12-16): the round's local view."""
+    def client_updates(self, round_: int, epochs: int | None = None) -> list[NodeUpdate]:
+        """Sample round ``round_``'s users and train them locally (Eq. 12-15) in one batched
+        call (``epochs``: other than the configured local epochs)."""
         cfg = self.config
         local = cfg.local if epochs is None else replace(cfg.local, epochs=epochs)
         users = sample_users(self.candidates, cfg.fraction, cfg.seed, round_)
@@ -87,50 +85,43 @@ class InProcessFederation:
                 recorder.clients(round_, update, weights, start)
 
         observer = observe if self.recorders else None
-        updates = [self.population.train(users, start, local, cfg.seed, round_, observer)]
-        extra = self.server.server_client_update(round_)
-        if extra is not None:
-            updates.append(extra)
-        self.last_round = {"num-users": sum(u.num_users for u in updates),
-                           "num-examples": sum(u.weight for u in updates)}
-        return aggregate(self.server.table, updates, cfg.aggregation, cfg.server_lr)
+        return [self.population.train(users, start, local, cfg.seed, round_, observer)]
+
+    def train_round(self, round_: int, epochs: int | None = None) -> torch.Tensor:
+        """Clients' updates aggregated (Eq. 16): the round's local view (unlearning's
+        remaining-data rounds)."""
+        return self.learning.local_view(round_, self.client_updates(round_, epochs))[0]
 
     def round(self, round_: int) -> None:
         """One round of Algorithm 1."""
-        aggregated = self.train_round(round_)
-        table = self.server.finish_round(aggregated, round_)
-        for recorder in self.recorders:
-            recorder.refined(round_, aggregated, table)
+        started = time.perf_counter()
+        updates = self.client_updates(round_)
+        self.learning(round_, updates, time.perf_counter() - started)
 
     def stop_recording(self) -> None:
         """Learning is over: later rounds (unlearning's) are not part of the history."""
         self.histories = {r.name: r for r in self.recorders}
         self.recorders = ()
+        self.learning.hooks = ()
 
     def evaluate(self, part: str) -> dict[str, float]:
         everyone = np.arange(self.data.num_users)
         return _means(*self.population.evaluate(everyone, self.server.table, part))
 
 
-def simulate(data: PreparedData, config: FederatedConfig,
-             progress: Callable[[dict], None] | None = None,
-             recorders: tuple[RoundRecorder, ...] = ()) -> RunResult:
-    """Run ``config.rounds`` rounds of Algorithm 1 and evaluate like the Flower app does."""
+def run_inprocess(data: PreparedData, config: FederatedConfig,
+                  progress: Callable[[dict], None] | None = None,
+                  recorders: tuple[RoundRecorder, ...] = ()) -> RunResult:
+    """Run ``config.rounds`` rounds of Algorithm 1, validating on the schedule the Flower app
+    follows (:func:`fedshare.federated.rounds.is_eval_round`)."""
     start_time = time.perf_counter()
-    federation = InProcessFederation(data, config, recorders)
-    result = RunResult(config.to_dict())
+    federation = InProcessFederation(data, config, recorders, progress)
     for round_ in range(1, config.rounds + 1):
         federation.round(round_)
-        result.rounds.append({"round": round_, "seconds": time.perf_counter() - start_time,
-                              **federation.last_round})
-        if round_ % config.eval_every == 0 or round_ == config.rounds:
-            valid = federation.evaluate("valid")
-            row = {"round": round_, "seconds": time.perf_counter() - start_time,
-                   **{f"valid_{k}": v for k, v in valid.items()}}
-            result.history.append(row)
-            if progress is not None:
-                progress(row)
+        if is_eval_round(round_, config):
+            federation.log.validation(round_, federation.evaluate("valid"))
     federation.stop_recording()
+    result = RunResult(config.to_dict(), federation.log.validations, federation.log.rounds)
     result.valid = federation.evaluate("valid")
     result.test = federation.evaluate("test")
     result.seconds = time.perf_counter() - start_time

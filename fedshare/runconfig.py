@@ -7,8 +7,11 @@ Kept Flower-free (plain mappings) so it is tested directly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +50,39 @@ def unlearning_config(run_config: Mapping[str, Any]) -> UnlearningConfig | None:
         return UnlearningConfig(**{k: type(getattr(defaults, k))(v) for k, v in values.items()})
     except (TypeError, ValueError):
         raise FedShareError(f"bad unlearning setting in {values}") from None
+
+
+@dataclass
+class ServerSettings:
+    """What the ServerApp reads from its run config, besides the data keys it never uses."""
+
+    config: FederatedConfig
+    unlearning: UnlearningConfig | None
+    out_dir: Path
+    audit_dir: str
+    num_nodes: int
+    node_timeout: float
+    round_timeout: float
+    max_failed: float
+    bind: bool
+    run_config: dict[str, Any]
+
+    @classmethod
+    def read(cls, run_config: Mapping[str, Any]) -> ServerSettings:
+        default_out = f"runs/flwr-{time.strftime('%Y%m%d-%H%M%S')}"
+        return cls(federated_config(run_config), unlearning_config(run_config),
+                   Path(str(run_config.get("out-dir") or default_out)),
+                   str(run_config.get("audit-dir") or ""), int(run_config.get("num-nodes", 2)),
+                   float(run_config.get("node-timeout", 120)),
+                   float(run_config.get("round-timeout", 3600)),
+                   float(run_config.get("max-failed-fraction", 0.5)),
+                   # simulated nodes draw new ids every run: nothing to bind users to
+                   bool(run_config.get("bind-users", True)), dict(run_config))
+
+    def recorded(self) -> dict[str, Any]:
+        """``config.json``: every federated setting, then the run config's other keys."""
+        return {**self.config.to_dict(), **{k: v for k, v in self.run_config.items()
+                                            if k not in self.config.to_run_config()}}
 
 
 def data_key(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> tuple:

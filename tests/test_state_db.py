@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedshare.data.interactions import Interactions
-from fedshare.federated.durable import ServerStore
+from fedshare.federated.state_db import StateDB
 
 NUM_USERS, NUM_ITEMS, DIM = 6, 9, 4
 
@@ -31,13 +31,13 @@ def path(tmp_path):
 
 
 def test_committed_round_survives_reopening(path):
-    store = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    store = StateDB(path, NUM_USERS, NUM_ITEMS)
     store.set_shared(_shared())
     table = torch.randn(NUM_ITEMS, DIM)
     snapshots = [torch.randn(NUM_ITEMS, DIM) for _ in range(3)]
     store.commit_round(7, table, snapshots)
     store.close()
-    again = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    again = StateDB(path, NUM_USERS, NUM_ITEMS)
     assert again.last_round() == 7
     assert torch.equal(again.model(), table)
     assert all(torch.equal(a, b) for a, b in zip(again.snapshots(), snapshots, strict=True))
@@ -45,15 +45,15 @@ def test_committed_round_survives_reopening(path):
 
 
 def test_a_fresh_store_is_empty_and_the_catalogue_is_checked(path):
-    store = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    store = StateDB(path, NUM_USERS, NUM_ITEMS)
     assert store.last_round() == 0 and store.model() is None and store.snapshots() == []
     store.close()
     with pytest.raises(ValueError, match="catalogue"):
-        ServerStore(path, NUM_USERS + 1, NUM_ITEMS)
+        StateDB(path, NUM_USERS + 1, NUM_ITEMS)
 
 
 def test_a_failed_round_commit_leaves_the_previous_round(path):
-    store = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    store = StateDB(path, NUM_USERS, NUM_ITEMS)
     first = torch.randn(NUM_ITEMS, DIM)
     store.commit_round(1, first, [first])
 
@@ -66,7 +66,7 @@ def test_a_failed_round_commit_leaves_the_previous_round(path):
 
 def _die_mid_round(path: str) -> None:
     """Open a round's transaction, write the table, then die without committing."""
-    store = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    store = StateDB(path, NUM_USERS, NUM_ITEMS)
     store._db.execute("BEGIN IMMEDIATE")
     store._db.execute("DELETE FROM tables")
     store._db.execute("INSERT OR REPLACE INTO meta VALUES ('round', '99')")
@@ -74,7 +74,7 @@ def _die_mid_round(path: str) -> None:
 
 
 def test_a_crash_mid_round_is_invisible_after_restart(path):
-    store = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    store = StateDB(path, NUM_USERS, NUM_ITEMS)
     table = torch.randn(NUM_ITEMS, DIM)
     store.commit_round(4, table, [table])
     store.close()
@@ -83,16 +83,16 @@ def test_a_crash_mid_round_is_invisible_after_restart(path):
     process.start()
     process.join(30)
     assert process.exitcode == 1
-    again = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    again = StateDB(path, NUM_USERS, NUM_ITEMS)
     assert again.last_round() == 4 and torch.equal(again.model(), table)
 
 
 def test_requests_are_never_lost_and_never_served_twice(path):
-    store = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    store = StateDB(path, NUM_USERS, NUM_ITEMS)
     store.set_shared(_shared())
     first = store.acknowledge(0, np.array([1, 3])).id
     store.close()
-    store = ServerStore(path, NUM_USERS, NUM_ITEMS)  # restart: the acknowledged request is there
+    store = StateDB(path, NUM_USERS, NUM_ITEMS)  # restart: the acknowledged request is there
     (request,) = store.pending()
     assert (request.id, request.user, request.items.tolist()) == (first, 0, [1, 3])
     second = store.acknowledge(5, np.array([8])).id
@@ -107,7 +107,7 @@ def test_requests_are_never_lost_and_never_served_twice(path):
 
 
 def test_a_repeated_request_is_the_logged_one_and_is_served_once(path):
-    store = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    store = StateDB(path, NUM_USERS, NUM_ITEMS)
     store.set_shared(_shared())
     first = store.acknowledge(0, np.array([3, 1, 3]))
     assert first.items.tolist() == [1, 3] and not first.served
@@ -121,7 +121,7 @@ def test_a_repeated_request_is_the_logged_one_and_is_served_once(path):
 
 
 def test_server_state_is_committed_with_its_round(path):
-    store = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    store = StateDB(path, NUM_USERS, NUM_ITEMS)
     key = store.run_key
     table = torch.randn(NUM_ITEMS, DIM)
     state = {"user": torch.randn(NUM_USERS, DIM), "step": torch.tensor([[3.0]])}
@@ -129,15 +129,15 @@ def test_server_state_is_committed_with_its_round(path):
     with pytest.raises(ValueError, match="2-D"):
         store.commit_round(3, table, [table], {"bad": torch.zeros(3)})
     store.close()
-    again = ServerStore(path, NUM_USERS, NUM_ITEMS)
+    again = StateDB(path, NUM_USERS, NUM_ITEMS)
     assert again.run_key == key and again.last_round() == 2
     restored = again.state()
     assert set(restored) == {"user", "step"}
     assert all(torch.equal(restored[k], v) for k, v in state.items())
-    assert ServerStore(path.with_name("other.db"), NUM_USERS, NUM_ITEMS).run_key != key
+    assert StateDB(path.with_name("other.db"), NUM_USERS, NUM_ITEMS).run_key != key
 
 
 def test_a_file_that_is_not_a_database_is_a_clear_error(path):
     path.write_bytes(b"not a database at all" * 100)
     with pytest.raises(ValueError, match="not a FedShare state database"):
-        ServerStore(path, NUM_USERS, NUM_ITEMS)
+        StateDB(path, NUM_USERS, NUM_ITEMS)

@@ -1,0 +1,284 @@
+"""The wire format of the FedShare app: every message type, every record key, every conversion.
+
+The ServerApp (``strategies/``) builds requests and reads replies with the functions below; the
+ClientApp (``clients/``) reads requests and builds replies with them; neither imports the other.
+This is the one module of the core that imports Flower (an import-linter contract says so).
+Readers of replies treat them as untrusted: they raise ``ValueError`` (or the error of a missing
+key) on anything malformed, and the caller rejects the reply.
+
+Four messages, each a request from the server and one reply per node:
+
+========================  ==================================  =====================================
+message type              request                             reply
+========================  ==================================  =====================================
+``query.share``           nothing                             arrays ``served-users``,
+                                                              ``local-counts`` (|I_local| per
+                                                              served user: the FedAvg weights the
+                                                              server sees anyway), ``share-users``
+                                                              / ``share-items`` (the node's
+                                                              I_share, Eq. 7, the only
+                                                              interactions that ever leave it);
+                                                              metrics ``num-users-total``,
+                                                              ``num-items`` (the catalogue)
+``query.unshare``         config ``run-key``                  arrays ``unshare-users`` /
+                                                              ``unshare-items`` (I_unlearn,
+                                                              Sec. IV-C)
+``train``                 arrays ``item-table`` (V_s);        arrays ``item-table`` (weighted
+                          config ``server-round``, ``users``  mean of the uploads), ``row-weight``;
+                          (the round's sampled users of the   metrics ``num-examples`` (summed
+                          node), ``run-key``, optional        |D_u|), ``num-users``; with FRU
+                          ``local-epochs`` (unlearning's      (``fru-alpha`` > 0) arrays
+                          remaining-data rounds)              ``fru-users`` / ``fru-bytes``: each
+                                                              trained user's FRU store size (the
+                                                              store stays on the node)
+``evaluate``              arrays ``item-table``; config       metrics ``<part>:<metric>`` (the
+                          ``parts`` (``valid`` or             metric *summed* over the node's
+                          ``valid,test``), ``run-key``        users) and ``<part>:count`` (how
+                                                              many users), so the server adds
+                                                              parts up exactly
+========================  ==================================  =====================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from torch import Tensor
+
+from fedshare.federated.directory import ShareReply
+from fedshare.federated.population import NodeUpdate
+
+# message types
+SHARE, UNSHARE = "query.share", "query.unshare"
+TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
+# record names inside a RecordDict
+ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
+# config keys of requests
+ROUND, USERS, RUN_KEY, LOCAL_EPOCHS, PARTS = (
+    "server-round", "users", "run-key", "local-epochs", "parts")
+# share replies
+SERVED_USERS, LOCAL_COUNTS, SHARE_USERS, SHARE_ITEMS = (
+    "served-users", "local-counts", "share-users", "share-items")
+NUM_USERS_TOTAL, NUM_ITEMS = "num-users-total", "num-items"
+# unshare replies
+UNSHARE_USERS, UNSHARE_ITEMS = "unshare-users", "unshare-items"
+# train requests and replies
+TABLE, ROW_WEIGHT, WEIGHT, NUM_USERS = "item-table", "row-weight", "num-examples", "num-users"
+FRU_USERS, FRU_BYTES = "fru-users", "fru-bytes"
+# evaluate replies: "<part>:<metric>" sums and "<part>:count"
+COUNT = "count"
+
+
+def _ints(values: np.ndarray | Iterable[int]) -> Array:
+    return Array(np.ascontiguousarray(np.asarray(values), dtype=np.int64))
+
+
+def _table(table: Tensor) -> Array:
+    return Array(table.detach().numpy().astype(np.float32))
+
+
+def _tensor(record: ArrayRecord, key: str) -> Tensor:
+    return torch.from_numpy(record[key].numpy().copy())
+
+
+def _request(node: int, message_type: str, config: Mapping, model: ArrayRecord | None = None
+             ) -> Message:
+    """A request; ``model`` (the global model) is built once and shared by a round's messages."""
+    content = RecordDict({CONFIG: ConfigRecord(dict(config))})
+    if model is not None:
+        content[ARRAYS] = model
+    return Message(content, dst_node_id=node, message_type=message_type)
+
+
+def _reply(request: Message, arrays: ArrayRecord | None = None,
+           metrics: MetricRecord | None = None) -> Message:
+    content = RecordDict()
+    if arrays is not None:
+        content[ARRAYS] = arrays
+    if metrics is not None:
+        content[METRICS] = metrics
+    return Message(content, reply_to=request)
+
+
+def table_record(table: Tensor) -> ArrayRecord:
+    """The global model as Flower's strategy loop carries it between rounds."""
+    return ArrayRecord({TABLE: _table(table)})
+
+
+def run_key(request: Message) -> str:
+    """The server store's run key a request carries ("" when none): devices tag saved state
+    with it."""
+    return str(request.content.get(CONFIG, {}).get(RUN_KEY, ""))
+
+
+# ------------------------------------------------------------------------------ query.share
+def share_request(node: int) -> Message:
+    return _request(node, SHARE, {})
+
+
+def share_reply(request: Message, served: np.ndarray, local_counts: np.ndarray,
+                users: np.ndarray, items: np.ndarray, catalogue: tuple[int, int]) -> Message:
+    """A node's users, their |I_local| and their I_share (Eq. 7); ``catalogue`` is
+    (users, items) of the whole dataset."""
+    arrays = ArrayRecord({SERVED_USERS: _ints(served), LOCAL_COUNTS: _ints(local_counts),
+                          SHARE_USERS: _ints(users), SHARE_ITEMS: _ints(items)})
+    metrics = MetricRecord({NUM_USERS_TOTAL: catalogue[0], NUM_ITEMS: catalogue[1]})
+    return _reply(request, arrays, metrics)
+
+
+def read_share_reply(reply: Message) -> ShareReply:
+    arrays, metrics = reply.content[ARRAYS], reply.content[METRICS]
+    return ShareReply(reply.metadata.src_node_id, arrays[SERVED_USERS].numpy(),
+                      arrays[LOCAL_COUNTS].numpy(), arrays[SHARE_USERS].numpy(),
+                      arrays[SHARE_ITEMS].numpy(),
+                      (int(metrics[NUM_USERS_TOTAL]), int(metrics[NUM_ITEMS])))
+
+
+# ---------------------------------------------------------------------------- query.unshare
+def unshare_request(node: int, key: str) -> Message:
+    return _request(node, UNSHARE, {RUN_KEY: key})
+
+
+def unshare_reply(request: Message, users: np.ndarray, items: np.ndarray) -> Message:
+    return _reply(request, ArrayRecord({UNSHARE_USERS: _ints(users),
+                                        UNSHARE_ITEMS: _ints(items)}))
+
+
+def read_unshare_reply(content: RecordDict) -> tuple[np.ndarray, np.ndarray]:
+    """(users, items) of a node's unsharing requests, one pair per interaction."""
+    users = content[ARRAYS][UNSHARE_USERS].numpy()
+    items = content[ARRAYS][UNSHARE_ITEMS].numpy()
+    if users.shape != items.shape or users.ndim != 1 or users.dtype.kind != "i" \
+            or items.dtype.kind != "i":
+        raise ValueError("users and items are not two integer vectors of one length")
+    return users, items
+
+
+# ------------------------------------------------------------------------------------ train
+@dataclass
+class TrainRequest:
+    """What a node needs to train: the round, its sampled users, V_s and, in unlearning's
+    remaining-data rounds, the local epochs to use instead of the configured ones."""
+
+    round: int
+    users: np.ndarray
+    table: Tensor
+    run_key: str
+    local_epochs: int | None
+
+
+def train_requests(round_: int, node_users: Mapping[int, list[int]], table: Tensor, key: str,
+                   local_epochs: int | None = None) -> list[Message]:
+    """One train message per node, naming the node's sampled users."""
+    model = table_record(table)
+    config: dict = {ROUND: round_, RUN_KEY: key}
+    if local_epochs is not None:
+        config[LOCAL_EPOCHS] = local_epochs
+    return [_request(node, TRAIN, {**config, USERS: users}, model)
+            for node, users in node_users.items()]
+
+
+def read_train_request(request: Message) -> TrainRequest:
+    config = request.content[CONFIG]
+    epochs = int(config[LOCAL_EPOCHS]) if LOCAL_EPOCHS in config else None
+    return TrainRequest(int(config[ROUND]), np.asarray(config[USERS], dtype=np.int64),
+                        _tensor(request.content[ARRAYS], TABLE), str(config.get(RUN_KEY, "")),
+                        epochs)
+
+
+def train_metrics(num_users: int, weight: float) -> MetricRecord:
+    """How many users trained and their summed |D_u|: a node's, or a round's in all."""
+    return MetricRecord({WEIGHT: float(weight), NUM_USERS: int(num_users)})
+
+
+def train_reply(request: Message, update: NodeUpdate, fru_bytes: Mapping[int, int]) -> Message:
+    """A node's averaged update (Eq. 16 over its users) and its FRU store sizes, if any."""
+    arrays = ArrayRecord({TABLE: _table(update.table), ROW_WEIGHT: _table(update.row_weight)})
+    if fru_bytes:
+        arrays[FRU_USERS] = _ints(list(fru_bytes))
+        arrays[FRU_BYTES] = _ints(list(fru_bytes.values()))
+    return _reply(request, arrays, train_metrics(update.num_users, update.weight))
+
+
+def read_train_reply(content: RecordDict, asked: Iterable[int]
+                     ) -> tuple[NodeUpdate, list[tuple[int, int]]]:
+    """The node's update and its (user, bytes) FRU store report, which may name only users it
+    was ``asked`` to train. The update's values are checked by
+    :func:`fedshare.federated.validation.update_problem`."""
+    arrays, metrics = content[ARRAYS], content[METRICS]
+    update = NodeUpdate(_tensor(arrays, TABLE), float(metrics[WEIGHT]),
+                        _tensor(arrays, ROW_WEIGHT), int(metrics[NUM_USERS]))
+    if FRU_USERS not in arrays and FRU_BYTES not in arrays:
+        return update, []
+    users, sizes = arrays[FRU_USERS].numpy(), arrays[FRU_BYTES].numpy()
+    if users.shape != sizes.shape or users.ndim != 1 or users.dtype.kind != "i" \
+            or sizes.dtype.kind != "i" or (sizes < 0).any() or not set(
+                users.tolist()) <= set(asked):
+        raise ValueError("an FRU store report that does not fit the users asked")
+    return update, list(zip(users.tolist(), sizes.tolist(), strict=True))
+
+
+# --------------------------------------------------------------------------------- evaluate
+@dataclass
+class EvaluateRequest:
+    table: Tensor
+    parts: tuple[str, ...]
+    run_key: str
+
+
+def evaluate_requests(nodes: Iterable[int], table: Tensor, parts: tuple[str, ...], key: str
+                      ) -> list[Message]:
+    model = table_record(table)
+    return [_request(node, EVALUATE, {PARTS: ",".join(parts), RUN_KEY: key}, model)
+            for node in nodes]
+
+
+def read_evaluate_request(request: Message) -> EvaluateRequest:
+    config = request.content[CONFIG]
+    return EvaluateRequest(_tensor(request.content[ARRAYS], TABLE),
+                           tuple(str(config.get(PARTS, "valid")).split(",")),
+                           str(config.get(RUN_KEY, "")))
+
+
+def evaluate_reply(request: Message, scores: Mapping[str, tuple[Mapping[str, float], int]]
+                   ) -> Message:
+    """Per part, the metric sums over the node's users and their count."""
+    metrics: dict[str, float] = {}
+    for part, (sums, count) in scores.items():
+        metrics |= {f"{part}:{name}": float(value) for name, value in sums.items()}
+        metrics[f"{part}:{COUNT}"] = count
+    return _reply(request, metrics=MetricRecord(metrics))
+
+
+def read_evaluate_reply(content: RecordDict, parts: tuple[str, ...]
+                        ) -> dict[str, tuple[dict[str, float], int]]:
+    """Per part, (metric sums, user count) of one node. Raises ``ValueError`` unless each count
+    is a non-negative whole number and each sum is finite and in [0, count] (every metric of
+    one user lies in [0, 1]), and no part was sent that was not asked for."""
+    metrics = {key: float(value) for key, value in content[METRICS].items()}
+    if any(key.split(":", 1)[0] not in parts for key in metrics):
+        raise ValueError("metrics of a part that was not asked for")
+    scores = {}
+    for part in parts:
+        count = metrics.get(f"{part}:{COUNT}")
+        if count is None or not math.isfinite(count) or count < 0 or count != int(count):
+            raise ValueError(f"no sound user count for {part}")
+        sums = {key.split(":", 1)[1]: value for key, value in metrics.items()
+                if key.startswith(f"{part}:") and key != f"{part}:{COUNT}"}
+        if any(not math.isfinite(v) or v < 0 or v > count for v in sums.values()):
+            raise ValueError(f"a metric sum outside [0, count] for {part}")
+        scores[part] = (sums, int(count))
+    return scores
