@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from fedshare.errors import FedShareError
+from fedshare.federated.rounds import PROGRESS
 from simulations.processes import stop_process
 from simulations.superlink import HOST, flower_bin, free_port, start_superlink
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROGRESS = "fedshare-progress"
 
 
 def toml_value(value: Any) -> str:

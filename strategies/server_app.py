@@ -24,7 +24,7 @@ from fedshare import protocol
 from fedshare.atomic import write_atomically, write_json
 from fedshare.errors import FedShareError
 from fedshare.federated.directory import Directory, build_directory
-from fedshare.federated.rounds import progress_line
+from fedshare.federated.rounds import PROGRESS, progress_line
 from fedshare.federated.state_db import StateDB, open_store, stored_directory
 from fedshare.federated.summary import RunSummary
 from fedshare.runconfig import ServerSettings
@@ -35,7 +35,6 @@ from strategies.inbox import Inbox
 from strategies.unlearning import run_unlearning
 
 app = ServerApp()
-PROGRESS = "fedshare-progress"
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float, max_failed: float = 0.0

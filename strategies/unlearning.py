@@ -63,7 +63,7 @@ def requests_from(strategy: FedShareStrategy, node: int, content: RecordDict
 
 def accept_requests(strategy: FedShareStrategy, store: SharedStore,
                     requests: list[tuple[int, np.ndarray]]) -> int:
-    """Apply the acknowledged-but-unserved requests of the durable store (a resumed run), then
+    """Apply the acknowledged-but-unserved requests of the state database (a resumed run), then
     the new ones: each all-or-nothing on ``store`` (items the user never shared refuse it
     whole), acknowledged durably before it is served. A request logged before, pending or
     served, is not applied again; items of a user's served requests are left out of its new

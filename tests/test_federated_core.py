@@ -355,7 +355,7 @@ def test_snapshots_keep_the_last_m_tables(data):
 
 
 def test_a_server_restored_from_its_state_continues_exactly(data, tmp_path):
-    """Resuming from the durable store: V_s, user embeddings and Adam's moments are enough for
+    """Resuming from the state database: V_s, user embeddings and Adam's moments are enough for
     the next round to be what an uninterrupted server computes."""
     from fedshare.federated.state_db import StateDB
 

@@ -56,6 +56,10 @@ def is_eval_round(round_: int, config: FederatedConfig) -> bool:
     return round_ % config.eval_every == 0 or round_ == config.rounds
 
 
+PROGRESS = "fedshare-progress"
+"""Marks the ServerApp's progress lines in Flower's log; the launcher passes on what follows."""
+
+
 def progress_line(row: dict) -> str:
     """The line both engines print for a validation row."""
     return (f"round {row['round']}  {row['seconds']:.1f} s  valid HR@20 "

@@ -159,7 +159,7 @@ class Server:
     def state(self) -> dict[str, Tensor]:
         """What a resumed run needs beyond V_s and the snapshots: the server's user embeddings
         and the refinement optimiser's Adam moments and step counts (2-D tensors, for the
-        durable store)."""
+        state database)."""
         state = {"user": self.user.detach().clone()}
         for name, param in (("user", self.user), ("item", self.item)):
             moments = self.optimizer.state.get(param)

@@ -309,7 +309,7 @@ def restore_server(server: Server, store: StateDB) -> int:
 
 def open_store(path: Path, directory: Directory, config: FederatedConfig,
                bind: bool = True) -> StateDB:
-    """The run directory's durable store: a new one takes D_s from the share round; an existing
+    """The run directory's state database: a new one takes D_s from the share round; an existing
     one (a resumed run) is authoritative for D_s, since requests it served deleted
     interactions the devices still hold. A resumed run must use the same settings, the number
     of rounds and the evaluation period aside. With ``bind``, users newly announced are bound
