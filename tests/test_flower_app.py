@@ -145,6 +145,16 @@ def test_flower_equals_the_inprocess_engine(runs):
     _assert_same_metrics(runs["cohorts"][1], runs["inprocess"][1])
 
 
+def test_both_engines_write_one_summary_schema_and_one_metrics_table(runs):
+    flower, inprocess = runs["cohorts"][1], runs["inprocess"][1]
+    assert set(flower) == set(inprocess)
+    assert flower["nodes"] == 2 and inprocess["nodes"] is None
+    frames = [pd.read_csv(runs[name][0] / "metrics.csv") for name in ("cohorts", "inprocess")]
+    assert list(frames[0].columns) == list(frames[1].columns)
+    assert frames[0]["num-users"].tolist() == frames[1]["num-users"].tolist()
+    np.testing.assert_allclose(frames[0]["num-examples"], frames[1]["num-examples"])
+
+
 def _audit(folder: Path) -> list[tuple[str, int, int, dict[str, np.ndarray], dict]]:
     """(kind, round, node, arrays, metrics) of every logged reply."""
     stems = {p.stem for p in folder.iterdir()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,9 @@ import pytest
 from synthetic import tiny_prepared
 
 from simulations.experiment import resolve, run_experiment
+from simulations.superlink import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _probe(address: str, expression: str) -> str | None:
@@ -53,7 +47,7 @@ def _actor_nodes(address: str) -> set[str]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """``ray start --head`` and ``ray start --address=...`` (blocking processes we own)."""
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     logs = tmp_path_factory.mktemp("ray")
     common = ["--num-cpus=1", "--block", "--disable-usage-stats"]

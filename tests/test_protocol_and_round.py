@@ -1,0 +1,164 @@
+"""The wire format reads back what it writes, and the one learning round both engines run
+behaves the same whatever delivers the updates (a failed round changes nothing but is logged and
+committed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedshare import protocol
+from fedshare.federated.config import FederatedConfig
+from fedshare.federated.population import NodeUpdate
+from fedshare.federated.recording import RoundRecorder
+from fedshare.federated.rounds import (
+    LearningRound,
+    RunLog,
+    is_eval_round,
+    progress_line,
+    sample_users,
+)
+
+NUM_ITEMS, DIM = 6, 3
+
+
+@pytest.fixture(autouse=True)
+def _task(monkeypatch):
+    """Flower stamps messages with the run and node of the process (set by a running app)."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def test_share_reply_reads_back():
+    request = protocol.share_request(7)
+    assert request.metadata.message_type == protocol.SHARE
+    reply = protocol.share_reply(request, np.array([3, 4]), np.array([5, 0]), np.array([3, 3]),
+                                 np.array([1, 2]), (10, NUM_ITEMS))
+    read = protocol.read_share_reply(reply)  # a reply comes from the node asked
+    assert read.node == 7 and read.catalogue == (10, NUM_ITEMS)
+    assert read.served.tolist() == [3, 4] and read.counts.tolist() == [5, 0]
+    assert read.users.tolist() == [3, 3] and read.items.tolist() == [1, 2]
+
+
+def test_train_messages_share_one_model_record_and_read_back():
+    table = torch.arange(NUM_ITEMS * DIM, dtype=torch.float32).reshape(NUM_ITEMS, DIM)
+    messages = protocol.train_requests(4, {1: [0, 2], 2: [5]}, table, "key", local_epochs=1)
+    assert [m.metadata.dst_node_id for m in messages] == [1, 2]
+    assert messages[0].content["arrays"] is messages[1].content["arrays"]  # built once a round
+    request = protocol.read_train_request(messages[0])
+    assert (request.round, request.users.tolist(), request.run_key, request.local_epochs) == \
+        (4, [0, 2], "key", 1)
+    assert torch.equal(request.table, table)
+    plain = protocol.read_train_request(protocol.train_requests(1, {3: [1]}, table, "")[0])
+    assert plain.local_epochs is None
+
+
+def test_train_reply_reads_back_with_its_fru_report():
+    update = NodeUpdate(torch.ones(NUM_ITEMS, DIM), 6.0, torch.full((NUM_ITEMS,), 2.0), 2)
+    request = protocol.train_requests(1, {1: [0, 2]}, torch.zeros(NUM_ITEMS, DIM), "")[0]
+    reply = protocol.train_reply(request, update, {0: 136, 2: 8})
+    read, fru = protocol.read_train_reply(reply.content, [0, 2])
+    assert torch.equal(read.table, update.table) and torch.equal(read.row_weight,
+                                                                 update.row_weight)
+    assert (read.weight, read.num_users) == (6.0, 2) and fru == [(0, 136), (2, 8)]
+    with pytest.raises(ValueError, match="FRU store report"):
+        protocol.read_train_reply(reply.content, [0])  # user 2 was not asked
+    bare = protocol.train_reply(request, update, {})
+    assert protocol.read_train_reply(bare.content, [0, 2])[1] == []
+
+
+def test_evaluate_reply_carries_sums_and_counts_per_part():
+    request = protocol.evaluate_requests([4], torch.zeros(NUM_ITEMS, DIM), ("valid", "test"),
+                                         "k")[0]
+    assert protocol.read_evaluate_request(request).parts == ("valid", "test")
+    reply = protocol.evaluate_reply(request, {"valid": ({"hr@20": 2.0}, 3),
+                                              "test": ({"hr@20": 1.0}, 2)})
+    assert protocol.read_evaluate_reply(reply.content, ("valid", "test")) == {
+        "valid": ({"hr@20": 2.0}, 3), "test": ({"hr@20": 1.0}, 2)}
+    with pytest.raises(ValueError, match="not asked"):
+        protocol.read_evaluate_reply(reply.content, ("valid",))
+
+
+def test_unshare_reply_reads_back_and_refuses_ragged_arrays():
+    request = protocol.unshare_request(3, "key")
+    assert protocol.run_key(request) == "key"
+    reply = protocol.unshare_reply(request, np.array([1, 1]), np.array([4, 5]))
+    users, items = protocol.read_unshare_reply(reply.content)
+    assert users.tolist() == [1, 1] and items.tolist() == [4, 5]
+    ragged = protocol.unshare_reply(request, np.array([1]), np.array([4, 5]))
+    with pytest.raises(ValueError):
+        protocol.read_unshare_reply(ragged.content)
+    with pytest.raises(KeyError):
+        protocol.read_unshare_reply(RecordDict({}))
+
+
+class _Model:
+    """A model that averages updates by weight and adds 1 in its server step."""
+
+    def __init__(self, extra: NodeUpdate | None = None) -> None:
+        self.table = torch.zeros(NUM_ITEMS, DIM)
+        self.extra = extra
+
+    def server_client_update(self, round_: int) -> NodeUpdate | None:
+        return self.extra
+
+    def aggregate(self, updates):
+        total = sum(u.weight for u in updates)
+        return sum(u.weight * u.table for u in updates) / total
+
+    def finish_round(self, local_view, round_):
+        self.table = local_view + 1
+        return self.table
+
+
+class _Hook(RoundRecorder):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def refined(self, round_, aggregated, refined):
+        self.seen.append(("refined", round_))
+
+    def committed(self, round_, table):
+        self.seen.append(("committed", round_))
+
+
+def _update(value: float, weight: float, users: int = 1) -> NodeUpdate:
+    return NodeUpdate(torch.full((NUM_ITEMS, DIM), value), weight,
+                      torch.full((NUM_ITEMS,), weight), users)
+
+
+def test_a_round_aggregates_steps_hooks_and_logs():
+    model, hook, rows = _Model(extra=_update(4.0, 2.0)), _Hook(), []
+    learning = LearningRound(model, (hook,), RunLog(rows.append))
+    table = learning(3, [_update(1.0, 1.0), _update(2.0, 1.0, users=2)], train_seconds=0.5)
+    assert torch.equal(table, torch.full((NUM_ITEMS, DIM), (1 + 2 + 8) / 4 + 1))  # + server's
+    assert hook.seen == [("refined", 3), ("committed", 3)]
+    (row,) = learning.log.rounds
+    assert (row["round"], row["num-users"], row["num-examples"], row["train-seconds"]) == \
+        (3, 4, 4.0, 0.5)
+    learning.log.validation(3, {"hr@20": 0.5, "ndcg@20": 0.25})
+    assert rows == learning.log.validations
+    assert progress_line(rows[0]).startswith("round 3 ")
+    assert "valid HR@20 0.5000  NDCG@20 0.2500" in progress_line(rows[0])
+
+
+def test_a_failed_round_changes_nothing_but_is_committed_and_logged():
+    model, hook = _Model(), _Hook()
+    learning = LearningRound(model, (hook,))
+    before = model.table.clone()
+    assert torch.equal(learning(1, None), before)
+    assert hook.seen == [("committed", 1)]
+    assert learning.log.rounds[0]["num-users"] == 0
+
+
+def test_one_evaluation_schedule_and_one_sample_per_round():
+    config = FederatedConfig(rounds=7, eval_every=3)
+    assert [r for r in range(1, 8) if is_eval_round(r, config)] == [3, 6, 7]
+    candidates = np.arange(20)
+    first = sample_users(candidates, 0.25, 0, 1)
+    assert len(first) == 5 and np.array_equal(first, sample_users(candidates, 0.25, 0, 1))
+    assert not np.array_equal(first, sample_users(candidates, 0.25, 0, 2))
