@@ -1,6 +1,12 @@
 """Scale-out through Ray: a Flower simulation attached to a Ray cluster (a head and one worker
 node, started here with one CPU each) gives the same model as the in-process engine.
 
+The cluster lives in a private Ray temp folder (``RAY_TMPDIR``): ``ray start`` records its address
+in ``<temp>/ray/ray_current_cluster``, and a record left in the default ``/tmp/ray`` would make
+every later ``ray.init()`` on this machine (the README's ``flwr run .`` among them) try to join the
+dead cluster. The module checks that it leaves ``/tmp/ray``'s record and ``~/.flwr`` as it found
+them.
+
 With one CPU per Ray node and one CPU per virtual-node actor, Flower's actor pool has two
 actors and Ray can place only one on each node: the virtual SuperNodes run on both.
 """
@@ -9,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +31,26 @@ from simulations.experiment import resolve, run_experiment
 from simulations.superlink import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
+RECORD = Path("/tmp/ray/ray_current_cluster")  # where ray.init() looks for a cluster to join
+FLWR_HOME = Path.home() / ".flwr"
+
+
+def _global_state() -> tuple[str | None, list[str] | None]:
+    """The default Ray cluster record and the user's Flower home, as this machine has them."""
+    record = RECORD.read_text() if RECORD.exists() else None
+    home = sorted(str(p.relative_to(FLWR_HOME)) for p in FLWR_HOME.rglob("*")) \
+        if FLWR_HOME.exists() else None
+    return record, home
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    """A short private temp folder for Ray (its socket paths must stay under 107 bytes)."""
+    folder = tempfile.mkdtemp(prefix="fsray-")
+    try:
+        yield {**os.environ, "RAY_TMPDIR": folder}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _probe(address: str, expression: str) -> str | None:
@@ -45,8 +74,11 @@ def _actor_nodes(address: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """``ray start --head`` and ``ray start --address=...`` (blocking processes we own)."""
+def cluster(tmp_path_factory, ray_env):
+    """``ray start --head`` and ``ray start --address=...`` (blocking processes we own), in a
+    private Ray temp folder; on teardown, the machine's Ray record and Flower home are as the
+    module found them."""
+    before = _global_state()
     port = free_port()
     address = f"127.0.0.1:{port}"
     logs = tmp_path_factory.mktemp("ray")
@@ -56,7 +88,8 @@ def cluster(tmp_path_factory):
         with open(logs / "head.log", "w") as out:
             processes.append(subprocess.Popen(
                 [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                 "--node-ip-address=127.0.0.1", *common], stdout=out, stderr=subprocess.STDOUT))
+                 "--node-ip-address=127.0.0.1", *common], stdout=out, stderr=subprocess.STDOUT,
+                env=ray_env))
         deadline = time.monotonic() + 90
         while _alive_nodes(address) < 1:
             assert time.monotonic() < deadline, (logs / "head.log").read_text()
@@ -64,7 +97,7 @@ def cluster(tmp_path_factory):
         with open(logs / "worker.log", "w") as out:
             processes.append(subprocess.Popen(
                 [RAY, "start", f"--address={address}", "--node-ip-address=127.0.0.1", *common],
-                stdout=out, stderr=subprocess.STDOUT))
+                stdout=out, stderr=subprocess.STDOUT, env=ray_env))
         while _alive_nodes(address) < 2:
             assert time.monotonic() < deadline, (logs / "worker.log").read_text()
             time.sleep(1)
@@ -76,6 +109,7 @@ def cluster(tmp_path_factory):
                 process.wait(timeout=30)
             if process.poll() is None:
                 process.kill()
+    assert _global_state() == before, "the Ray cluster test changed /tmp/ray or ~/.flwr"
 
 
 def test_flower_on_a_ray_cluster_equals_a_single_process_run(cluster, tmp_path):
