@@ -127,6 +127,10 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
                  f"{experiment.num_supernodes} nodes, engine {engine}")
     out = resumed_folder(resume) if resume is not None else new_folder(out_root, experiment.name)
     run = {**experiment.run, "out-dir": str(out)}
+    if engine == "flower" and not run.get("client-state-dir"):
+        # the clients' private state lives with the run, so a resumed run ends where an
+        # uninterrupted one ends (a resume reads this setting back from config.toml)
+        run["client-state-dir"] = str(out / "client-state")
     if resume is None:  # a resumed run's settings replace the recorded ones once it succeeds
         record_settings(out, run, experiment.num_supernodes)
     if engine == "flower":

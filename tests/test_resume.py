@@ -30,8 +30,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     folder = data.save(root / "tiny")
     common = [*SETTINGS, f"prepared={folder}"]
-    first = resolve(None, [*common, "rounds=2", f"client-state-dir={root / 'clients'}"],
-                    name="stopped")
+    first = resolve(None, [*common, "rounds=2"], name="stopped")  # client state: the default
     stopped_out, _ = run_experiment(first, root / "runs", "flower")
     again = resume_settings(stopped_out, ["rounds=4", "unlearn=true"])
     resumed_out, resumed_summary = run_experiment(again, root / "runs", "flower",
@@ -60,14 +59,17 @@ def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(runs):
 
 
 def test_clients_keep_their_state_in_files_tagged_with_the_run(runs):
-    _, root, _, (stopped_out, _, _) = runs
-    files = sorted(p.name for p in (root / "clients").iterdir())
+    """By default under the run folder (``client-state/``), recorded for the resume."""
+    _, _, again, (stopped_out, _, _) = runs
+    clients = stopped_out / "client-state"
+    assert again.run["client-state-dir"] == str(clients)
+    files = sorted(p.name for p in clients.iterdir())
     assert files == ["partition-0-of-2.npz", "partition-1-of-2.npz"]
     store = StateDB(stopped_out / "state.db", 10, 40)
     key = store.run_key
     store.close()
     for name in files:
-        with np.load(root / "clients" / name) as saved:
+        with np.load(clients / name) as saved:
             assert str(saved["run-key"]) == key and bool(saved["unshared"])
 
 
