@@ -141,3 +141,26 @@ def test_a_file_that_is_not_a_database_is_a_clear_error(path):
     path.write_bytes(b"not a database at all" * 100)
     with pytest.raises(ValueError, match="not a FedShare state database"):
         StateDB(path, NUM_USERS, NUM_ITEMS)
+
+
+def test_served_interactions_leave_no_copy_in_the_database_or_its_wal(path):
+    """Every shared row is a SQLite record holding the user and item as big-endian integers;
+    ids of 3 and 4 bytes make each pair a byte string that occurs nowhere else."""
+    user, kept, gone = 0x7A3B5C, 0x6D4E2F1A, 0x5B3C1D0E
+    def pattern(item: int) -> bytes:
+        return user.to_bytes(3, "big") + item.to_bytes(4, "big")
+
+    def on_disk() -> bytes:
+        return b"".join(p.read_bytes() for p in (path, path.with_name(path.name + "-wal"))
+                        if p.exists())
+
+    store = StateDB(path, user + 1, kept + 1)
+    store.set_shared(Interactions.from_arrays(np.array([user, user]), np.array([kept, gone]),
+                                              user + 1, kept + 1))
+    store.commit_round(1, torch.zeros(3, DIM), [])
+    store.serve([store.acknowledge(user, np.array([gone]))])
+    data = on_disk()  # while the server runs, and after it closed the store
+    store.close()
+    for found in (data, on_disk()):
+        assert pattern(kept) in found  # the search finds a row that is there
+        assert pattern(gone) not in found

@@ -11,7 +11,9 @@ deletes their interactions from D_s and marks them served in the same transactio
 never served twice, and acknowledging the same request again (a device repeats it after a
 restart) returns the request already logged instead of a new one.
 
-Choices: WAL journal with ``synchronous=FULL`` (a committed transaction survives power loss);
+Choices: WAL journal with ``synchronous=FULL`` (a committed transaction survives power loss),
+``secure_delete`` (deleted rows are overwritten) and a truncating checkpoint after requests are
+served (the WAL's copies of the pages before the deletion are gone);
 tensors are stored as raw float32 bytes with their 2-D shape; request items as sorted, distinct
 int64 bytes, so one request has one spelling. ``run_key`` is a random id drawn when the store is
 created: devices tag their own saved state with it and restore that state only when a resumed
@@ -81,6 +83,9 @@ class StateDB:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # deleted rows (served interactions, replaced tables) are overwritten, not left in
+            # free pages
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.executescript(SCHEMA)
             with self._transaction():
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('catalogue', ?)",
@@ -253,6 +258,9 @@ class StateDB:
                 if updated:
                     self._db.executemany("DELETE FROM shared WHERE user = ? AND item = ?",
                                          [(request.user, int(i)) for i in request.items])
+        # the WAL still holds the pages as they were before the deletion: copy the new pages
+        # into the database file and empty the WAL
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _blob(items: np.ndarray) -> bytes:
