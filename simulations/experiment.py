@@ -24,6 +24,7 @@ import numpy as np
 from fedshare.atomic import write_json
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
+from fedshare.run_lease import ensure_free
 from fedshare.runconfig import (
     APP_KEYS,
     DATA_KEYS,
@@ -163,9 +164,11 @@ def new_folder(out_root: str | Path, name: str) -> Path:
 
 
 def resumed_folder(folder: str | Path) -> Path:
+    """A stopped run's folder: it has a state database and no live server writes to it."""
     out = Path(folder).resolve()
     if not (out / "state.db").is_file():
         raise FedShareError(f"{out} holds no state.db to resume from")
+    ensure_free(out)
     return out
 
 

@@ -27,6 +27,7 @@ from fedshare.federated.directory import Directory, build_directory
 from fedshare.federated.rounds import PROGRESS, progress_line
 from fedshare.federated.state_db import StateDB, open_store, stored_directory
 from fedshare.federated.summary import RunSummary
+from fedshare.run_lease import RunLease
 from fedshare.runconfig import ServerSettings
 from fedshare.storage_ledger import FRU_CLIENT
 from strategies.audit import MessageAudit
@@ -73,8 +74,13 @@ def share_round(grid: Grid, nodes: list[int], inbox: Inbox, stored: Path | None,
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.read(context.run_config)
+    with RunLease(settings.out_dir):  # the run folder's only writer while this server lives
+        serve(grid, settings)
+
+
+def serve(grid: Grid, settings: ServerSettings) -> None:
+    """The whole run: nodes, share round, state database, learning and unlearning, outputs."""
     started = time.perf_counter()
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
     inbox = Inbox(MessageAudit(settings.audit_dir) if settings.audit_dir else None)
     nodes = wait_for_nodes(grid, settings.num_nodes, settings.node_timeout, settings.max_failed)
     path = settings.out_dir / "state.db"
