@@ -76,7 +76,7 @@ def accept_requests(strategy: FedShareStrategy, store: SharedStore,
     accepted = len(pending)
     for user, items in requests:
         if durable is not None:  # a device repeats what it asked before, and may add to it
-            items = np.setdiff1d(items, durable.served_items(user))
+            items = durable.unserved(user, items)
             known = durable.find(user, items) if len(items) else None
             if not len(items) or known is not None:
                 log(INFO, "the unsharing request of user %d is already %s", user,

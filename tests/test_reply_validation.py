@@ -270,7 +270,7 @@ def test_a_user_may_unshare_more_later_and_served_items_are_not_asked_again(dura
     store = SharedStore(strategy.server.shared)
     assert accept_requests(strategy, store, [(user, items[:1])]) == 1
     strategy.store.serve(strategy.store.pending())
-    assert strategy.store.served_items(user).tolist() == items[:1].tolist()
+    assert strategy.store.unserved(user, items).tolist() == items[1:].tolist()
     later = SharedStore(strategy.store.shared())  # the device now announces both
     assert accept_requests(strategy, later, [(user, items)]) == 1
     (pending,) = strategy.store.pending()

@@ -3,6 +3,7 @@ appear, acknowledged unsharing requests are never lost and never served twice.""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 
@@ -164,3 +165,41 @@ def test_served_interactions_leave_no_copy_in_the_database_or_its_wal(path):
     for found in (data, on_disk()):
         assert pattern(kept) in found  # the search finds a row that is there
         assert pattern(gone) not in found
+
+
+def test_a_served_request_keeps_no_item_id_and_is_still_recognised(path):
+    """After serving, the log holds digests, not items: the served items' int64 ids occur
+    nowhere in the database or its WAL, yet a repeat is recognised and served items are left
+    out of a larger request. Without the key file the digests link to nothing."""
+    items = np.array([0x5B3C1D0E, 0x6D4E2F1A])
+    num_items = int(items.max()) + 1
+    store = StateDB(path, NUM_USERS, num_items)
+    store.set_shared(Interactions.from_arrays(np.array([1, 1, 1]), np.array([*items, 5]),
+                                              NUM_USERS, num_items))
+    pending = store.acknowledge(1, items)
+    assert store.pending()[0].items.tolist() == sorted(items.tolist())
+    store.serve([pending])
+    (row,) = store._db.execute("SELECT items, count, served FROM requests").fetchall()
+    assert row[0] is None and row[1] == 2 and row[2] is not None
+    again = store.acknowledge(1, items[::-1])  # the device repeats it, spelt otherwise
+    assert again.id == pending.id and again.served and store.pending() == []
+    assert store.unserved(1, np.array([*items, 5])).tolist() == [5]
+    store.close()
+    assert oct(store.key_path.stat().st_mode & 0o777) == "0o600"
+    on_disk = b"".join(p.read_bytes() for p in path.parent.iterdir() if p.name != "state.db.key")
+    for item in items:
+        assert int(item).to_bytes(8, "little") not in on_disk
+    store.key_path.unlink()  # the operator drops the key after the run
+    store = StateDB(path, NUM_USERS, num_items)
+    assert store.find(1, items) is None and store.unserved(1, items).tolist() == sorted(items)
+    store.close()
+
+
+def test_a_database_with_an_older_request_log_is_a_clear_error(path):
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE requests (id INTEGER PRIMARY KEY, user INTEGER, items BLOB)")
+        db.commit()
+    with pytest.raises(ValueError, match="predates keyed digests"):
+        StateDB(path, NUM_USERS, NUM_ITEMS)

@@ -2,8 +2,8 @@
 
 What a restarted server needs lives here: the shared data D_s, the current item table and the
 round it belongs to, the M snapshots, which node speaks for which user, the server's private
-state (its user embeddings and the
-refinement optimiser's moments), and the unsharing-request log. Every change is one SQLite
+state (its user embeddings and the refinement optimiser's moments), and the unsharing-request
+log. Every change is one SQLite
 transaction, so a round is either fully committed (table, snapshots, server state and round
 counter together) or not visible at all, and a request acknowledged by
 :meth:`StateDB.acknowledge` survives any crash after the call returns. Serving requests
@@ -14,16 +14,26 @@ restart) returns the request already logged instead of a new one.
 Choices: WAL journal with ``synchronous=FULL`` (a committed transaction survives power loss),
 ``secure_delete`` (deleted rows are overwritten) and a truncating checkpoint after requests are
 served (the WAL's copies of the pages before the deletion are gone);
-tensors are stored as raw float32 bytes with their 2-D shape; request items as sorted, distinct
-int64 bytes, so one request has one spelling. ``run_key`` is a random id drawn when the store is
-created: devices tag their own saved state with it and restore that state only when a resumed
-run presents the same key.
+tensors are stored as raw float32 bytes with their 2-D shape. ``run_key`` is a random id drawn
+when the store is created: devices tag their own saved state with it and restore that state only
+when a resumed run presents the same key.
+
+The request log keeps a request's items only until it is served. What it keeps for good is what
+recognising a repeated request needs: the user, the item count, the times, and keyed digests
+(HMAC-SHA256, 16 bytes) of the request's item set and of each of its items, under a per-run
+secret kept in its own file (``state.db.key``, owner-only). What that reveals: to a reader of
+the database alone, who unshared how many items when, and nothing of which items; to a reader
+who also holds the key, whether a given (user, item) was unshared, so by trying the catalogue
+the whole request. Deleting the key file after a run leaves only the first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -52,10 +62,12 @@ CREATE TABLE IF NOT EXISTS tables (kind TEXT NOT NULL, position INTEGER NOT NULL
                                    data BLOB NOT NULL, PRIMARY KEY (kind, position));
 CREATE TABLE IF NOT EXISTS bindings (user INTEGER PRIMARY KEY, node TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY AUTOINCREMENT,
-                                     user INTEGER NOT NULL, items BLOB NOT NULL,
-                                     received REAL NOT NULL, served REAL,
-                                     UNIQUE (user, items));
+                                     user INTEGER NOT NULL, digest BLOB NOT NULL,
+                                     item_digests BLOB NOT NULL, count INTEGER NOT NULL,
+                                     items BLOB, received REAL NOT NULL, served REAL,
+                                     UNIQUE (user, digest));
 """
+DIGEST = 16  # bytes of a keyed digest kept per request and per item
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,10 @@ class StateDB:
             # free pages
             self._db.execute("PRAGMA secure_delete=ON")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(requests)")}
+            if "digest" not in columns:
+                raise sqlite3.DatabaseError("its request log predates keyed digests; "
+                                            "use a new out-dir")
             with self._transaction():
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('catalogue', ?)",
                                  (f"{num_users} {num_items}",))
@@ -103,6 +119,38 @@ class StateDB:
 
     def close(self) -> None:
         self._db.close()
+
+    @property
+    def key_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".key")
+
+    def _key(self) -> bytes:
+        """The run's secret for request digests, in its own file beside the database (created
+        on first use, readable by the owner only). Without it the log's digests name no item;
+        deleting it after a run makes them unlinkable for good (a device repeating a served
+        request is then refused as asking for items it no longer shares, which is harmless)."""
+        if not hasattr(self, "_secret"):
+            try:
+                fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                self._secret = self.key_path.read_bytes()
+            else:
+                self._secret = os.urandom(32)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(self._secret)
+                    out.flush()
+                    os.fsync(out.fileno())
+        return self._secret
+
+    def _digest(self, user: int, items: np.ndarray) -> bytes:
+        """The request's keyed digest: one per (user, set of items)."""
+        return hmac.new(self._key(), b"request" + int(user).to_bytes(8, "little") + _blob(items),
+                        hashlib.sha256).digest()[:DIGEST]
+
+    def _item_digests(self, user: int, items: np.ndarray) -> list[bytes]:
+        key = self._key()
+        return [hmac.new(key, b"item" + int(user).to_bytes(8, "little") + int(i).to_bytes(
+            8, "little"), hashlib.sha256).digest()[:DIGEST] for i in np.unique(items)]
 
     @staticmethod
     def catalogue_of(path: str | Path) -> tuple[int, int] | None:
@@ -210,33 +258,40 @@ class StateDB:
     def acknowledge(self, user: int, items: np.ndarray) -> Request:
         """Record an unsharing request durably and return it once committed; the same request
         acknowledged before (pending or served) is returned as it is, not logged again."""
+        items = np.unique(np.asarray(items, dtype=np.int64))
         with self._transaction():
-            self._db.execute("INSERT OR IGNORE INTO requests (user, items, received) "
-                             "VALUES (?, ?, ?)", (int(user), _blob(items), time.time()))
+            self._db.execute(
+                "INSERT OR IGNORE INTO requests (user, digest, item_digests, count, items, "
+                "received) VALUES (?, ?, ?, ?, ?, ?)",
+                (int(user), self._digest(user, items), b"".join(self._item_digests(user, items)),
+                 len(items), _blob(items), time.time()))
         request = self.find(user, items)
         assert request is not None
         return request
 
     def find(self, user: int, items: np.ndarray) -> Request | None:
         """The logged request of ``user`` for exactly ``items`` (in any order), if any."""
-        blob = _blob(items)
-        row = self._db.execute("SELECT id, served FROM requests WHERE user = ? AND items = ?",
-                               (int(user), blob)).fetchone()
-        return None if row is None else Request(
-            int(row[0]), int(user), np.frombuffer(blob, dtype=np.int64).copy(),
-            row[1] is not None)
+        items = np.unique(np.asarray(items, dtype=np.int64))
+        row = self._db.execute("SELECT id, served FROM requests WHERE user = ? AND digest = ?",
+                               (int(user), self._digest(user, items))).fetchone()
+        return None if row is None else Request(int(row[0]), int(user), items,
+                                                row[1] is not None)
 
     def pending(self) -> list[Request]:
+        """Acknowledged requests not yet served: the only ones whose items the log holds."""
         rows = self._db.execute("SELECT id, user, items FROM requests WHERE served IS NULL "
                                 "ORDER BY id").fetchall()
         return [Request(i, u, np.frombuffer(b, dtype=np.int64).copy()) for i, u, b in rows]
 
-    def served_items(self, user: int) -> np.ndarray:
-        """Every item of ``user``'s requests already served (sorted, distinct)."""
-        rows = self._db.execute("SELECT items FROM requests WHERE user = ? AND served IS NOT "
-                                "NULL", (int(user),)).fetchall()
-        return np.unique(np.concatenate([np.zeros(0, np.int64),
-                                         *[np.frombuffer(b, dtype=np.int64) for (b,) in rows]]))
+    def unserved(self, user: int, items: np.ndarray) -> np.ndarray:
+        """``items`` (sorted, distinct) less those of ``user``'s served requests, found by
+        their keyed digests (the served requests' items themselves are not kept)."""
+        items = np.unique(np.asarray(items, dtype=np.int64))
+        rows = self._db.execute("SELECT item_digests FROM requests WHERE user = ? AND served "
+                                "IS NOT NULL", (int(user),)).fetchall()
+        served = {blob[k:k + DIGEST] for (blob,) in rows for k in range(0, len(blob), DIGEST)}
+        keep = [d not in served for d in self._item_digests(user, items)]
+        return items[np.array(keep, dtype=bool)] if len(items) else items
 
     def served_count(self) -> int:
         row = self._db.execute("SELECT COUNT(*) FROM requests WHERE served IS NOT NULL")
@@ -252,9 +307,9 @@ class StateDB:
             if result is not None:
                 self._write_round(*result)
             for request in requests:
-                updated = self._db.execute(
-                    "UPDATE requests SET served = ? WHERE id = ? AND served IS NULL",
-                    (time.time(), request.id)).rowcount
+                updated = self._db.execute(  # the items go; digests, count and times stay
+                    "UPDATE requests SET served = ?, items = NULL WHERE id = ? AND served IS "
+                    "NULL", (time.time(), request.id)).rowcount
                 if updated:
                     self._db.executemany("DELETE FROM shared WHERE user = ? AND item = ?",
                                          [(request.user, int(i)) for i in request.items])
