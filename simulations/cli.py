@@ -221,6 +221,38 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     bench.run(args)
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """Where a finished run's server stores could still hold what they must not; exit status 1
+    when anything is found (:mod:`fedshare.unlearning.residue`)."""
+    import tomllib
+
+    from fedshare.data.device import DeviceData
+    from fedshare.runconfig import data_key, load_data
+    from fedshare.unlearning.residue import GroundTruth, audit_run
+
+    folder = Path(args.run_dir)
+    if not (folder / "state.db").is_file():
+        raise FedShareError(f"{folder} holds no state.db: not a Flower run folder")
+    if args.devices:
+        files = sorted(Path(args.devices).glob("*.json"))
+        if not files:
+            raise FedShareError(f"no device files (*.json) in {args.devices}")
+        truth = GroundTruth.from_devices(DeviceData.load(str(f)) for f in files)
+    else:
+        try:
+            run = tomllib.loads((folder / "config.toml").read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise FedShareError(f"{folder} holds no readable config.toml ({exc}); "
+                                "give --devices for a deployment") from None
+        truth = GroundTruth.from_plan(load_data(data_key(run, {})))
+    findings = audit_run(folder, truth)
+    for finding in findings:
+        print(f"{finding.found:8d}  {finding.what:45s} {finding.place}")
+    total = sum(f.found for f in findings)
+    print(f"{total} found in {len(findings)} checks of {folder}")
+    return 1 if total else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedshare", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -302,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--out", default="runs")
     store.set_defaults(func=_cmd_storage)
 
+    audit = commands.add_parser("audit", help="erasure audit of a finished run: forgotten pairs, "
+                                "local-only interactions, pre-request snapshots left anywhere")
+    audit.add_argument("run_dir", metavar="RUN_DIR", help="a Flower run folder (with state.db)")
+    audit.add_argument("--devices", help="folder of the deployed devices' files (ground truth "
+                       "of a deployment; default: the run's own sharing plan)")
+    audit.set_defaults(func=_cmd_audit)
+
     dep = commands.add_parser("deploy", help="a TLS deployment on this machine: one "
                               "authenticated SuperNode per user device")
     _add_data_args(dep)
@@ -328,14 +367,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return int(exc.code or 0)
     try:
-        args.func(args)
+        code = args.func(args)
     except FedShareError as exc:
         print(f"fedshare: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedshare: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

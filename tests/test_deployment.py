@@ -37,6 +37,7 @@ from synthetic import tiny_prepared
 from fedshare.data.device import DeviceData, pick_device_users, write_device_files
 from fedshare.errors import FedShareError
 from fedshare.federated.state_db import StateDB
+from simulations.cli import main
 from simulations.credentials import Credentials, make_credentials
 from simulations.deploy import Deployment, render_node_config, started_run_id
 from simulations.processes import descendants, live
@@ -232,6 +233,8 @@ def test_learn_unshare_unlearn_survive_two_server_crashes(deployment, seen):
     assert len(rows) == len({d.user for d in devices if len(d.unshare)})
     assert sum(count for _, _, count, _ in rows) == len(unshared)
     assert all(items is None and served is not None for _, items, _, served in rows)
+    # the erasure audit, with the devices' own files as ground truth, finds nothing left
+    assert main(["audit", str(out), "--devices", str(root / "devices")]) == 0
     superlink = running.work_dir / "superlink.db"  # the SuperLink's store keeps no message
     for table in ("message_ins", "message_res", "objects"):
         assert _read(superlink, f"SELECT COUNT(*) FROM {table}") == 0, table

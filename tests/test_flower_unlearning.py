@@ -13,6 +13,7 @@ from synthetic import tiny_prepared
 from fedshare.runconfig import federated_config
 from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import learn, unlearn
+from simulations.cli import main
 from simulations.experiment import resolve, run_experiment
 
 SETTINGS = ["rounds=2", "eval-every=2", "fraction=0.5", "dim=8", "server-steps=2",
@@ -31,6 +32,12 @@ def flower_run(tmp_path_factory):
                                 f"audit-dir={audit}"], name="unlearn")
     out, summary = run_experiment(experiment, root / "runs", "flower")
     return data, experiment, out, summary, audit
+
+
+def test_the_erasure_audit_finds_nothing_left(flower_run, capsys):
+    _, _, out, _, _ = flower_run
+    assert main(["audit", str(out)]) == 0
+    assert "0 found in 8 checks" in capsys.readouterr().out
 
 
 def test_summary_reports_the_phase(flower_run):
