@@ -20,6 +20,7 @@ from fedshare.data.loaders import SOURCES
 from fedshare.errors import FedShareError
 from fedshare.models import CENTRAL_MODELS
 from fedshare.reports import data_stats, format_stats
+from simulations.processes import signals_interrupt
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -367,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return int(exc.code or 0)
     try:
-        code = args.func(args)
+        with signals_interrupt():  # SIGTERM and SIGHUP unwind like Ctrl-C: cleanup code runs
+            code = args.func(args)
     except FedShareError as exc:
         print(f"fedshare: error: {exc}", file=sys.stderr)
         return 2

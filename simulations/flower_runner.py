@@ -27,9 +27,11 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from fedshare.errors import FedShareError
 from fedshare.federated.rounds import PROGRESS
-from simulations.processes import stop_process
+from simulations.processes import MARKER, end_all, marked, new_marker, stop_process
 from simulations.superlink import HOST, flower_bin, free_port, start_superlink
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +72,17 @@ def private_superlink(home: Path, env: dict[str, str], startup: float = 60.0
         stop_process(process, 15.0, group=False)
 
 
+def start_watchdog(marker: str) -> subprocess.Popen[bytes]:
+    """A process of its own session that ends the run's marked processes if this launcher dies
+    without cleaning up (:mod:`simulations.watchdog`)."""
+    me = psutil.Process()
+    env = {k: v for k, v in os.environ.items() if k != MARKER}
+    return subprocess.Popen([sys.executable, "-m", "simulations.watchdog", str(me.pid),
+                             repr(me.create_time()), marker], env=env, cwd=REPO_ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
     env = os.environ.copy()
     bin_dir = str(Path(sys.executable).parent)
@@ -93,24 +106,35 @@ def run_flower(run_config: Mapping[str, Any], num_supernodes: int, log_path: Pat
     with tempfile.TemporaryDirectory(prefix="fedshare-flwr-") as tmp:
         home = Path(tmp)
         env = flower_env(home)
+        marker = new_marker(env)  # every process of the run carries it, Ray's included
         # Without an address, a private local Ray: ray.init() would otherwise attach to any
         # cluster it detects on this machine (a `ray start` left running, another test's).
         env["RAY_ADDRESS"] = ray_address or os.environ.get("RAY_ADDRESS") or "local"
         overrides = home / "run-config.toml"
         # Simulated nodes draw new ids in every run and prove nothing: no user binding.
         write_toml(overrides, {"bind-users": False, **run_config})
-        with private_superlink(home, env) as connection:
-            command = [flwr, "run", str(REPO_ROOT), connection, "--run-config",
-                       str(overrides), "--federation-config",
-                       f"num-supernodes={num_supernodes} client-resources-num-cpus=1", "--stream"]
-            with open(log_path, "w") as log, subprocess.Popen(
-                    command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    text=True, cwd=REPO_ROOT) as process:
-                assert process.stdout is not None
-                for line in process.stdout:
-                    log.write(line)
-                    if on_progress is not None and PROGRESS in line:
-                        on_progress(line.split(PROGRESS, 1)[1].strip())
-                code = process.wait(timeout=timeout)
+        watchdog = start_watchdog(marker)
+        try:
+            with private_superlink(home, env) as connection:
+                command = [flwr, "run", str(REPO_ROOT), connection, "--run-config",
+                           str(overrides), "--federation-config",
+                           f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+                           "--stream"]
+                try:
+                    with open(log_path, "w") as log, subprocess.Popen(
+                            command, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT) as process:
+                        assert process.stdout is not None
+                        for line in process.stdout:
+                            log.write(line)
+                            if on_progress is not None and PROGRESS in line:
+                                on_progress(line.split(PROGRESS, 1)[1].strip())
+                        code = process.wait(timeout=timeout)
+                finally:  # however the run ended (an interrupt too), while the SuperLink still
+                    # holds its process tree together: none of the run's processes outlives it
+                    run = {*marked(marker), *psutil.Process().children(recursive=True)}
+                    end_all([p for p in run if p.pid != watchdog.pid], timeout=10.0)
+        finally:
+            stop_process(watchdog, 5.0, group=False)
     if code != 0:
         raise FedShareError(f"flwr run failed with exit status {code}; see {log_path}")
