@@ -31,7 +31,7 @@ import psutil
 
 from fedshare.errors import FedShareError
 from fedshare.federated.rounds import PROGRESS
-from simulations.processes import MARKER, end_all, marked, new_marker, stop_process
+from simulations.processes import MARKER, end_all, marked_trees, new_marker, stop_process
 from simulations.superlink import HOST, flower_bin, free_port, start_superlink
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -132,8 +132,7 @@ def run_flower(run_config: Mapping[str, Any], num_supernodes: int, log_path: Pat
                         code = process.wait(timeout=timeout)
                 finally:  # however the run ended (an interrupt too), while the SuperLink still
                     # holds its process tree together: none of the run's processes outlives it
-                    run = {*marked(marker), *psutil.Process().children(recursive=True)}
-                    end_all([p for p in run if p.pid != watchdog.pid], timeout=10.0)
+                    end_all(marked_trees(marker), timeout=10.0)
         finally:
             stop_process(watchdog, 5.0, group=False)
     if code != 0:

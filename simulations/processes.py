@@ -157,6 +157,16 @@ def marked(value: str) -> list[psutil.Process]:
     return found
 
 
+def marked_trees(value: str) -> list[psutil.Process]:
+    """The processes marked ``value`` and every process below them (Ray starts some agents with
+    an environment of its own), this one excepted."""
+    found = set(marked(value))
+    for process in list(found):
+        with contextlib.suppress(psutil.Error):
+            found.update(process.children(recursive=True))
+    return [p for p in found if p.pid != os.getpid()]
+
+
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP (a CI timeout, a closed terminal) interrupt like Ctrl-C while inside,

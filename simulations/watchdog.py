@@ -5,21 +5,22 @@ SuperExec, the simulation, Ray's daemons and workers inherit the environment) wi
 :data:`simulations.processes.MARKER`, and starts this watchdog in a session of its own. If the
 launcher dies without a chance to clean up (SIGKILL, the OOM killer, a crashed terminal), the
 watchdog sees its pid gone (or reused: the start time is compared) within ``POLL`` seconds and
-ends every marked process and every descendant it saw the launcher have (Ray starts some agents
-with an environment of their own); a launcher that ends normally stops the watchdog itself.
+ends every marked process and every process below them (Ray starts some agents with an
+environment of their own); a launcher that ends normally stops the watchdog itself. Only the
+run's processes are touched: other children of the launcher (a library caller's own, say) are
+not.
 
 Usage: ``python -m simulations.watchdog PARENT_PID PARENT_START_TIME MARKER``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 
 import psutil
 
-from simulations.processes import end_all, marked
+from simulations.processes import end_all, marked_trees
 
 POLL = 0.5  # seconds between two looks at the launcher
 
@@ -34,13 +35,9 @@ def alive(pid: int, started: float) -> bool:
 
 def main(argv: list[str]) -> int:
     pid, started, marker = int(argv[0]), float(argv[1]), argv[2]
-    seen: set[psutil.Process] = set()  # the launcher's descendants while it lived
     while alive(pid, started):
-        with contextlib.suppress(psutil.Error):
-            seen |= set(psutil.Process(pid).children(recursive=True))
         time.sleep(POLL)
-    me = psutil.Process()
-    end_all([p for p in {*marked(marker), *seen} if p != me], timeout=10.0)
+    end_all(marked_trees(marker), timeout=10.0)
     return 0
 
 
