@@ -37,8 +37,10 @@ from fedshare.runconfig import (
 
 torch.set_num_threads(1)  # one CPU per virtual node on a small machine
 app = ClientApp()
-STATE = "fedshare-client"
+STATE = "fedshare-client"  # the users' embeddings now
+HISTORY = "fedshare-history"  # round -> the embeddings before this node trained in it
 UNSHARED = "fedshare-unshared"
+RESTORED = "fedshare-restored"
 
 
 def _unshared(context: Context) -> bool:
@@ -51,56 +53,69 @@ def _state_file(context: Context) -> Path | None:
     return Path(str(directory)) / f"{node_label(context.node_config)}.npz" if directory else None
 
 
-def _restore(context: Context, run_key: str, round_: int | None = None) -> None:
-    """Bring back the node's saved state once per run, if it belongs to this run.
+def _restore(context: Context, mark: protocol.RunMark) -> None:
+    """Bring back the node's saved state once per run, if it belongs to this run, as it was
+    after the server's last committed round.
 
-    When the server asks again for a round the node already trained (it stopped before
-    committing that round), the embeddings from before that round are restored, so the
-    round is not trained twice.
+    A server that stopped after its last commit runs the later rounds again, and the node may
+    have trained in some of them (every remaining-data round of an unlearning phase is
+    committed only at its end): it goes back to the embeddings from before the first of them,
+    so no round is trained twice and the resumed run ends where an uninterrupted one ends.
     """
     path = _state_file(context)
-    if STATE in context.state or not run_key or path is None or not path.exists():
+    if RESTORED in context.state or not mark.key or path is None:
+        return
+    context.state[RESTORED] = ConfigRecord({"done": True})
+    if not path.exists():
         return
     try:
         with np.load(path, allow_pickle=False) as saved:
-            if str(saved["run-key"]) != run_key:
+            if str(saved["run-key"]) != mark.key:
                 return
             unshared = bool(saved["unshared"])
-            embeddings = None
+            embeddings, history = None, {}
             if "user-embeddings" in saved.files:
-                repeated = round_ is not None and int(saved["round"]) == round_
-                embeddings = saved["previous" if repeated else "user-embeddings"].copy()
+                embeddings = saved["user-embeddings"].copy()
+                history = dict(zip(saved["history-rounds"].tolist(), saved["history"].copy(),
+                                   strict=True))
     except Exception as exc:  # a damaged file: start afresh rather than fail every message
         log(WARNING, "ignored the unreadable client state %s: %s", path, exc)
         return
+    later = sorted(r for r in history if r > mark.committed)
+    if later and mark.committed >= 0:  # rounds the server did not commit: undo them
+        embeddings = history[later[0]]
+        history = {r: h for r, h in history.items() if r <= mark.committed}
     if embeddings is not None:
         context.state[STATE] = ArrayRecord({"user-embeddings": Array(embeddings)})
+        context.state[HISTORY] = ArrayRecord({str(r): Array(h) for r, h in history.items()})
     if unshared:
         context.state[UNSHARED] = ConfigRecord({"done": True})
 
 
-def _persist(context: Context, run_key: str, trained: tuple[int, np.ndarray] | None = None
-             ) -> None:
-    """Write the node's state file: the unshared flag, and the embeddings with the round they
-    were last trained in and those from before it (``trained``); never half a file."""
+def _persist(context: Context, mark: protocol.RunMark) -> None:
+    """Write the node's state file: the unshared flag, the embeddings and, for the rounds the
+    server has not committed yet, the embeddings from before each; never half a file."""
     path = _state_file(context)
-    if path is None or not run_key:
+    if path is None or not mark.key:
         return
-    state = {"run-key": np.array(run_key), "unshared": np.array(_unshared(context))}
+    state = {"run-key": np.array(mark.key), "unshared": np.array(_unshared(context))}
     if STATE in context.state:
-        state["user-embeddings"] = context.state[STATE]["user-embeddings"].numpy()
-        round_, previous = trained if trained is not None else (-1, state["user-embeddings"])
-        state |= {"round": np.array(round_), "previous": previous}
+        history = context.state[HISTORY]
+        rounds = sorted(int(r) for r in history)
+        embeddings = context.state[STATE]["user-embeddings"].numpy()
+        state |= {"user-embeddings": embeddings, "history-rounds": np.array(rounds, np.int64),
+                  "history": np.stack([history[str(r)].numpy() for r in rounds]) if rounds
+                  else np.empty((0, *embeddings.shape), embeddings.dtype)}
     write_atomically(path, lambda out: np.savez(out, **state))
 
 
-def _population(context: Context, run_key: str = "", round_: int | None = None
-                ) -> ClientPopulation:
+def _population(context: Context, mark: protocol.RunMark | None = None) -> ClientPopulation:
     """This node's users and data, with the private embeddings restored from the node state.
 
     Once the node has sent its unsharing requests, its users hold only their remaining data.
     """
-    _restore(context, run_key, round_)
+    if mark is not None:
+        _restore(context, mark)
     key = data_key(context.run_config, context.node_config)
     data = load_remaining(key) if _unshared(context) else load_data(key)
     config = federated_config(context.run_config)
@@ -112,10 +127,16 @@ def _population(context: Context, run_key: str = "", round_: int | None = None
     return population
 
 
-def _save(population: ClientPopulation, context: Context, run_key: str, round_: int,
+def _save(population: ClientPopulation, context: Context, mark: protocol.RunMark, round_: int,
           previous: np.ndarray) -> None:
+    """Keep the trained embeddings, and those from before round ``round_`` until the server
+    has committed it."""
+    history = context.state[HISTORY] if HISTORY in context.state else ArrayRecord()
+    kept = ArrayRecord({r: a for r, a in history.items() if mark.committed < int(r) < round_})
+    kept[str(round_)] = Array(previous)
+    context.state[HISTORY] = kept
     context.state[STATE] = ArrayRecord({"user-embeddings": Array(population.embeddings.numpy())})
-    _persist(context, run_key, (round_, previous))
+    _persist(context, mark)
 
 
 @app.query("share")
@@ -131,14 +152,14 @@ def share(msg: Message, context: Context) -> Message:
 def unshare(msg: Message, context: Context) -> Message:
     """Send this node's users' unsharing requests (I_unlearn, a subset of what they shared) and
     from now on keep only the remaining data (the unshared interactions count nowhere, Eq. 9)."""
-    run_key = protocol.run_key(msg)
-    _restore(context, run_key)
+    mark = protocol.run_mark(msg)
+    _restore(context, mark)
     data = load_data(data_key(context.run_config, context.node_config))
     users = node_users(context.node_config, data.num_users)
     train = data.split.train
     mine = data.plan.unlearn & np.isin(train.users, users)
     context.state[UNSHARED] = ConfigRecord({"done": True})
-    _persist(context, run_key)
+    _persist(context, mark)
     return protocol.unshare_reply(msg, train.users[mine], train.items[mine])
 
 
@@ -146,7 +167,7 @@ def unshare(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Local training of the round's sampled users of this node (Eq. 12-15)."""
     request = protocol.read_train_request(msg)
-    population = _population(context, request.run_key, request.round)
+    population = _population(context, request.mark)
     previous = population.embeddings.numpy().copy()
     config = federated_config(context.run_config)
     local = config.local
@@ -164,7 +185,7 @@ def train(msg: Message, context: Context) -> Message:
     learning = alpha > 0 and request.local_epochs is None  # not the unlearning phase's rounds
     update = population.train(request.users, request.table, local, config.seed, request.round,
                               keep_fru_rows if learning else None)
-    _save(population, context, request.run_key, request.round, previous)
+    _save(population, context, request.mark, request.round, previous)
     return protocol.train_reply(msg, update, kept)
 
 
@@ -186,7 +207,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     ``test`` for the final scores) and reply with the metric sums and the user count per part,
     which the server adds up exactly even when parts count different users."""
     request = protocol.read_evaluate_request(msg)
-    population = _population(context, request.run_key)
+    population = _population(context, request.mark)
     return protocol.evaluate_reply(msg, {
         part: population.evaluate(population.users, request.table, part)
         for part in request.parts})

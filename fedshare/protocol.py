@@ -20,23 +20,31 @@ message type              request                             reply
                                                               interactions that ever leave it);
                                                               metrics ``num-users-total``,
                                                               ``num-items`` (the catalogue)
-``query.unshare``         config ``run-key``                  arrays ``unshare-users`` /
+``query.unshare``         config ``run-key``,                 arrays ``unshare-users`` /
+                          ``committed-round``
                                                               ``unshare-items`` (I_unlearn,
                                                               Sec. IV-C)
 ``train``                 arrays ``item-table`` (V_s);        arrays ``item-table`` (weighted
                           config ``server-round``, ``users``  mean of the uploads), ``row-weight``;
                           (the round's sampled users of the   metrics ``num-examples`` (summed
-                          node), ``run-key``, optional        |D_u|), ``num-users``; with FRU
+                          node), ``run-key``,                 |D_u|), ``num-users``; with FRU
+                          ``committed-round``, optional
                           ``local-epochs`` (unlearning's      (``fru-alpha`` > 0) arrays
                           remaining-data rounds)              ``fru-users`` / ``fru-bytes``: each
                                                               trained user's FRU store size (the
                                                               store stays on the node)
 ``evaluate``              arrays ``item-table``; config       metrics ``<part>:<metric>`` (the
                           ``parts`` (``valid`` or             metric *summed* over the node's
-                          ``valid,test``), ``run-key``        users) and ``<part>:count`` (how
+                          ``valid,test``), ``run-key``,       users) and ``<part>:count`` (how
+                          ``committed-round``
                                                               many users), so the server adds
                                                               parts up exactly
 ========================  ==================================  =====================================
+
+Every request after the share round carries the server's :class:`RunMark`: the run key of its
+state database (devices tag their saved state with it) and the last round it committed, so a
+device whose server was restarted goes back to its state as of that round (the rounds after it
+will be run again) and a resumed run ends where an uninterrupted one ends.
 """
 
 from __future__ import annotations
@@ -67,8 +75,8 @@ TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
 # record names inside a RecordDict
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
 # config keys of requests
-ROUND, USERS, RUN_KEY, LOCAL_EPOCHS, PARTS = (
-    "server-round", "users", "run-key", "local-epochs", "parts")
+ROUND, USERS, RUN_KEY, COMMITTED, LOCAL_EPOCHS, PARTS = (
+    "server-round", "users", "run-key", "committed-round", "local-epochs", "parts")
 # share replies
 SERVED_USERS, LOCAL_COUNTS, SHARE_USERS, SHARE_ITEMS = (
     "served-users", "local-counts", "share-users", "share-items")
@@ -118,10 +126,22 @@ def table_record(table: Tensor) -> ArrayRecord:
     return ArrayRecord({TABLE: _table(table)})
 
 
-def run_key(request: Message) -> str:
-    """The server store's run key a request carries ("" when none): devices tag saved state
-    with it."""
-    return str(request.content.get(CONFIG, {}).get(RUN_KEY, ""))
+@dataclass(frozen=True)
+class RunMark:
+    """Where the server's durable state stands: its run key ("" without a state database) and
+    its last committed round (-1 when unknown)."""
+
+    key: str = ""
+    committed: int = -1
+
+    def config(self) -> dict:
+        return {RUN_KEY: self.key, COMMITTED: self.committed}
+
+
+def run_mark(request: Message) -> RunMark:
+    """The :class:`RunMark` a request carries."""
+    config = request.content.get(CONFIG, {})
+    return RunMark(str(config.get(RUN_KEY, "")), int(config.get(COMMITTED, -1)))
 
 
 # ------------------------------------------------------------------------------ query.share
@@ -148,8 +168,8 @@ def read_share_reply(reply: Message) -> ShareReply:
 
 
 # ---------------------------------------------------------------------------- query.unshare
-def unshare_request(node: int, key: str) -> Message:
-    return _request(node, UNSHARE, {RUN_KEY: key})
+def unshare_request(node: int, mark: RunMark) -> Message:
+    return _request(node, UNSHARE, mark.config())
 
 
 def unshare_reply(request: Message, users: np.ndarray, items: np.ndarray) -> Message:
@@ -176,15 +196,15 @@ class TrainRequest:
     round: int
     users: np.ndarray
     table: Tensor
-    run_key: str
+    mark: RunMark
     local_epochs: int | None
 
 
-def train_requests(round_: int, node_users: Mapping[int, list[int]], table: Tensor, key: str,
-                   local_epochs: int | None = None) -> list[Message]:
+def train_requests(round_: int, node_users: Mapping[int, list[int]], table: Tensor,
+                   mark: RunMark, local_epochs: int | None = None) -> list[Message]:
     """One train message per node, naming the node's sampled users."""
     model = table_record(table)
-    config: dict = {ROUND: round_, RUN_KEY: key}
+    config: dict = {ROUND: round_, **mark.config()}
     if local_epochs is not None:
         config[LOCAL_EPOCHS] = local_epochs
     return [_request(node, TRAIN, {**config, USERS: users}, model)
@@ -195,8 +215,7 @@ def read_train_request(request: Message) -> TrainRequest:
     config = request.content[CONFIG]
     epochs = int(config[LOCAL_EPOCHS]) if LOCAL_EPOCHS in config else None
     return TrainRequest(int(config[ROUND]), np.asarray(config[USERS], dtype=np.int64),
-                        _tensor(request.content[ARRAYS], TABLE), str(config.get(RUN_KEY, "")),
-                        epochs)
+                        _tensor(request.content[ARRAYS], TABLE), run_mark(request), epochs)
 
 
 def train_metrics(num_users: int, weight: float) -> MetricRecord:
@@ -236,13 +255,13 @@ def read_train_reply(content: RecordDict, asked: Iterable[int]
 class EvaluateRequest:
     table: Tensor
     parts: tuple[str, ...]
-    run_key: str
+    mark: RunMark
 
 
-def evaluate_requests(nodes: Iterable[int], table: Tensor, parts: tuple[str, ...], key: str
-                      ) -> list[Message]:
+def evaluate_requests(nodes: Iterable[int], table: Tensor, parts: tuple[str, ...],
+                      mark: RunMark) -> list[Message]:
     model = table_record(table)
-    return [_request(node, EVALUATE, {PARTS: ",".join(parts), RUN_KEY: key}, model)
+    return [_request(node, EVALUATE, {PARTS: ",".join(parts), **mark.config()}, model)
             for node in nodes]
 
 
@@ -250,7 +269,7 @@ def read_evaluate_request(request: Message) -> EvaluateRequest:
     config = request.content[CONFIG]
     return EvaluateRequest(_tensor(request.content[ARRAYS], TABLE),
                            tuple(str(config.get(PARTS, "valid")).split(",")),
-                           str(config.get(RUN_KEY, "")))
+                           run_mark(request))
 
 
 def evaluate_reply(request: Message, scores: Mapping[str, tuple[Mapping[str, float], int]]

@@ -38,7 +38,7 @@ class RunLease:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise FedShareError(f"{self.path.parent} is in use by another server (pid {holder}); "
+            raise FedShareError(f"{self.path.parent} is in use by another writer (pid {holder}); "
                                 "wait for it to finish or stop it first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

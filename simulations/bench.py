@@ -44,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from fedshare.data.synthetic import synthetic_prepared
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import ClientPopulation
 from fedshare.models.embeddings import xavier_table
-from simulations.processes import signal_group, tree_memory
+from simulations.processes import die_with_parent, signal_group, tree_memory
 
 QUICK_SIZE = {"num_users": 600, "num_items": 1500, "num_interactions": 60_000}
 
@@ -339,8 +340,10 @@ def main_job(out: Path, commands: Sequence[Sequence[str]] = MAIN_JOB) -> dict[st
             argv += ["--out", str(out)]
         began, own_peak, own_pss = time.perf_counter(), 0, 0
         with open(out / "main-job.log", "a") as log:
+            # killed outright, the bench leaves the command a SIGTERM: it stops what it started
             process = subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+                                       start_new_session=True,
+                                       preexec_fn=partial(die_with_parent, signal.SIGTERM))
             try:
                 while process.poll() is None:
                     memory = tree_memory(process.pid)

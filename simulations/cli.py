@@ -121,11 +121,14 @@ def _cmd_run(args: argparse.Namespace) -> None:
         raise FedShareError("--resume takes the settings of the run it resumes; drop --config")
     experiment = resume_settings(args.resume, args.set) if args.resume else \
         resolve(args.config, args.set)
+    if args.startup_timeout <= 0:
+        raise FedShareError(f"--startup-timeout must be > 0, got {args.startup_timeout}")
     if args.ray_address and args.engine != "flower":
         raise FedShareError("--ray-address needs --engine flower")
     out, summary = run_experiment(experiment, args.out, args.engine,
                                   lambda line: print(f"  {line}", file=sys.stderr, flush=True),
-                                  ray_address=args.ray_address, resume=args.resume)
+                                  ray_address=args.ray_address, resume=args.resume,
+                                  startup=args.startup_timeout)
     test = summary["test"]
     print(f"{experiment.name}: test HR@20 {test.get('hr@20', nan):.4f}  NDCG@20 "
           f"{test.get('ndcg@20', nan):.4f}  "
@@ -229,7 +232,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     from fedshare.data.device import DeviceData
     from fedshare.runconfig import data_key, load_data
-    from fedshare.unlearning.residue import GroundTruth, audit_run
+    from fedshare.unlearning.residue import GroundTruth, audit_run, audit_superlink
 
     folder = Path(args.run_dir)
     if not (folder / "state.db").is_file():
@@ -247,6 +250,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                                 "give --devices for a deployment") from None
         truth = GroundTruth.from_plan(load_data(data_key(run, {})))
     findings = audit_run(folder, truth)
+    # a deployment's SuperLink database: named, or beside the run folder (`fedshare deploy`)
+    superlink = Path(args.superlink) if args.superlink else folder.parent / "superlink.db"
+    if args.superlink and not superlink.is_file():
+        raise FedShareError(f"no SuperLink database at {superlink}")
+    if superlink.is_file():
+        findings += audit_superlink(superlink, truth)
     for finding in findings:
         print(f"{finding.found:8d}  {finding.what:45s} {finding.place}")
     total = sum(f.found for f in findings)
@@ -285,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
                      help="flower: the real app on Ray virtual nodes; inprocess: same code, "
                      "one process")
+    run.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="give up when a Flower run has not begun its share round this long "
+                     "after the launch (default 300)")
     run.add_argument("--ray-address", help="attach the virtual nodes to this Ray cluster "
                      "(e.g. 10.0.0.1:6379, started with 'ray start --head')")
     run.add_argument("--out", default="runs", help="parent folder of the run folder")
@@ -340,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("run_dir", metavar="RUN_DIR", help="a Flower run folder (with state.db)")
     audit.add_argument("--devices", help="folder of the deployed devices' files (ground truth "
                        "of a deployment; default: the run's own sharing plan)")
+    audit.add_argument("--superlink", help="a deployment's SuperLink database to check too "
+                       "(default: RUN_DIR/../superlink.db where it exists, as `fedshare deploy` "
+                       "lays it out)")
     audit.set_defaults(func=_cmd_audit)
 
     dep = commands.add_parser("deploy", help="a TLS deployment on this machine: one "

@@ -51,6 +51,7 @@ from simulations.processes import (
     signal_group,
     signals_interrupt,
     spawn,
+    start_watchdog,
     stop_process,
     wait_until,
 )
@@ -109,6 +110,7 @@ class Deployment:
         self.superlink: subprocess.Popen[bytes] | None = None
         self.supernodes: list[subprocess.Popen[bytes]] = []
         self._runs: list[subprocess.Popen[bytes]] = []
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> Deployment:
@@ -127,6 +129,8 @@ class Deployment:
         try:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             self.home.mkdir(parents=True, exist_ok=True)
+            # ends the deployment's processes if this launcher is killed outright
+            self._watchdog = start_watchdog(self.marker)
             self._start_superlink()
             self._write_connection()
             for i, public_key in enumerate(self.credentials.node_public_keys[
@@ -151,6 +155,9 @@ class Deployment:
             stop_process(self.superlink, timeout)
             end_all(detached, timeout)
         end_all(self.processes(), timeout)
+        if self._watchdog is not None:
+            stop_process(self._watchdog, 5.0, group=False)
+            self._watchdog = None
 
     def processes(self) -> list[psutil.Process]:
         """Every live process of this deployment (zombies aside), found by its marker."""

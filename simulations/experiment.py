@@ -11,10 +11,12 @@ A config file (``simulations/configs/*.toml``) has a ``[run]`` table of run-conf
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import numpy as np
 from fedshare.atomic import write_json
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
-from fedshare.run_lease import ensure_free
+from fedshare.run_lease import RunLease, ensure_free
 from fedshare.runconfig import (
     APP_KEYS,
     DATA_KEYS,
@@ -33,7 +35,13 @@ from fedshare.runconfig import (
     load_data,
     unlearning_config,
 )
-from simulations.flower_runner import run_flower, toml_value, write_toml
+from simulations.flower_runner import (
+    STARTUP,
+    check_ray_address,
+    run_flower,
+    toml_value,
+    write_toml,
+)
 
 ENGINES = ("flower", "inprocess")
 DATA_DEFAULTS = {"dataset": "ml-100k", "data-path": "", "prepared": "", "split-seed": 0,
@@ -112,16 +120,19 @@ def resolve(path: str | Path | None, sets: Sequence[str] = (), name: str | None 
 
 def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine: str = "flower",
                    progress: Callable[[str], None] | None = None,
-                   ray_address: str | None = None, resume: str | Path | None = None
-                   ) -> tuple[Path, dict]:
+                   ray_address: str | None = None, resume: str | Path | None = None,
+                   startup: float = STARTUP) -> tuple[Path, dict]:
     """Run ``experiment``; return its folder and summary. ``ray_address``: run the Flower
     engine's virtual nodes on that Ray cluster. ``resume``: an earlier Flower run's folder;
-    the run continues from the last round committed to its ``state.db``."""
+    the run continues from the last round committed to its ``state.db``. ``startup``: seconds
+    a Flower run may take to begin its share round."""
     if engine not in ENGINES:
         raise FedShareError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if resume is not None and engine != "flower":
         raise FedShareError("resuming a run needs the flower engine (its state.db)")
     load_data(data_key(experiment.run, {}))  # bad data fail here, before any folder or process
+    if engine == "flower":  # and a Ray cluster named but not there
+        check_ray_address(ray_address or os.environ.get("RAY_ADDRESS") or "local")
     if progress is not None:
         config = experiment.config
         progress(f"run {experiment.name}: {config.variant}, {config.rounds} rounds, "
@@ -139,7 +150,8 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
         before = summary_path.stat().st_mtime_ns if summary_path.exists() else None
         log = out / ("flower.log" if resume is None else  # the first run's log stays
                      f"flower-resumed-{time.strftime('%Y%m%d-%H%M%S')}.log")
-        run_flower(run, experiment.num_supernodes, log, progress, ray_address=ray_address)
+        run_flower(run, experiment.num_supernodes, log, progress, ray_address=ray_address,
+                   startup=startup)
         if not summary_path.exists() or summary_path.stat().st_mtime_ns == before:
             raise FedShareError(f"the Flower run ended without a summary; see {log}")
         record_settings(out, run, experiment.num_supernodes)
@@ -153,21 +165,37 @@ def record_settings(out: Path, run: dict[str, Any], num_supernodes: int) -> None
 
 
 def new_folder(out_root: str | Path, name: str) -> Path:
+    """A new folder ``out_root/name-STAMP`` (``-2``, ``-3``, ... when taken): created in one
+    step, so two commands started in the same second never share one."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(out_root).resolve() / f"{name}-{stamp}"
-    suffix = 1
-    while out.exists():
-        suffix += 1
-        out = Path(out_root).resolve() / f"{name}-{stamp}-{suffix}"
-    out.mkdir(parents=True)
-    return out
+    root = Path(out_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    for suffix in range(1, 10_000):
+        out = root / (f"{name}-{stamp}" if suffix == 1 else f"{name}-{stamp}-{suffix}")
+        try:
+            out.mkdir()
+        except FileExistsError:
+            continue
+        return out
+    raise FedShareError(f"no free folder name for {name} in {root}")
+
+
+@contextlib.contextmanager
+def leased_folder(out_root: str | Path, name: str) -> Iterator[Path]:
+    """A :func:`new_folder` that the block writes as its only writer (a table command's
+    folder): a server or another command pointed at it refuses while the block runs."""
+    out = new_folder(out_root, name)
+    with RunLease(out):
+        yield out
 
 
 def resumed_folder(folder: str | Path) -> Path:
-    """A stopped run's folder: it has a state database and no live server writes to it."""
+    """A stopped run's folder: it has the run's settings and no live server writes to it. A
+    run stopped before its state database was created (in its share round) starts again
+    from the beginning there."""
     out = Path(folder).resolve()
-    if not (out / "state.db").is_file():
-        raise FedShareError(f"{out} holds no state.db to resume from")
+    if not (out / "config.toml").is_file():
+        raise FedShareError(f"{out} is not a run folder (no config.toml) to resume")
     ensure_free(out)
     return out
 

@@ -20,21 +20,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from fedshare.errors import FedShareError
 from fedshare.federated.rounds import PROGRESS
-from simulations.processes import MARKER, end_all, marked_trees, new_marker, stop_process
+from simulations.processes import (
+    end_all,
+    marked_trees,
+    new_marker,
+    start_watchdog,
+    stop_process,
+)
 from simulations.superlink import HOST, flower_bin, free_port, start_superlink
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+STARTUP = 300.0
+"""Seconds from the launch until the ServerApp's first progress line (its share round) at most;
+a run takes some 10-20 s to get there on a 2-core machine."""
 
 
 def toml_value(value: Any) -> str:
@@ -72,17 +81,6 @@ def private_superlink(home: Path, env: dict[str, str], startup: float = 60.0
         stop_process(process, 15.0, group=False)
 
 
-def start_watchdog(marker: str) -> subprocess.Popen[bytes]:
-    """A process of its own session that ends the run's marked processes if this launcher dies
-    without cleaning up (:mod:`simulations.watchdog`)."""
-    me = psutil.Process()
-    env = {k: v for k, v in os.environ.items() if k != MARKER}
-    return subprocess.Popen([sys.executable, "-m", "simulations.watchdog", str(me.pid),
-                             repr(me.create_time()), marker], env=env, cwd=REPO_ROOT,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-
-
 def flower_env(flwr_home: Path) -> dict[str, str]:
     env = os.environ.copy()
     bin_dir = str(Path(sys.executable).parent)
@@ -93,23 +91,41 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail at once, in one line, when nothing answers at a named ``host:port`` Ray address
+    (``ray.init()`` would otherwise retry for a minute or more before the run could start)."""
+    if address in ("local", "auto") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise FedShareError(f"no Ray cluster answers at {address} ({exc})") from None
+
+
 def run_flower(run_config: Mapping[str, Any], num_supernodes: int, log_path: Path,
                on_progress: Callable[[str], None] | None = None, timeout: float = 6 * 3600,
-               ray_address: str | None = None) -> None:
+               ray_address: str | None = None, startup: float = STARTUP) -> None:
     """Run the app with ``run_config`` on ``num_supernodes`` virtual nodes (1 CPU each),
     on a local Ray instance or on the Ray cluster at ``ray_address``.
 
-    Raises :class:`FedShareError` when the run fails; its logs stay in ``log_path``.
+    Raises :class:`FedShareError` when the run fails, or when its ServerApp has not begun its
+    share round ``startup`` seconds after the launch (its engine could not start or reach its
+    cluster, its nodes did not connect); its logs stay in ``log_path``.
     """
     flwr = flower_bin("flwr")
+    # Without an address, a private local Ray: ray.init() would otherwise attach to any
+    # cluster it detects on this machine (a `ray start` left running, another test's).
+    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    check_ray_address(address)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    late = threading.Event()
     with tempfile.TemporaryDirectory(prefix="fedshare-flwr-") as tmp:
         home = Path(tmp)
         env = flower_env(home)
         marker = new_marker(env)  # every process of the run carries it, Ray's included
-        # Without an address, a private local Ray: ray.init() would otherwise attach to any
-        # cluster it detects on this machine (a `ray start` left running, another test's).
-        env["RAY_ADDRESS"] = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        env["RAY_ADDRESS"] = address
         overrides = home / "run-config.toml"
         # Simulated nodes draw new ids in every run and prove nothing: no user binding.
         write_toml(overrides, {"bind-users": False, **run_config})
@@ -121,19 +137,42 @@ def run_flower(run_config: Mapping[str, Any], num_supernodes: int, log_path: Pat
                            f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
                            "--stream"]
                 try:
-                    with open(log_path, "w") as log, subprocess.Popen(
+                    # line-buffered: a launcher killed outright leaves its log up to then
+                    with open(log_path, "w", buffering=1) as log, subprocess.Popen(
                             command, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT) as process:
                         assert process.stdout is not None
-                        for line in process.stdout:
-                            log.write(line)
-                            if on_progress is not None and PROGRESS in line:
-                                on_progress(line.split(PROGRESS, 1)[1].strip())
-                        code = process.wait(timeout=timeout)
+                        started = threading.Event()
+                        timer = threading.Timer(startup, _give_up, (process, started, late))
+                        timer.daemon = True
+                        timer.start()
+                        try:
+                            for line in process.stdout:
+                                log.write(line)
+                                if PROGRESS in line:
+                                    started.set()
+                                    if on_progress is not None:
+                                        on_progress(line.split(PROGRESS, 1)[1].strip())
+                            code = process.wait(timeout=timeout)
+                        finally:
+                            timer.cancel()
                 finally:  # however the run ended (an interrupt too), while the SuperLink still
                     # holds its process tree together: none of the run's processes outlives it
                     end_all(marked_trees(marker), timeout=10.0)
         finally:
             stop_process(watchdog, 5.0, group=False)
+    if late.is_set():
+        raise FedShareError(f"the simulation had not started {startup:.0f} s after the launch "
+                            "(its Ray engine could not start or reach its cluster, or its nodes "
+                            f"did not connect); see {log_path}")
     if code != 0:
         raise FedShareError(f"flwr run failed with exit status {code}; see {log_path}")
+
+
+def _give_up(process: subprocess.Popen[str], started: threading.Event,
+             late: threading.Event) -> None:
+    """The start-up deadline passed: unless the run has started, stop it (the caller then
+    ends the rest of its processes)."""
+    if not started.is_set():
+        late.set()
+        process.terminate()

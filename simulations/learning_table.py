@@ -14,9 +14,7 @@ checks the two engines give the same model); ``--engine flower`` runs every cell
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +22,8 @@ import torch
 
 from fedshare.central import CentralConfig, run_central
 from fedshare.runconfig import data_key, load_data
-from simulations.experiment import resolve, run_experiment
+from simulations.experiment import leased_folder, resolve, run_experiment
+from simulations.processes import worker_pool
 
 CONFIGS = Path(__file__).parent / "configs"
 METHODS = (
@@ -86,29 +85,28 @@ def learning_table(seeds: Sequence[int] = (0, 1, 2), sets: Sequence[str] = (),
     experiment = resolve(CONFIGS / "fedshare.toml", list(sets))  # validates --set early
     key = data_key(experiment.run, {})
     load_data(key)  # and the data, before any folder is made
-    folder = Path(out).resolve() / f"learning-table-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder.mkdir(parents=True)
-    federated = [(label, name, s, list(sets), engine, folder / "runs")
-                 for label, name in METHODS for s in seeds]
-    central = [(model, s, key) for model in ("lightgcn", "popularity") for s in seeds]
-    rows: list[dict] = []
-    # Flower runs manage their own processes (Ray): run them one at a time.
-    pool_size = 1 if engine == "flower" else max(1, workers)
-    with ProcessPoolExecutor(max_workers=pool_size) as pool:
-        jobs = [pool.submit(_federated_cell, job) for job in federated]
-        jobs += [pool.submit(_central_cell, job) for job in central]
-        for done, job in enumerate(jobs, 1):
-            row = job.result()
-            rows.append(row)
-            progress(f"[{done}/{len(jobs)}] {row['method']} seed {row['seed']}: test HR@20 "
-                     f"{row['test_hr@20']:.4f} NDCG@20 {row['test_ndcg@20']:.4f} "
-                     f"({row['seconds']:.0f} s)")
-    frame = pd.DataFrame(rows)
-    frame.to_csv(folder / "learning_table.csv", index=False)
-    stats = summarise(frame)
-    stats.to_csv(folder / "learning_table_summary.csv")
-    (folder / "learning_table.md").write_text(to_markdown(stats))
-    return folder, stats
+    with leased_folder(out, "learning-table") as folder:
+        federated = [(label, name, s, list(sets), engine, folder / "runs")
+                     for label, name in METHODS for s in seeds]
+        central = [(model, s, key) for model in ("lightgcn", "popularity") for s in seeds]
+        rows: list[dict] = []
+        # Flower runs manage their own processes (Ray): run them one at a time.
+        pool_size = 1 if engine == "flower" else max(1, workers)
+        with worker_pool(pool_size) as pool:
+            jobs = [pool.submit(_federated_cell, job) for job in federated]
+            jobs += [pool.submit(_central_cell, job) for job in central]
+            for done, job in enumerate(jobs, 1):
+                row = job.result()
+                rows.append(row)
+                progress(f"[{done}/{len(jobs)}] {row['method']} seed {row['seed']}: test HR@20 "
+                         f"{row['test_hr@20']:.4f} NDCG@20 {row['test_ndcg@20']:.4f} "
+                         f"({row['seconds']:.0f} s)")
+        frame = pd.DataFrame(rows)
+        frame.to_csv(folder / "learning_table.csv", index=False)
+        stats = summarise(frame)
+        stats.to_csv(folder / "learning_table_summary.csv")
+        (folder / "learning_table.md").write_text(to_markdown(stats))
+        return folder, stats
 
 
 def main() -> None:  # python -m simulations.learning_table

@@ -17,12 +17,16 @@ the README's main job runs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -165,6 +169,50 @@ def marked_trees(value: str) -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error):
             found.update(process.children(recursive=True))
     return [p for p in found if p.pid != os.getpid()]
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing): a worker or command of a launcher killed
+    outright stops by itself. Run in the child (a pool initializer, a ``preexec_fn``)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # 1: PR_SET_PDEATHSIG
+
+
+def start_watchdog(marker: str) -> subprocess.Popen[bytes]:
+    """A process of its own session that ends the processes marked ``marker`` if this launcher
+    dies without cleaning up (:mod:`simulations.watchdog`); stop it with :func:`stop_process`
+    (``group=False``) once they were ended."""
+    me = psutil.Process()
+    env = {k: v for k, v in os.environ.items() if k != MARKER}
+    return subprocess.Popen([sys.executable, "-m", "simulations.watchdog", str(me.pid),
+                             repr(me.create_time()), marker], env=env,
+                            cwd=Path(__file__).resolve().parent.parent,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A process pool that never outlives its command: interrupted, its workers (and whatever
+    they started) are ended at once instead of waited for; if the command is killed outright
+    the kernel ends them (:func:`die_with_parent`), and what they started is stopped by its
+    own watchdog."""
+    before = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent)
+    try:
+        yield pool
+    except BaseException:
+        workers_now = [psutil.Process(p.pid) for p in multiprocessing.active_children()
+                       if p not in before and p.pid is not None]
+        tree = list(workers_now)
+        for worker in workers_now:
+            with contextlib.suppress(psutil.Error):
+                tree += worker.children(recursive=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+        end_all(tree, timeout=10.0)
+        raise
+    pool.shutdown(wait=True)
 
 
 @contextlib.contextmanager

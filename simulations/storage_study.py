@@ -31,7 +31,7 @@ from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import UnlearningOutcome, learn, unlearn
 from fedshare.unlearning.replay import ReplayConfig
 from fedshare.unlearning.report import unlearning_row
-from simulations.experiment import resolve
+from simulations.experiment import leased_folder, resolve
 
 CONFIGS = Path(__file__).parent / "configs"
 SNAPSHOTS = (1, 2, 3, 5, 10)
@@ -147,19 +147,18 @@ def storage_study(seeds: Sequence[int] = (0,), sets: Sequence[str] = (),
         raise ValueError("every M must be at least 1")
     unlearning, replay = unlearning or UnlearningConfig(), replay or ReplayConfig()
     load_data(data_key(resolve(CONFIGS / "fedshare.toml", list(sets)).run, {}))  # fail early
-    folder = Path(out).resolve() / f"storage-study-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder.mkdir(parents=True)
-    rows = [r for seed in seeds
-            for r in study_cells(seed, sets, snapshots, unlearning, replay, progress)]
-    frame = pd.DataFrame(rows)
-    frame.to_csv(folder / "storage_study.csv", index=False)
-    means = frame.groupby("label", sort=False)[list(COLUMNS)].mean()
-    (folder / "storage_study.md").write_text(to_markdown(means))
-    figures = ratios(means)
-    plot(means, folder)
-    (folder / "summary.json").write_text(json.dumps(
-        {"ratios": figures, "methods": {k: {c: float(v) for c, v in r.items()}
-                                        for k, r in means.iterrows()},
-         "seeds": list(seeds), "snapshots": list(snapshots), "unlearning": unlearning.to_dict(),
-         "replay": replay.to_dict()}, indent=2))
-    return folder, means, figures
+    with leased_folder(out, "storage-study") as folder:
+        rows = [r for seed in seeds
+                for r in study_cells(seed, sets, snapshots, unlearning, replay, progress)]
+        frame = pd.DataFrame(rows)
+        frame.to_csv(folder / "storage_study.csv", index=False)
+        means = frame.groupby("label", sort=False)[list(COLUMNS)].mean()
+        (folder / "storage_study.md").write_text(to_markdown(means))
+        figures = ratios(means)
+        plot(means, folder)
+        (folder / "summary.json").write_text(json.dumps(
+            {"ratios": figures, "methods": {k: {c: float(v) for c, v in r.items()}
+                                            for k, r in means.iterrows()},
+             "seeds": list(seeds), "snapshots": list(snapshots), "unlearning": unlearning.to_dict(),
+             "replay": replay.to_dict()}, indent=2))
+        return folder, means, figures

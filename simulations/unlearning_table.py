@@ -15,7 +15,6 @@ issue, computed from the means).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import METHODS, learn, unlearn
 from fedshare.unlearning.remaining import add_canaries
 from fedshare.unlearning.report import unlearning_row
-from simulations.experiment import resolve
+from simulations.experiment import leased_folder, resolve
 
 CONFIGS = Path(__file__).parent / "configs"
 COLUMNS = ("test_hr@20", "test_ndcg@20", "forgotten_hr@20", "forgotten_recall@20", "mia_auc",
@@ -91,31 +90,30 @@ def unlearning_table(seeds: Sequence[int] = (0, 1, 2), sets: Sequence[str] = (),
                      progress: Callable[[str], None] = print) -> tuple[Path, pd.DataFrame, dict]:
     unlearning = unlearning or UnlearningConfig()
     load_data(data_key(resolve(CONFIGS / "fedshare.toml", list(sets)).run, {}))  # fail early
-    folder = Path(out).resolve() / f"unlearning-table-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder.mkdir(parents=True)
-    rows: list[dict] = []
-    for seed in seeds:
-        cells = unlearning_cells(seed, sets, unlearning, canaries, common_canaries)
-        rows += cells
-        for row in cells:
-            progress(f"seed {seed} {row['method']:>19}: test HR@20 {row['test_hr@20']:.4f} "
-                     f"forgotten HR@20 {row['forgotten_hr@20']:.4f} "
-                     f"canary {row.get('canary_exposure', float('nan')):.4f} "
-                     f"({row['seconds']:.1f} s)")
-    frame = pd.DataFrame(rows)
-    frame.to_csv(folder / "unlearning_table.csv", index=False)
-    numeric = [c for c in COLUMNS if c in frame.columns]
-    stats = frame.groupby("method", sort=False)[numeric].agg(["mean", "std"]).fillna(0.0)
-    stats = stats.reindex([m for m in METHODS if m in stats.index])
-    (folder / "unlearning_table.md").write_text(to_markdown(stats))
-    figures = targets(stats)
-    means = stats.xs("mean", axis=1, level=1)
-    methods = {m: {k: float(v) for k, v in means.loc[m].items()} for m in means.index}
-    (folder / "summary.json").write_text(json.dumps(
-        {"targets": figures, "methods": methods, "unlearning": unlearning.to_dict(),
-         "canaries": canaries, "common_canaries": common_canaries, "seeds": list(seeds)},
-        indent=2))
-    return folder, stats, figures
+    with leased_folder(out, "unlearning-table") as folder:
+        rows: list[dict] = []
+        for seed in seeds:
+            cells = unlearning_cells(seed, sets, unlearning, canaries, common_canaries)
+            rows += cells
+            for row in cells:
+                progress(f"seed {seed} {row['method']:>19}: test HR@20 {row['test_hr@20']:.4f} "
+                         f"forgotten HR@20 {row['forgotten_hr@20']:.4f} "
+                         f"canary {row.get('canary_exposure', float('nan')):.4f} "
+                         f"({row['seconds']:.1f} s)")
+        frame = pd.DataFrame(rows)
+        frame.to_csv(folder / "unlearning_table.csv", index=False)
+        numeric = [c for c in COLUMNS if c in frame.columns]
+        stats = frame.groupby("method", sort=False)[numeric].agg(["mean", "std"]).fillna(0.0)
+        stats = stats.reindex([m for m in METHODS if m in stats.index])
+        (folder / "unlearning_table.md").write_text(to_markdown(stats))
+        figures = targets(stats)
+        means = stats.xs("mean", axis=1, level=1)
+        methods = {m: {k: float(v) for k, v in means.loc[m].items()} for m in means.index}
+        (folder / "summary.json").write_text(json.dumps(
+            {"targets": figures, "methods": methods, "unlearning": unlearning.to_dict(),
+             "canaries": canaries, "common_canaries": common_canaries, "seeds": list(seeds)},
+            indent=2))
+        return folder, stats, figures
 
 
 def main() -> None:  # python -m simulations.unlearning_table

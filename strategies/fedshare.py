@@ -56,16 +56,22 @@ class FedShareStrategy(Strategy):
                                   self.server.ledger, max_failed)
         self.inbox = inbox or Inbox()
         self.log = RunLog(progress)
-        hooks = (CommitRounds(store, self.server),) if store is not None else ()
+        hooks = (CommitRounds(store, self.server, self.log),) if store is not None else ()
         self.learning = LearningRound(self.server, hooks, self.log)
         self.user_node = directory.user_node
         self.candidates = directory.trainable()
         self.store = store
-        self.run_key = store.run_key if store is not None else ""
         self.timeout = timeout
         self.offset = 0  # rounds already done when Flower's loop (numbered from 1) starts
         self.sampled: dict[int, list[int]] = {}  # node -> users asked to train, this round
         self.train_started = time.perf_counter()
+
+    def mark(self) -> protocol.RunMark:
+        """The run key and last committed round every request carries (devices rewind to
+        that round after a restart)."""
+        if self.store is None:
+            return protocol.RunMark()
+        return protocol.RunMark(self.store.run_key, self.store.last_round())
 
     @property
     def rejected(self) -> list[dict]:
@@ -102,7 +108,7 @@ class FedShareStrategy(Strategy):
         online = set(grid.get_node_ids())
         return protocol.train_requests(
             round_, {node: us for node, us in self.sampled.items() if node in online},
-            self.server.table, self.run_key, local_epochs)
+            self.server.table, self.mark(), local_epochs)
 
     def accepted_updates(self, round_: int, replies: Iterable[Message]
                          ) -> list[NodeUpdate] | None:
@@ -150,7 +156,7 @@ class FedShareStrategy(Strategy):
         online = set(grid.get_node_ids())
         return protocol.evaluate_requests(
             [node for node in self.directory.node_users if node in online], self.server.table,
-            parts, self.run_key)
+            parts, self.mark())
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -165,7 +171,32 @@ class FedShareStrategy(Strategy):
         if not valid:
             return None
         self.log.validation(round_, valid)
+        if self.store is not None:
+            self.store.add_row("validation", round_, self.log.validations[-1])
         return MetricRecord(valid)
+
+    def validate_missed(self, grid: Grid) -> None:
+        """A resumed run first validates its last committed round if that was due but the
+        run stopped before its validation was kept."""
+        round_ = self.offset
+        if self.store is None or not round_ or not is_eval_round(round_, self.config) or any(
+                row["round"] == round_ for row in self.store.rows("validation")):
+            return
+        replies = grid.send_and_receive(self.evaluate_messages(("valid",), grid),
+                                        timeout=self.timeout)
+        self.aggregate_evaluate(0, replies)
+
+    def kept_scores(self, grid: Grid) -> dict[str, dict[str, float]]:
+        """The full scores of the last committed table: kept in the store when first
+        evaluated, so a resumed run reports what the devices scored before they unshared."""
+        if self.store is None:
+            return self.evaluate_now(grid)
+        round_ = self.store.last_round()
+        scores = self.store.scores(round_)
+        if scores is None:
+            scores = self.evaluate_now(grid)
+            self.store.set_scores(round_, scores)
+        return scores
 
     def evaluate_now(self, grid: Grid, parts: tuple[str, ...] = ("valid", "test")
                      ) -> dict[str, dict[str, float]]:

@@ -15,7 +15,6 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -27,6 +26,7 @@ from fedshare.federated.directory import Directory, build_directory
 from fedshare.federated.rounds import PROGRESS, progress_line
 from fedshare.federated.state_db import StateDB, open_store, stored_directory
 from fedshare.federated.summary import RunSummary
+from fedshare.reports import metrics_frame
 from fedshare.run_lease import RunLease
 from fedshare.runconfig import ServerSettings
 from fedshare.storage_ledger import FRU_CLIENT
@@ -84,6 +84,7 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
     inbox = Inbox(MessageAudit(settings.audit_dir) if settings.audit_dir else None)
     nodes = wait_for_nodes(grid, settings.num_nodes, settings.node_timeout, settings.max_failed)
     path = settings.out_dir / "state.db"
+    log(INFO, "%s share round: %d nodes", PROGRESS, len(nodes))
     # Simulated nodes draw new ids every run and are not authenticated: nothing to bind to.
     directory = share_round(grid, nodes, inbox, path if path.exists() else None, settings.bind,
                             settings.round_timeout)
@@ -91,7 +92,7 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
     try:
         summary, strategy = run(grid, settings, directory, store, inbox)
         summary.nodes, summary.seconds = len(nodes), time.perf_counter() - started
-        write_outputs(settings.out_dir, strategy, summary)
+        write_outputs(settings.out_dir, strategy, store, summary)
     finally:
         store.close()
     log(INFO, "%s done  test HR@20 %.4f  NDCG@20 %.4f  -> %s", PROGRESS,
@@ -113,15 +114,17 @@ def run(grid: Grid, settings: ServerSettings, directory: Directory, store: State
         settings.max_failed, store, settings.round_timeout)
     strategy.resume(store)
     write_json(settings.out_dir / "config.json", settings.recorded())
+    strategy.validate_missed(grid)
     if resumed < config.rounds:
         strategy.start(grid, protocol.table_record(strategy.server.table),
                        num_rounds=config.rounds - resumed, timeout=strategy.timeout)
-    scores = strategy.evaluate_now(grid)
+    scores = strategy.kept_scores(grid)
     phase = None
     if settings.unlearning is not None:
+        learned = store.scores(config.rounds) or scores  # kept before the phase began
         phase = run_unlearning(grid, strategy, settings.unlearning,
-                               (scores["valid"], scores["test"]))
-        scores = strategy.evaluate_now(grid)
+                               (learned["valid"], learned["test"]))
+        scores = strategy.kept_scores(grid)
     server = strategy.server
     summary = RunSummary(config.variant, config.rounds, "flower", scores["valid"],
                          scores["test"], 0.0, len(directory.shared), server.snapshot_bytes(),
@@ -131,14 +134,11 @@ def run(grid: Grid, settings: ServerSettings, directory: Directory, store: State
     return summary, strategy
 
 
-def write_outputs(out_dir: Path, strategy: FedShareStrategy, summary: RunSummary) -> None:
-    """``metrics.csv`` (a resumed run's rows after the rows before the restart),
+def write_outputs(out_dir: Path, strategy: FedShareStrategy, store: StateDB,
+                  summary: RunSummary) -> None:
+    """``metrics.csv`` (every round the store kept, a resumed run's earlier ones included),
     ``item_table.npy`` and ``summary.json``, each written whole."""
-    metrics = strategy.log.frame()
-    resumed = summary.resumed_from_round
-    if resumed and (out_dir / "metrics.csv").exists():  # the rounds before the restart first
-        earlier = pd.read_csv(out_dir / "metrics.csv")
-        metrics = pd.concat([earlier[earlier["round"] <= resumed], metrics], ignore_index=True)
+    metrics = metrics_frame(store.rows("round"), store.rows("validation"))
     write_atomically(out_dir / "metrics.csv", lambda fh: metrics.to_csv(fh, index=False), "w")
     write_atomically(out_dir / "item_table.npy",
                      lambda fh: np.save(fh, strategy.server.table.numpy()))

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from fedshare import protocol
 from fedshare.errors import FedShareError
+from fedshare.federated.rounds import PROGRESS
 from fedshare.federated.summary import PhaseSummary
 from fedshare.unlearning.algorithm import run_algorithm2
 from fedshare.unlearning.config import UnlearningConfig
@@ -37,7 +38,8 @@ def collect_requests(grid: Grid, strategy: FedShareStrategy) -> list[tuple[int, 
     fails or does not answer in time sends nothing now; it can repeat its requests later.
     """
     online = set(grid.get_node_ids())
-    messages = [protocol.unshare_request(node, strategy.run_key)
+    mark = strategy.mark()
+    messages = [protocol.unshare_request(node, mark)
                 for node in strategy.directory.node_users if node in online]
     replies = grid.send_and_receive(messages, timeout=strategy.timeout)
     requests = []
@@ -105,7 +107,9 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
     started = time.perf_counter()
     kept = server.snapshot_bytes()
     store = SharedStore(server.shared)
+    log(INFO, "%s unlearning: collecting unsharing requests", PROGRESS)
     accepted = accept_requests(strategy, store, collect_requests(grid, strategy))
+    log(INFO, "%s unlearning: %d requests acknowledged", PROGRESS, accepted)
     first = max(strategy.config.rounds, strategy.store.last_round() if strategy.store else 0)
     forgotten = len(store.forgotten())
 
@@ -120,6 +124,7 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
 
     def remaining_round(round_: int) -> torch.Tensor:
         """A remaining-data round: the nodes now hold only their remaining data (Eq. 9)."""
+        log(INFO, "%s unlearning round %d", PROGRESS, round_)
         messages = strategy.train_messages(round_, grid, config.local_epochs)
         replies = grid.send_and_receive(messages, timeout=strategy.timeout)
         updates = strategy.accepted_updates(round_, replies)

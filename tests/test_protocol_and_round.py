@@ -46,20 +46,23 @@ def test_share_reply_reads_back():
 
 def test_train_messages_share_one_model_record_and_read_back():
     table = torch.arange(NUM_ITEMS * DIM, dtype=torch.float32).reshape(NUM_ITEMS, DIM)
-    messages = protocol.train_requests(4, {1: [0, 2], 2: [5]}, table, "key", local_epochs=1)
+    mark = protocol.RunMark("key", 3)
+    messages = protocol.train_requests(4, {1: [0, 2], 2: [5]}, table, mark, local_epochs=1)
     assert [m.metadata.dst_node_id for m in messages] == [1, 2]
     assert messages[0].content["arrays"] is messages[1].content["arrays"]  # built once a round
     request = protocol.read_train_request(messages[0])
-    assert (request.round, request.users.tolist(), request.run_key, request.local_epochs) == \
-        (4, [0, 2], "key", 1)
+    assert (request.round, request.users.tolist(), request.mark, request.local_epochs) == \
+        (4, [0, 2], mark, 1)
     assert torch.equal(request.table, table)
-    plain = protocol.read_train_request(protocol.train_requests(1, {3: [1]}, table, "")[0])
+    plain = protocol.read_train_request(protocol.train_requests(1, {3: [1]}, table,
+                                                                protocol.RunMark())[0])
     assert plain.local_epochs is None
 
 
 def test_train_reply_reads_back_with_its_fru_report():
     update = NodeUpdate(torch.ones(NUM_ITEMS, DIM), 6.0, torch.full((NUM_ITEMS,), 2.0), 2)
-    request = protocol.train_requests(1, {1: [0, 2]}, torch.zeros(NUM_ITEMS, DIM), "")[0]
+    request = protocol.train_requests(1, {1: [0, 2]}, torch.zeros(NUM_ITEMS, DIM),
+                                      protocol.RunMark())[0]
     reply = protocol.train_reply(request, update, {0: 136, 2: 8})
     read, fru = protocol.read_train_reply(reply.content, [0, 2])
     assert torch.equal(read.table, update.table) and torch.equal(read.row_weight,
@@ -73,8 +76,9 @@ def test_train_reply_reads_back_with_its_fru_report():
 
 def test_evaluate_reply_carries_sums_and_counts_per_part():
     request = protocol.evaluate_requests([4], torch.zeros(NUM_ITEMS, DIM), ("valid", "test"),
-                                         "k")[0]
-    assert protocol.read_evaluate_request(request).parts == ("valid", "test")
+                                         protocol.RunMark("k", 0))[0]
+    read = protocol.read_evaluate_request(request)
+    assert read.parts == ("valid", "test") and read.mark == protocol.RunMark("k", 0)
     reply = protocol.evaluate_reply(request, {"valid": ({"hr@20": 2.0}, 3),
                                               "test": ({"hr@20": 1.0}, 2)})
     assert protocol.read_evaluate_reply(reply.content, ("valid", "test")) == {
@@ -84,8 +88,8 @@ def test_evaluate_reply_carries_sums_and_counts_per_part():
 
 
 def test_unshare_reply_reads_back_and_refuses_ragged_arrays():
-    request = protocol.unshare_request(3, "key")
-    assert protocol.run_key(request) == "key"
+    request = protocol.unshare_request(3, protocol.RunMark("key", 7))
+    assert protocol.run_mark(request) == protocol.RunMark("key", 7)
     reply = protocol.unshare_reply(request, np.array([1, 1]), np.array([4, 5]))
     users, items = protocol.read_unshare_reply(reply.content)
     assert users.tolist() == [1, 1] and items.tolist() == [4, 5]

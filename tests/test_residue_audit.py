@@ -115,3 +115,52 @@ def test_the_command_exits_non_zero_on_residue_and_zero_when_clean(run, capsys,
     _sql(run, "INSERT INTO shared VALUES (5, 301)")
     assert cli.main(["audit", str(run)]) == 1
     assert main(["audit", str(run / "nowhere")]) == 2
+
+
+def _npy(values) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    np.save(out, np.asarray(values, dtype=np.int64), allow_pickle=False)
+    return out.getvalue()
+
+
+def _superlink(path: Path, secure: bool, keep: bool = False) -> Path:
+    """A stand-in for Flower's SuperLink database: a device's share reply (user 3 shared items
+    5, 9 and 12, then unshared 9 and 12) stored as a message object, then deleted."""
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA secure_delete={'ON' if secure else 'OFF'}")
+        db.execute("CREATE TABLE objects (id TEXT PRIMARY KEY, content BLOB)")
+        db.execute("CREATE TABLE message_res (id TEXT PRIMARY KEY, content BLOB)")
+        db.execute("INSERT INTO objects VALUES ('a', ?)", (b"x" * 40 + _npy([5, 9, 12]),))
+        db.execute("INSERT INTO objects VALUES ('b', ?)", (_npy([1, 2, 3, 4]),))  # a node's ids
+        if not keep:
+            db.execute("DELETE FROM objects")
+    return path
+
+
+UPLOADS = GroundTruth(forgotten={(3, 9), (3, 12)}, local={(3, 1)},
+                    shared={(3, 5), (3, 9), (3, 12)})
+
+
+def test_a_superlink_upload_left_in_free_pages_is_found(tmp_path):
+    from fedshare.unlearning.residue import audit_superlink
+
+    def found(path: Path) -> dict[str, int]:
+        return {f.what: f.found for f in audit_superlink(path, UPLOADS)}
+
+    assert found(_superlink(tmp_path / "deleted.db", secure=False)) == {
+        "messages left": 0, "device uploads holding forgotten items": 1}
+    assert found(_superlink(tmp_path / "wiped.db", secure=True)) == {
+        "messages left": 0, "device uploads holding forgotten items": 0}
+    assert found(_superlink(tmp_path / "kept.db", secure=True, keep=True)) == {
+        "messages left": 2, "device uploads holding forgotten items": 1}
+
+
+def test_the_npy_reader_finds_integer_arrays_only():
+    from fedshare.unlearning.residue import npy_int_arrays
+
+    out = __import__("io").BytesIO()
+    np.save(out, np.ones(3, np.float32))
+    raw = b"junk" + _npy([7, 8]) + out.getvalue() + _npy([4]) + b"\x93NUMPY broken"
+    assert [a.tolist() for a in npy_int_arrays(raw)] == [[7, 8]]  # no floats, no single id

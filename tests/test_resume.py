@@ -1,76 +1,19 @@
-"""A stopped Flower run resumes from its state.db: a run of 2 rounds resumed to 4 (then
-unlearning) ends where an uninterrupted run of 4 rounds ends, and a resumed run may not
-change the model's settings. Killing a server mid-round is tested on a real deployment
-(tests/test_deployment.py)."""
+"""What a resumed run may and may not do with its state.db: it may not change the model's
+settings, users stay bound to their nodes, and share replies that disagree are refused.
+Stopping a run in each phase and resuming it is tested in tests/test_kill_and_resume.py;
+killing a server mid-round on a real deployment in tests/test_deployment.py."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
-import torch
 from synthetic import tiny_prepared
 
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.directory import Directory, ShareReply, build_directory
-from fedshare.federated.state_db import StateDB, open_store, stored_directory
-from fedshare.runconfig import federated_config
-from fedshare.unlearning.config import UnlearningConfig
-from fedshare.unlearning.phase import learn, unlearn
-from simulations.experiment import resolve, resume_settings, run_experiment
-
-SETTINGS = ["eval-every=10", "fraction=0.5", "dim=8", "server-steps=2", "local-epochs=2",
-            "seed=0", "snapshots=2", "unlearn-rounds=2", "unlearn-steps=3", "num-supernodes=2"]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    data = tiny_prepared()
-    root = tmp_path_factory.mktemp("resume")
-    folder = data.save(root / "tiny")
-    common = [*SETTINGS, f"prepared={folder}"]
-    first = resolve(None, [*common, "rounds=2"], name="stopped")  # client state: the default
-    stopped_out, _ = run_experiment(first, root / "runs", "flower")
-    again = resume_settings(stopped_out, ["rounds=4", "unlearn=true"])
-    resumed_out, resumed_summary = run_experiment(again, root / "runs", "flower",
-                                                  resume=stopped_out)
-    return data, root, again, (stopped_out, resumed_out, resumed_summary)
-
-
-def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(runs):
-    """The uninterrupted reference is the in-process engine, which the Flower app equals
-    (tests/test_flower_unlearning.py)."""
-    data, _, again, (stopped_out, resumed_out, resumed) = runs
-    assert resumed_out == stopped_out and resumed["resumed_from_round"] == 2
-    torch.set_num_threads(1)
-    config = federated_config(again.run)
-    learned = learn(data, config)
-    outcome = unlearn(learned, data, "fedshare", UnlearningConfig(rounds=2, steps=3),
-                      config.rounds)
-    assert np.allclose(np.load(resumed_out / "item_table.npy"),
-                       outcome.federation.server.table.numpy(), atol=1e-5)
-    assert resumed["forgotten_interactions"] == int(data.plan.unlearn.sum()) > 0
-    rounds = pd.read_csv(resumed_out / "metrics.csv")["round"].tolist()
-    assert rounds == [1, 2, 3, 4]  # the stopped run's rounds, then the resumed ones
-    store = StateDB(resumed_out / "state.db", data.num_users, data.num_items)
-    assert store.last_round() == 4 + 2 and store.pending() == []
-    store.close()
-
-
-def test_clients_keep_their_state_in_files_tagged_with_the_run(runs):
-    """By default under the run folder (``client-state/``), recorded for the resume."""
-    _, _, again, (stopped_out, _, _) = runs
-    clients = stopped_out / "client-state"
-    assert again.run["client-state-dir"] == str(clients)
-    files = sorted(p.name for p in clients.iterdir())
-    assert files == ["partition-0-of-2.npz", "partition-1-of-2.npz"]
-    store = StateDB(stopped_out / "state.db", 10, 40)
-    key = store.run_key
-    store.close()
-    for name in files:
-        with np.load(clients / name) as saved:
-            assert str(saved["run-key"]) == key and bool(saved["unshared"])
+from fedshare.federated.state_db import open_store, stored_directory
+from simulations.experiment import resume_settings
 
 
 def test_a_resumed_run_may_not_change_the_model(tmp_path):
@@ -88,8 +31,8 @@ def test_a_resumed_run_may_not_change_the_model(tmp_path):
         open_store(tmp_path / "state.db", directory(), FederatedConfig(dim=16, seed=1))
 
 
-def test_resuming_needs_a_run_folder_with_a_store(tmp_path):
-    with pytest.raises(FedShareError, match=r"no state\.db"):
+def test_resuming_needs_a_run_folder(tmp_path):
+    with pytest.raises(FedShareError, match=r"not a run folder \(no config\.toml\)"):
         resume_settings(tmp_path)
 
 

@@ -203,3 +203,20 @@ def test_a_database_with_an_older_request_log_is_a_clear_error(path):
         db.commit()
     with pytest.raises(ValueError, match="predates keyed digests"):
         StateDB(path, NUM_USERS, NUM_ITEMS)
+
+
+def test_metrics_rows_commit_with_their_round_and_scores_are_kept(path):
+    store = StateDB(path, NUM_USERS, NUM_ITEMS)
+    table = torch.randn(NUM_ITEMS, DIM)
+    store.commit_round(1, table, [], row={"round": 1, "num-users": 3})
+    store.add_row("validation", 2, {"round": 2, "valid_hr@20": 0.5})
+    store.commit_round(2, table, [], row={"round": 2, "num-users": 4})
+    with pytest.raises(ValueError):  # a failed commit keeps no row either
+        store.commit_round(3, torch.randn(NUM_ITEMS), [], row={"round": 3})
+    assert store.scores(2) is None
+    store.set_scores(2, {"test": {"hr@20": 0.25}})
+    store.close()
+    again = StateDB(path, NUM_USERS, NUM_ITEMS)
+    assert [r["round"] for r in again.rows("round")] == [1, 2]
+    assert again.rows("validation") == [{"round": 2, "valid_hr@20": 0.5}]
+    assert again.scores(2) == {"test": {"hr@20": 0.25}} and again.last_round() == 2

@@ -87,7 +87,7 @@ class RunLog:
                             "num-examples": sum(u.weight for u in updates),
                             # sent -> every reply in: messages and local training
                             "train-seconds": train_seconds,
-                            # aggregation, the server step, the hooks (durable commit)
+                            # aggregation, the server step (not the durable commit)
                             "server-seconds": server_seconds})
 
     def validation(self, round_: int, valid: dict[str, float]) -> None:
@@ -140,7 +140,8 @@ class LearningRound:
             table = self.model.finish_round(view, round_)
             for hook in self.hooks:
                 hook.refined(round_, view, table)
+        # the row first: the durable commit keeps it with the round
+        self.log.round(round_, entered, train_seconds, time.perf_counter() - started)
         for hook in self.hooks:
             hook.committed(round_, table)
-        self.log.round(round_, entered, train_seconds, time.perf_counter() - started)
         return table

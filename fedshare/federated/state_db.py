@@ -49,6 +49,7 @@ from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.directory import Directory
 from fedshare.federated.recording import RoundRecorder
+from fedshare.federated.rounds import RunLog
 from fedshare.federated.server import Server
 
 RESUMABLE = ("rounds", "eval_every")  # settings a resumed run may change
@@ -66,6 +67,8 @@ CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY AUTOINCREMENT,
                                      item_digests BLOB NOT NULL, count INTEGER NOT NULL,
                                      items BLOB, received REAL NOT NULL, served REAL,
                                      UNIQUE (user, digest));
+CREATE TABLE IF NOT EXISTS log (kind TEXT NOT NULL, round INTEGER NOT NULL, row TEXT NOT NULL,
+                                PRIMARY KEY (kind, round));
 """
 DIGEST = 16  # bytes of a keyed digest kept per request and per item
 
@@ -213,11 +216,40 @@ class StateDB:
 
     # ------------------------------------------------------------------ rounds
     def commit_round(self, round_: int, table: Tensor, snapshots: list[Tensor],
-                     state: dict[str, Tensor] | None = None) -> None:
-        """The table after ``round_``, the snapshots and the server's private ``state`` (named
-        2-D tensors), all or nothing."""
+                     state: dict[str, Tensor] | None = None, row: dict | None = None) -> None:
+        """The table after ``round_``, the snapshots, the server's private ``state`` (named
+        2-D tensors) and the round's ``metrics.csv`` row, all or nothing."""
         with self._transaction():
             self._write_round(round_, table, snapshots, state)
+            if row is not None:
+                self._write_row("round", round_, row)
+
+    def _write_row(self, kind: str, round_: int, row: dict) -> None:
+        self._db.execute("INSERT OR REPLACE INTO log VALUES (?, ?, ?)",
+                         (kind, int(round_), json.dumps(row)))
+
+    def add_row(self, kind: str, round_: int, row: dict) -> None:
+        """Keep a ``metrics.csv`` row of ``kind`` (``validation``) for ``round_``."""
+        with self._transaction():
+            self._write_row(kind, round_, row)
+
+    def rows(self, kind: str) -> list[dict]:
+        """The kept rows of ``kind`` (``round``, ``validation``), by round: a resumed run's
+        ``metrics.csv`` holds the rounds before the restart too."""
+        return [json.loads(text) for (text,) in self._db.execute(
+            "SELECT row FROM log WHERE kind = ? ORDER BY round", (kind,))]
+
+    def scores(self, round_: int) -> dict | None:
+        """The scores of the table of ``round_`` kept by :meth:`set_scores`, if any."""
+        text = self._meta(f"scores:{round_}")
+        return None if text is None else dict(json.loads(text))
+
+    def set_scores(self, round_: int, scores: dict) -> None:
+        """Keep the full scores of the table of ``round_``: a resumed run reports them instead
+        of asking devices that may have unshared since."""
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                             (f"scores:{round_}", json.dumps(scores)))
 
     def _write_round(self, round_: int, table: Tensor, snapshots: list[Tensor],
                      state: dict[str, Tensor] | None = None) -> None:
@@ -347,15 +379,19 @@ class _Transaction:
 
 class CommitRounds(RoundRecorder):
     """The round hook of a Flower run: each finished round (table, snapshots, the server's
-    private state and the round counter) is committed in one transaction."""
+    private state, the round counter and the round's row of ``log``) is committed in one
+    transaction."""
 
     name = "state-db"
 
-    def __init__(self, store: StateDB, server: Server) -> None:
-        self.store, self.server = store, server
+    def __init__(self, store: StateDB, server: Server, log: RunLog | None = None) -> None:
+        self.store, self.server, self.log = store, server, log
 
     def committed(self, round_: int, table: Tensor) -> None:
-        self.store.commit_round(round_, table, list(self.server.snapshots), self.server.state())
+        rows = self.log.rounds if self.log is not None else []
+        row = rows[-1] if rows and rows[-1]["round"] == round_ else None
+        self.store.commit_round(round_, table, list(self.server.snapshots), self.server.state(),
+                                row)
 
 
 def restore_server(server: Server, store: StateDB) -> int:

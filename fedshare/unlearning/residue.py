@@ -13,19 +13,29 @@ when it holds nothing, so a report says what was looked at:
   survive in free pages or old WAL frames (the record of a ``shared`` row is its header and two
   big-endian integers, a byte string looked for directly);
 - the run folder holds nothing but what a run writes (its outputs hold metrics and tables, never
-  pairs); any other file is a finding.
+  pairs); any other file is a finding;
+- in a deployment, the SuperLink's database (``superlink.db`` and its WAL): no message may be
+  left in its tables, and no integer array that a device's share or unshare reply carried (a
+  ``.npy`` array of two or more ids, all of one user's shared items, its forgotten ones
+  included) may survive in its bytes, free pages included.
 
-Choice: the byte search decodes every place in the files that has the shape of a ``shared`` row's
-SQLite cell (:func:`recorded_pairs`) and compares the pairs with the ground truth; a test plants
-residue the search must find, and checks that a run's own files give no chance match.
+Choices: the byte search of ``state.db`` decodes every place in the files that has the shape of
+a ``shared`` row's SQLite cell (:func:`recorded_pairs`) and compares the pairs with the ground
+truth; a test plants residue the search must find, and checks that a run's own files give no
+chance match. The
+SuperLink's messages hold Flower ``Array`` objects, whose bytes are ``.npy`` files: the search
+there parses every ``.npy`` header in the file and reads the array after it (an array that
+SQLite split across overflow pages is not found whole; a device's reply is far smaller than a
+page).
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,21 +52,31 @@ class GroundTruth:
 
     forgotten: Pairs
     local: Pairs
+    shared: Pairs = field(default_factory=set)  # everything ever shared, forgotten included
 
     @classmethod
     def from_plan(cls, data: PreparedData) -> GroundTruth:
         train, plan = data.split.train, data.plan
         return cls(_pairs(train.users[plan.unlearn], train.items[plan.unlearn]),
-                   _pairs(train.users[~plan.shared], train.items[~plan.shared]))
+                   _pairs(train.users[~plan.shared], train.items[~plan.shared]),
+                   _pairs(train.users[plan.shared], train.items[plan.shared]))
 
     @classmethod
     def from_devices(cls, devices: Iterable[DeviceData]) -> GroundTruth:
         forgotten: Pairs = set()
         local: Pairs = set()
+        shared: Pairs = set()
         for device in devices:
             forgotten |= {(device.user, int(i)) for i in device.unshare}
             local |= {(device.user, int(i)) for i in device.local}
-        return cls(forgotten, local)
+            shared |= {(device.user, int(i)) for i in (*device.shared, *device.unshare)}
+        return cls(forgotten, local, shared)
+
+    def by_user(self, pairs: Pairs) -> dict[int, set[int]]:
+        users: dict[int, set[int]] = {}
+        for user, item in pairs:
+            users.setdefault(user, set()).add(item)
+        return users
 
 
 @dataclass
@@ -155,4 +175,51 @@ def audit_run(folder: Path, truth: GroundTruth) -> list[Finding]:
     unknown = [p.name for p in folder.iterdir()
                if p.name not in OUTPUTS and p.suffix != ".log" and p.name != "client-state"]
     findings.append(Finding("run folder", "files no run writes", len(unknown)))
+    return findings
+
+
+NPY = b"\x93NUMPY"
+MESSAGE_TABLES = ("message_ins", "message_res", "objects")
+
+
+def npy_int_arrays(raw: bytes) -> list[np.ndarray]:
+    """Every 1-D integer array of two or more values stored in ``.npy`` form (Flower's
+    ``Array``) whose bytes survive in ``raw``."""
+    found = []
+    start = raw.find(NPY)
+    while start >= 0:
+        with contextlib.suppress(ValueError, SyntaxError, TypeError, KeyError, IndexError):
+            wide = raw[start + 6] >= 2  # format 2.0+: a 4-byte header length
+            size = 4 if wide else 2
+            length = int.from_bytes(raw[start + 8:start + 8 + size], "little")
+            begin = start + 8 + size
+            header = ast.literal_eval(raw[begin:begin + length].decode("latin1"))
+            dtype, shape = np.dtype(header["descr"]), tuple(header["shape"])
+            if dtype.kind in "iu" and len(shape) == 1 and 2 <= shape[0] < 10**7:
+                body = raw[begin + length:begin + length + shape[0] * dtype.itemsize]
+                if len(body) == shape[0] * dtype.itemsize:
+                    found.append(np.frombuffer(body, dtype).astype(np.int64))
+        start = raw.find(NPY, start + 1)
+    return found
+
+
+def audit_superlink(path: Path, truth: GroundTruth) -> list[Finding]:
+    """The SuperLink's database of a deployment: messages left in its tables, and arrays of a
+    user's shared items that hold its forgotten ones in its bytes (free pages and WAL too)."""
+    findings = []
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        tables = {name for (name,) in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        left = sum(int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+                   for table in MESSAGE_TABLES if table in tables)
+    findings.append(Finding("superlink.db", "messages left", left))
+    arrays: list[np.ndarray] = []
+    for part in (path, path.with_name(path.name + "-wal")):
+        if part.exists():
+            arrays += npy_int_arrays(part.read_bytes())
+    forgotten, shared = truth.by_user(truth.forgotten), truth.by_user(truth.shared)
+    revealing = sum(any(items <= set(array.tolist()) <= shared.get(user, set())
+                        for user, items in forgotten.items()) for array in arrays)
+    findings.append(Finding("superlink.db and WAL bytes",
+                            "device uploads holding forgotten items", revealing))
     return findings
