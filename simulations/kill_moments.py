@@ -5,10 +5,9 @@ requests, a remaining-data round of the unlearning phase), a signal to the launc
 SIGINT, SIGHUP: it stops what it started; SIGKILL: its watchdog does) and a delay after the
 phase's first sign. For each moment a fresh ``fedshare run`` is stopped there, the script waits
 until no process of the run is left (and says how long that took), resumes the run with
-``fedshare run --resume`` and compares the result with the same run uninterrupted (the
-in-process engine, which the Flower app equals: tests/test_flower_unlearning.py): the item
-table to 1e-5, the interactions forgotten, every round's ``metrics.csv`` row, and
-``fedshare audit``'s residue count.
+``fedshare run --resume`` and compares the result with the same run through Flower
+uninterrupted: the item table to 1e-5, the interactions forgotten, every round's
+``metrics.csv`` row, and ``fedshare audit``'s residue count.
 
 Usage::
 
@@ -39,7 +38,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from simulations.processes import MARKER
+from simulations.processes import MARKER, signals_interrupt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("share", "learning", "acknowledgement", "unlearning")
@@ -278,15 +277,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a run setting on top of the script's small run")
     args = parser.parse_args(argv)
+    with signals_interrupt():  # stopped itself, it stops the run it is testing
+        return _run_moments(args)
+
+
+def _run_moments(args: argparse.Namespace) -> int:
     from simulations.experiment import resolve
 
     sets = [*SETTINGS, *args.set]
     experiment = resolve(None, sets)
-    expected = reference(experiment.run)
     moments = draw_moments(args.moments, args.seed, experiment.config.rounds)
     results = []
     with tempfile.TemporaryDirectory(prefix="fedshare-kill-") as tmp:
         root = Path(args.out or tmp)
+        # the reference: the same run through Flower, never stopped (and how far the in-process
+        # engine is from it, for the record)
+        whole = Launch(["--out", str(root / "uninterrupted"),
+                        *[a for s in sets for a in ("--set", s)]])
+        if whole.finish(1800) != 0:
+            raise SystemExit(f"the uninterrupted run failed: {whole.lines[-5:]}")
+        folder = run_folder(root / "uninterrupted")
+        assert folder is not None
+        inprocess = reference(experiment.run)
+        expected = (np.load(folder / "item_table.npy"), inprocess[1])
+        print(f"uninterrupted run: in-process engine within "
+              f"{np.abs(expected[0] - inprocess[0]).max():.1e} of it", flush=True)
         for k, moment in enumerate(moments):
             out_root = root / f"moment-{k:02d}"
             row: dict = {"moment": k, "phase": moment.phase, "signal": moment.sig.name,

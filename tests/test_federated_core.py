@@ -625,6 +625,17 @@ def test_simulate_evaluates_every_eval_every_rounds_and_at_the_end(data):
     assert seen == result.history
 
 
+def test_a_run_without_validation_trains_the_same_table(data):
+    """Retrain's timed region: the rounds only, the same model as a validated run."""
+    config = FederatedConfig(rounds=3, eval_every=1, fraction=0.5, dim=DIM, server_steps=1,
+                             local_epochs=1)
+    seen = []
+    quiet = run_inprocess(data, config, seen.append, validate=False)
+    assert torch.equal(quiet.table, run_inprocess(data, config).table)
+    assert quiet.history == seen == [] and quiet.valid == quiet.test == {}
+    assert [row["round"] for row in quiet.rounds] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_simulate_runs_every_variant(data, variant):
     config = FederatedConfig(variant=variant, rounds=2, eval_every=1, fraction=0.5, dim=DIM,

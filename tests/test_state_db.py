@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import sqlite3
 
 import numpy as np
 import pytest
@@ -165,6 +166,24 @@ def test_served_interactions_leave_no_copy_in_the_database_or_its_wal(path):
     for found in (data, on_disk()):
         assert pattern(kept) in found  # the search finds a row that is there
         assert pattern(gone) not in found
+
+
+def test_serving_rebuilds_the_file_so_no_page_keeps_old_space(path):
+    """Secure deletion zeroes freed cells but not the unallocated middle of a page that a
+    rebalance rebuilt (a served pair was found there on ML-100K): serving rebuilds the file
+    (no free page left) and empties the WAL."""
+    rng = np.random.default_rng(0)
+    pairs = np.unique(np.stack([rng.integers(0, NUM_USERS, 400),
+                                rng.integers(0, 5000, 400)], 1), axis=0)
+    users, items = pairs[:, 0], pairs[:, 1]
+    store = StateDB(path, NUM_USERS, 5000)
+    store.set_shared(Interactions.from_arrays(users, items, NUM_USERS, 5000))
+    store.commit_round(1, torch.zeros(3, DIM), [])
+    store.serve([store.acknowledge(u, items[users == u][::2]) for u in range(NUM_USERS)])
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+    assert path.with_name(path.name + "-wal").stat().st_size == 0
+    store.close()
 
 
 def test_a_served_request_keeps_no_item_id_and_is_still_recognised(path):

@@ -731,3 +731,4 @@ def test_canaries_are_erased_with_the_rest(data, common):
     assert not any(torch.equal(server.snapshots[0], s) for s in federation.server.snapshots)
     assert len(outcome.store.forgotten()) == 0
     assert not pairs(outcome.federation.population.train_data) & pairs(canaries)
+

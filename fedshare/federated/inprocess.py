@@ -111,19 +111,26 @@ class InProcessFederation:
 
 def run_inprocess(data: PreparedData, config: FederatedConfig,
                   progress: Callable[[dict], None] | None = None,
-                  recorders: tuple[RoundRecorder, ...] = ()) -> RunResult:
+                  recorders: tuple[RoundRecorder, ...] = (), validate: bool = True
+                  ) -> RunResult:
     """Run ``config.rounds`` rounds of Algorithm 1, validating on the schedule the Flower app
-    follows (:func:`fedshare.federated.rounds.is_eval_round`)."""
+    follows (:func:`fedshare.federated.rounds.is_eval_round`) and scoring the final table.
+
+    ``validate=False`` runs the rounds only (no validation, no final scores: ``valid`` and
+    ``test`` stay empty), so that Retrain, timed as an unlearning method, does the same kind
+    of work as every other method's timed region.
+    """
     start_time = time.perf_counter()
     federation = InProcessFederation(data, config, recorders, progress)
     for round_ in range(1, config.rounds + 1):
         federation.round(round_)
-        if is_eval_round(round_, config):
+        if validate and is_eval_round(round_, config):
             federation.log.validation(round_, federation.evaluate("valid"))
     federation.stop_recording()
     result = RunResult(config.to_dict(), federation.log.validations, federation.log.rounds)
-    result.valid = federation.evaluate("valid")
-    result.test = federation.evaluate("test")
+    if validate:
+        result.valid = federation.evaluate("valid")
+        result.test = federation.evaluate("test")
     result.seconds = time.perf_counter() - start_time
     result.table = federation.server.table.clone()
     result.federation = federation

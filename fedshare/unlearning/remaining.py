@@ -6,7 +6,8 @@ influence nothing afterwards, not even the client's own ranking history.
 
 Canaries (an audit option, off in normal runs): before learning, each user who will unshare gets
 ``per_user`` random items it never interacted with added to its *shared and to-unlearn* training
-interactions. A model that memorised them ranks them high; Retrain ranks them at chance.
+interactions. A model that memorised them ranks them high; Retrain ranks them as it ranks any
+random item it never saw (low: random items are mostly unpopular), which is the reference.
 They are never in validation or test, so they never count in utility.
 """
 

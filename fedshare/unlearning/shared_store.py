@@ -60,9 +60,9 @@ class SharedStore:
         keys = user * self.num_items + items
         pos = np.searchsorted(self._keys, keys).clip(max=max(len(self._keys) - 1, 0))
         present = (self._keys[pos] == keys) if len(self._keys) else np.zeros(len(keys), bool)
-        if not present.all():
-            missing = ", ".join(str(i) for i in items[~present][:5])
-            raise FedShareError(f"unshare: user {user} did not share item(s) {missing}")
+        if not present.all():  # counted, not named: logs and summaries keep no (user, item)
+            raise FedShareError(f"unshare: user {user} did not share {int((~present).sum())} "
+                                f"of the {len(items)} items named")
         self._keys = np.delete(self._keys, pos)
         request = UnshareRequest(user, len(items), time.time())
         self.log.append(request)
