@@ -29,9 +29,12 @@ from fedshare.unlearning.report import unlearning_row
 from simulations.experiment import leased_folder, resolve
 
 CONFIGS = Path(__file__).parent / "configs"
+# forgetting columns: over the unsharing users who still hold data; ``_no_data``: over those
+# who unshared everything (fedshare.unlearning.report)
 COLUMNS = ("test_hr@20", "test_ndcg@20", "forgotten_hr@20", "forgotten_recall@20", "mia_auc",
-           "top20_jaccard", "spearman", "canary_exposure", "canary_auc", "seconds",
-           "kept_bytes", "client_bytes", "server_bytes")
+           "top20_jaccard", "spearman", "canary_exposure", "canary_auc", "users_with_data",
+           "forgotten_hr@20_no_data", "top20_jaccard_no_data", "canary_exposure_no_data",
+           "users_no_data", "seconds", "kept_bytes", "client_bytes", "server_bytes")
 
 
 def unlearning_cells(seed: int, sets: Sequence[str], unlearning: UnlearningConfig,
@@ -79,7 +82,8 @@ def to_markdown(stats: pd.DataFrame) -> str:
         cells = []
         for c in columns:
             m, s = stats.loc[method, (c, "mean")], stats.loc[method, (c, "std")]
-            cells.append(f"{m:.0f}" if c.endswith("_bytes") else f"{m:.4f} ± {s:.4f}")
+            whole = c.endswith("_bytes") or c.startswith("users_")
+            cells.append(f"{m:.0f}" if whole else f"{m:.4f} ± {s:.4f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

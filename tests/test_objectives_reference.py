@@ -74,7 +74,7 @@ def _captured(server: Server, run) -> tuple[float, torch.Tensor, torch.Tensor]:
 
     def capture(loss: torch.Tensor) -> None:
         gu, gi = torch.autograd.grad(loss, [server.user, server.item])
-        seen.append((float(loss), gu, gi))
+        seen.append((float(loss.detach()), gu, gi))
 
     server.step = capture  # type: ignore[method-assign]
     run()

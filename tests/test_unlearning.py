@@ -669,12 +669,15 @@ def report(data):
 def test_unlearning_row(report, method):
     _, _, outcomes, rows = report
     row = rows[method]
+    forgetting = [k for k in (*RATES, "spearman") if not k.startswith(("valid_", "test_"))]
     assert set(row) == {"method", "seconds", "kept_bytes", "client_bytes", "server_bytes",
-                        "spearman", *RATES}
+                        "spearman", "users_with_data", "users_no_data", *RATES,
+                        *(f"{k}_no_data" for k in forgetting)}
     assert row["method"] == method
     for key in RATES:
         assert 0.0 <= row[key] <= 1.0, key
     assert -1.0 <= row["spearman"] <= 1.0
+    assert row["users_with_data"] > 0
     assert row["seconds"] == outcomes[method].seconds > 0
     assert row["kept_bytes"] == outcomes[method].kept_bytes
     assert row["client_bytes"] + row["server_bytes"] == row["kept_bytes"]
@@ -690,21 +693,31 @@ def test_retrain_agrees_with_itself(report):
 
 
 def test_unlearning_row_measures_forgetting_without_canaries(report):
-    """Forgotten-interaction metrics cover the unshared interactions, canaries excluded."""
+    """Forgotten-interaction metrics cover the unshared interactions, canaries excluded, of
+    the users who still hold training data afterwards (the others are reported apart)."""
     data, canaries, outcomes, rows = report
     scorer = outcome_scorer(outcomes["fedshare"])
     train = data.split.train
+    remaining = remaining_data(data).split.train
     canary_pairs = pairs(canaries)
+    holding = np.isin(train.users, remaining.users)
     keep = np.array([(u, i) not in canary_pairs for u, i in
                      zip(train.users, train.items, strict=True)]) & data.plan.unlearn
     assert 0 < keep.sum() < data.plan.unlearn.sum()
-    forgotten = train.subset(keep)
-    remaining = remaining_data(data).split.train
+    forgotten = train.subset(keep & holding)
+    assert rows["fedshare"]["users_with_data"] == len(np.unique(forgotten.users))
     expected = forgotten_recall(scorer, forgotten, remaining)
     for key, value in expected.items():
         assert rows["fedshare"][key] == pytest.approx(value)
     assert rows["fedshare"]["mia_auc"] == pytest.approx(
         membership_auc(scorer, forgotten, data.split.test))
+    # the users who unshared everything, apart: the two groups cover every unsharing user
+    gone = train.subset(keep & ~holding)
+    assert rows["fedshare"]["users_no_data"] == len(np.unique(gone.users)) > 0
+    assert rows["fedshare"]["users_with_data"] + rows["fedshare"]["users_no_data"] == \
+        len(np.unique(train.users[data.plan.unlearn]))
+    for key, value in forgotten_recall(scorer, gone, remaining).items():
+        assert rows["fedshare"][f"{key}_no_data"] == pytest.approx(value)
 
 
 def test_unlearning_row_without_retrain_or_canaries(data, outcomes):
@@ -731,4 +744,5 @@ def test_canaries_are_erased_with_the_rest(data, common):
     assert not any(torch.equal(server.snapshots[0], s) for s in federation.server.snapshots)
     assert len(outcome.store.forgotten()) == 0
     assert not pairs(outcome.federation.population.train_data) & pairs(canaries)
+
 
