@@ -32,6 +32,7 @@ from fedshare.unlearning.phase import UnlearningOutcome, learn, unlearn
 from fedshare.unlearning.replay import ReplayConfig
 from fedshare.unlearning.report import unlearning_row
 from simulations.experiment import leased_folder, resolve
+from simulations.plans import plan_record
 
 CONFIGS = Path(__file__).parent / "configs"
 SNAPSHOTS = (1, 2, 3, 5, 10)
@@ -146,7 +147,8 @@ def storage_study(seeds: Sequence[int] = (0,), sets: Sequence[str] = (),
     if not snapshots or min(snapshots) < 1:
         raise ValueError("every M must be at least 1")
     unlearning, replay = unlearning or UnlearningConfig(), replay or ReplayConfig()
-    load_data(data_key(resolve(CONFIGS / "fedshare.toml", list(sets)).run, {}))  # fail early
+    # the data first (bad data fail before any folder is made), and the plan they report on
+    data = load_data(data_key(resolve(CONFIGS / "fedshare.toml", list(sets)).run, {}))
     with leased_folder(out, "storage-study") as folder:
         rows = [r for seed in seeds
                 for r in study_cells(seed, sets, snapshots, unlearning, replay, progress)]
@@ -160,5 +162,5 @@ def storage_study(seeds: Sequence[int] = (0,), sets: Sequence[str] = (),
             {"ratios": figures, "methods": {k: {c: float(v) for c, v in r.items()}
                                             for k, r in means.iterrows()},
              "seeds": list(seeds), "snapshots": list(snapshots), "unlearning": unlearning.to_dict(),
-             "replay": replay.to_dict()}, indent=2))
+             "replay": replay.to_dict(), **plan_record([data])}, indent=2))
         return folder, means, figures

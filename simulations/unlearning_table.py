@@ -27,6 +27,7 @@ from fedshare.unlearning.phase import METHODS, learn, unlearn
 from fedshare.unlearning.remaining import add_canaries
 from fedshare.unlearning.report import unlearning_row
 from simulations.experiment import leased_folder, resolve
+from simulations.plans import plan_record
 
 CONFIGS = Path(__file__).parent / "configs"
 # forgetting columns: over the unsharing users who still hold data; ``_no_data``: over those
@@ -93,7 +94,8 @@ def unlearning_table(seeds: Sequence[int] = (0, 1, 2), sets: Sequence[str] = (),
                      common_canaries: bool = True, out: str | Path = "runs",
                      progress: Callable[[str], None] = print) -> tuple[Path, pd.DataFrame, dict]:
     unlearning = unlearning or UnlearningConfig()
-    load_data(data_key(resolve(CONFIGS / "fedshare.toml", list(sets)).run, {}))  # fail early
+    # the data first (bad data fail before any folder is made), and the plan they report on
+    data = load_data(data_key(resolve(CONFIGS / "fedshare.toml", list(sets)).run, {}))
     with leased_folder(out, "unlearning-table") as folder:
         rows: list[dict] = []
         for seed in seeds:
@@ -115,7 +117,8 @@ def unlearning_table(seeds: Sequence[int] = (0, 1, 2), sets: Sequence[str] = (),
         methods = {m: {k: float(v) for k, v in means.loc[m].items()} for m in means.index}
         (folder / "summary.json").write_text(json.dumps(
             {"targets": figures, "methods": methods, "unlearning": unlearning.to_dict(),
-             "canaries": canaries, "common_canaries": common_canaries, "seeds": list(seeds)},
+             "canaries": canaries, "common_canaries": common_canaries, "seeds": list(seeds),
+             **plan_record([data])},
             indent=2))
         return folder, stats, figures
 

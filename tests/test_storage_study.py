@@ -66,3 +66,9 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, argv):
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("fedshare: error:")
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_summary_names_the_plans(study):
+    summary = json.loads((study / "summary.json").read_text())
+    assert [p["dataset"] for p in summary["reported_plans"]] == ["synthetic"]
+    assert "fedshare" in summary["tuning_plans"] and not summary["reported_on_a_tuning_plan"]

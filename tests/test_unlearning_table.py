@@ -11,6 +11,7 @@ from synthetic import tiny_prepared
 from fedshare.run_lease import ensure_free
 from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.phase import METHODS
+from simulations.plans import TUNING_PLANS, plan_of, plan_record
 from simulations.unlearning_table import unlearning_table
 
 
@@ -30,3 +31,15 @@ def test_the_unlearning_table_reports_both_user_groups(tmp_path):
     assert "users_with_data" in table and "canary_exposure_no_data" in table
     summary = json.loads((out / "summary.json").read_text())
     assert summary["targets"] == figures and "canary_excess_removed" in figures
+    assert summary["reported_plans"][0]["dataset"] == "synthetic"
+    assert summary["tuning_plans"] == TUNING_PLANS and not summary["reported_on_a_tuning_plan"]
+
+
+def test_a_table_says_when_it_reports_on_a_plan_its_settings_were_tuned_on():
+    data = tiny_prepared()
+    plan = {k: v for k, v in plan_of(data).items() if k != "fingerprint"}
+    assert plan == {"dataset": "synthetic", "split_seed": 0, "plan_seed": 0,
+                    "groups": [0.25, 0.25, 0.5], "gamma": 0.3}
+    assert plan_record([data], {"fedshare": [plan]})["reported_on_a_tuning_plan"]
+    assert not plan_record([data], {"fedshare": [{**plan, "plan_seed": 1}]})[
+        "reported_on_a_tuning_plan"]
