@@ -1,9 +1,10 @@
 """Where FedShare forgets less than FRU and CUFRU: which users, which items, which term.
 
 One learned federation (with canaries and FRU/CUFRU histories), then every unlearning method
-and three diagnostic runs of FedShare's Algorithm 2 that switch one term at a time: BPR alone
-(L_CU weight 0), L_CU alone (no BPR), and no remaining-data rounds. For the unsharing users who
-still hold data it prints, per method:
+and diagnostic runs of FedShare's Algorithm 2 that change one thing at a time: BPR alone (L_CU
+weight 0), L_CU alone (no BPR), no remaining-data rounds, and Eq. 25 in InfoNCE's form (the
+positive in the denominator, which stops pushing once the positive dominates). For the
+unsharing users who still hold data it prints, per method:
 - the canary exposure (mean over users) and how many users' exposure exceeds Retrain's;
 - the Spearman correlation between a user's excess over Retrain and its remaining data;
 - how far the canary rows of the item table moved from the learned table (cosine).
@@ -39,7 +40,8 @@ from simulations.experiment import resolve
 CONFIGS = Path(__file__).parent / "configs"
 DIAGNOSTICS = {"FedShare, BPR only": {"weight": 0.0},
                "FedShare, L_CU only": {"bpr": False},
-               "FedShare, no remaining rounds": {"remaining_fl": False}}
+               "FedShare, no remaining rounds": {"remaining_fl": False},
+               "FedShare, InfoNCE form of Eq. 25": {"positive_in_denominator": True}}
 
 
 def per_user_exposure(outcome: UnlearningOutcome, canaries: Interactions,
