@@ -55,7 +55,7 @@ from simulations.processes import (
     stop_process,
     wait_until,
 )
-from simulations.superlink import HOST, flower_bin, free_port, start_superlink
+from simulations.superlink import HOST, flower_bin, free_port, scrub_database, start_superlink
 
 CONNECTION = "fedshare-tls"
 NodeConfig = Mapping[str, str | int | float | bool]
@@ -239,7 +239,17 @@ class Deployment:
         """Run the app once and return its exit status: 0 only when the SuperLink reports the
         run ``finished:completed`` (``flwr run --stream`` exits 0 even for a failed run), else
         ``flwr run``'s own non-zero status, 1 for a failed or stopped run, or
-        :data:`TIMED_OUT` after ``timeout`` seconds (the run is then stopped)."""
+        :data:`TIMED_OUT` after ``timeout`` seconds (the run is then stopped). Afterwards the
+        SuperLink's database is scrubbed (:func:`simulations.superlink.scrub_database`)."""
+        try:
+            return self._run(run_config, log_path, timeout)
+        finally:  # whatever the outcome, the run's messages leave no bytes behind
+            try:
+                scrub_database(self.work_dir / "superlink.db")
+            except FedShareError as error:
+                _note(log_path, f"fedshare deploy: {error}")
+
+    def _run(self, run_config: Mapping[str, Any], log_path: Path, timeout: float) -> int:
         process = self.start_run(run_config, log_path)
         try:
             code = process.wait(timeout=timeout)

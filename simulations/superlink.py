@@ -10,10 +10,13 @@ never answers fails at once, naming its log, instead of leaving its clients to r
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -72,3 +75,29 @@ def start_superlink(args: Sequence[str], port: int, log_path: Path, env: Mapping
         raise
     return process
 
+
+def scrub_database(path: Path, timeout: float = 60.0) -> None:
+    """Rewrite a SuperLink's SQLite database so that no deleted message survives in its bytes.
+
+    Flower's SuperLink deletes a run's messages but does not overwrite them: their bytes stay in
+    free pages and WAL frames (the erasure audit found devices' share replies there, forgotten
+    items included). ``VACUUM`` rebuilds the file without free space and a truncating
+    checkpoint empties the WAL; both retry while the live SuperLink holds a lock. Raises
+    :class:`FedShareError` if that does not succeed within ``timeout`` seconds.
+    """
+    if not path.exists():  # no SuperLink ever wrote it (connecting would create it)
+        return
+    deadline = time.monotonic() + timeout
+    problem = "busy"
+    while time.monotonic() < deadline:
+        try:
+            with contextlib.closing(sqlite3.connect(path, timeout=5.0,
+                                                    isolation_level=None)) as db:
+                db.execute("VACUUM")
+                busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                if not busy:
+                    return
+        except sqlite3.Error as exc:
+            problem = str(exc)
+        time.sleep(0.5)
+    raise FedShareError(f"could not scrub the SuperLink database {path} ({problem})")

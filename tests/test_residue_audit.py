@@ -164,3 +164,23 @@ def test_the_npy_reader_finds_integer_arrays_only():
     np.save(out, np.ones(3, np.float32))
     raw = b"junk" + _npy([7, 8]) + out.getvalue() + _npy([4]) + b"\x93NUMPY broken"
     assert [a.tolist() for a in npy_int_arrays(raw)] == [[7, 8]]  # no floats, no single id
+
+
+def test_scrubbing_a_superlink_database_leaves_no_upload_behind(tmp_path):
+    """What `fedshare deploy` does after every run: the deleted upload the audit finds in free
+    pages is gone after the scrub, and the live rows are kept."""
+    from fedshare.unlearning.residue import audit_superlink
+    from simulations.superlink import scrub_database
+
+    def found(path: Path) -> dict[str, int]:
+        return {f.what: f.found for f in audit_superlink(path, UPLOADS)}
+
+    path = _superlink(tmp_path / "superlink.db", secure=False)
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode=WAL")  # as Flower's SuperLink keeps it
+        db.execute("INSERT INTO message_res VALUES ('kept', x'01')")
+    assert found(path)["device uploads holding forgotten items"] == 1
+    scrub_database(path)
+    assert found(path) == {"messages left": 1, "device uploads holding forgotten items": 0}
+    scrub_database(tmp_path / "absent.db")  # nothing to scrub, nothing created
+    assert not (tmp_path / "absent.db").exists()
