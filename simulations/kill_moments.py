@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from simulations.processes import MARKER, signals_interrupt
+from simulations.processes import MARKER, live, signals_interrupt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("share", "learning", "acknowledgement", "unlearning")
@@ -107,11 +107,11 @@ class Launch:
     def left(self) -> list[str]:
         """The run's processes still alive: those seen below the launcher and any process
         started since the launch that carries the run marker."""
-        alive = {p for p in self.seen if _live(p)}
+        alive = {p for p in self.seen if live(p)}
         for process in psutil.process_iter(["environ", "create_time"]):
             with contextlib.suppress(psutil.Error, TypeError):
                 if MARKER in (process.info["environ"] or {}) and \
-                        process.info["create_time"] >= self.started - 1 and _live(process):
+                        process.info["create_time"] >= self.started - 1 and live(process):
                     alive.add(process)
         return sorted(f"{p.pid} {' '.join(_cmdline(p)[:3])}" for p in alive)
 
@@ -131,13 +131,6 @@ class Launch:
         for process in self.seen:
             with contextlib.suppress(psutil.Error):
                 process.kill()
-
-
-def _live(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _cmdline(process: psutil.Process) -> list[str]:

@@ -143,9 +143,10 @@ def end_all(processes: Sequence[psutil.Process], timeout: float, sig: int = sign
 
 
 def live(process: psutil.Process) -> bool:
-    """Running, not a zombie (Flower's SuperExecs reap their apps only now and then)."""
+    """Running (the same process, not another one with its pid), not a zombie (Flower's
+    SuperExecs reap their apps only now and then)."""
     try:
-        return process.status() != psutil.STATUS_ZOMBIE
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 

@@ -12,7 +12,7 @@ from synthetic import tiny_prepared
 from fedshare.errors import FedShareError
 from simulations.cli import main
 from simulations.experiment import resolve, run_experiment
-from simulations.kill_moments import _live
+from simulations.processes import live
 
 
 def test_a_ray_cluster_that_does_not_answer_is_refused_at_once(tmp_path, capsys):
@@ -42,5 +42,5 @@ def test_a_run_that_does_not_start_in_time_is_stopped_whole(tmp_path):
     with pytest.raises(FedShareError, match="had not started 1 s after the launch"):
         run_experiment(experiment, tmp_path / "runs", "flower", startup=1.0)
     assert time.monotonic() - started < 60
-    left = [p for p in psutil.Process().children(recursive=True) if p not in before and _live(p)]
+    left = [p for p in psutil.Process().children(recursive=True) if p not in before and live(p)]
     assert left == []

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from synthetic import tiny_prepared
 
-from simulations.kill_moments import _live
+from simulations.processes import live
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -40,16 +40,16 @@ def test_a_stopped_learning_table_leaves_no_worker(tmp_path, sig):
         launcher.send_signal(sig)
         code = launcher.wait(timeout=30)
         sent = time.monotonic()
-        while any(_live(w) for w in workers) and time.monotonic() < sent + 20:
+        while any(live(w) for w in workers) and time.monotonic() < sent + 20:
             time.sleep(0.2)
-        assert not any(_live(w) for w in workers), "workers outlived the command"
+        assert not any(live(w) for w in workers), "workers outlived the command"
         print(f"{sig.name}: {len(workers)} workers gone {time.monotonic() - sent:.1f} s after "
               "the command")
     finally:
         if launcher.poll() is None:
             launcher.kill()
         for worker in workers:
-            if _live(worker):
+            if live(worker):
                 worker.kill()
     if sig == signal.SIGTERM:
         assert code == 130
