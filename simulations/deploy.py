@@ -48,6 +48,7 @@ from simulations.processes import (
     end_all,
     marked,
     new_marker,
+    server_apps,
     signal_group,
     signals_interrupt,
     spawn,
@@ -147,7 +148,8 @@ class Deployment:
     def stop(self, timeout: float = 15.0) -> None:
         """Stop every process of the deployment: runs, SuperNodes (and their ClientApps), then
         the SuperLink (and its SuperExec and ServerApp), then anything else carrying our marker.
-        Safe to call more than once."""
+        Safe to call more than once. Its ServerApps go first (:func:`end_all`)."""
+        end_all(server_apps(self.processes()), timeout)
         for process in [*self._runs, *self.supernodes]:
             stop_process(process, timeout)
         if self.superlink is not None:

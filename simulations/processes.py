@@ -127,11 +127,39 @@ def descendants(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
         return []
 
 
+SERVER_APPS = ("flwr-simulation", "flwr-serverapp")
+"""The processes that run a ServerApp (in a simulation, and in a deployment)."""
+
+
+def server_apps(processes: Sequence[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``processes`` that run a ServerApp."""
+    found = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if any(name in arg for arg in process.cmdline()[:3] for name in SERVER_APPS):
+                found.append(process)
+    return found
+
+
 def end_all(processes: Sequence[psutil.Process], timeout: float, sig: int = signal.SIGTERM
         ) -> None:
     """Send ``sig`` to each process, wait up to ``timeout`` seconds for all of them to end,
     SIGKILL the rest and wait for those as long again. Processes already gone are skipped
-    (psutil refuses to signal a pid that now belongs to another process)."""
+    (psutil refuses to signal a pid that now belongs to another process).
+
+    ServerApps go first, with SIGKILL: a server still running while its nodes are being
+    stopped would see them fail and could commit a failed round as progress, which a resumed
+    run would then skip (the kill-and-resume test caught one). Its state database is built
+    for a kill (every round one transaction).
+    """
+    servers = server_apps(processes)
+    for server in servers:
+        with contextlib.suppress(psutil.Error):
+            server.kill()
+    deadline = time.monotonic() + timeout  # gone or a zombie (its parent reaps it later)
+    while any(live(server) for server in servers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    processes = [p for p in processes if p not in servers]
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.send_signal(sig)
