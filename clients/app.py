@@ -29,10 +29,12 @@ from fedshare.models.local import LocalUpdate
 from fedshare.runconfig import (
     data_key,
     federated_config,
+    fru_alpha,
     load_data,
     load_remaining,
     node_label,
     node_users,
+    unlearning_method,
 )
 
 torch.set_num_threads(1)  # one CPU per virtual node on a small machine
@@ -173,8 +175,10 @@ def train(msg: Message, context: Context) -> Message:
     local = config.local
     if request.local_epochs is not None:  # the unlearning phase's remaining-data rounds
         local = replace(local, epochs=request.local_epochs)
-    alpha = float(context.run_config.get("fru-alpha", 0.0))
+    alpha = fru_alpha(context.run_config)
     kept: dict[int, int] = {}
+    sparse: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    sharers = set(population.shared_interactions()[0].tolist())
 
     def keep_fru_rows(trained: LocalUpdate, weights: torch.Tensor) -> None:
         from fedshare.unlearning.fru import important_rows  # only FRU runs pay its imports
@@ -182,11 +186,59 @@ def train(msg: Message, context: Context) -> Message:
         for user, items, rows in important_rows(trained, request.table, alpha):
             kept[user] = _keep(context, user, request.round, items, rows)
 
-    learning = alpha > 0 and request.local_epochs is None  # not the unlearning phase's rounds
+    def send_sharer_updates(trained: LocalUpdate, weights: torch.Tensor) -> None:
+        for b, user in enumerate(trained.users.tolist()):  # CUFRU's station needs them whole
+            mine = trained.row_user == b
+            if user in sharers and bool(mine.any()):
+                items = trained.row_item[mine]
+                sparse.append((user, items, trained.row_value[mine] - request.table[items]))
+
+    learning = request.local_epochs is None  # not the unlearning phase's rounds
+    observe = None
+    if learning and alpha > 0:
+        observe = keep_fru_rows
+    elif learning and unlearning_method(context.run_config) == "cufru":
+        observe = send_sharer_updates
     update = population.train(request.users, request.table, local, config.seed, request.round,
-                              keep_fru_rows if learning else None)
+                              observe)
     _save(population, context, request.mark, request.round, previous)
-    return protocol.train_reply(msg, update, kept)
+    extra = protocol.sparse_updates_record(sparse) if sparse else None
+    if request.replay is not None:  # FRU's calibration round: the stored rows come along
+        extra = protocol.stored_rows_record(*_stored_rows(context, request.replay,
+                                                          request.table.shape[1]))
+    return protocol.train_reply(msg, update, kept, extra)
+
+
+@app.query("fru_rows")
+def fru_rows(msg: Message, context: Context) -> Message:
+    """FRU's first replayed round: the node's stored rows of the asked round, weighted."""
+    request = protocol.read_stored_rows_request(msg)
+    dim = federated_config(context.run_config).dim
+    return protocol.stored_rows_reply(msg, *_stored_rows(context, request, dim))
+
+
+def _stored_rows(context: Context, request: protocol.StoredRowsRequest, dim: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sum_u w_u row_u`` and ``sum_u w_u`` per item over the asked users' FRU stores of the
+    asked round (a user with nothing stored for it adds nothing)."""
+    items, sums, weights = [], [], []
+    for user, weight in zip(request.users.tolist(), request.weights.tolist(), strict=True):
+        key = f"fru-{user}"
+        record = context.state.get(key, None)
+        if record is None or f"{request.round}-items" not in record:
+            continue
+        mine = torch.from_numpy(record[f"{request.round}-items"].numpy().astype(np.int64))
+        rows = torch.from_numpy(record[f"{request.round}-rows"].numpy().copy())
+        items.append(mine)
+        sums.append(rows * weight)
+        weights.append(torch.full((len(mine),), float(weight)))
+    if not items:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dim), torch.zeros(0)
+    all_items = torch.cat(items)
+    unique, position = torch.unique(all_items, return_inverse=True)
+    summed = torch.zeros(len(unique), dim).index_add_(0, position, torch.cat(sums))
+    weight = torch.zeros(len(unique)).index_add_(0, position, torch.cat(weights))
+    return unique, summed, weight
 
 
 def _keep(context: Context, user: int, round_: int, items: torch.Tensor,

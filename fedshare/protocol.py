@@ -41,6 +41,20 @@ message type              request                             reply
                                                               parts up exactly
 ========================  ==================================  =====================================
 
+Unlearning by replay (``unlearning=fru|cufru``, :mod:`strategies.replay`) adds:
+
+- ``query.fru_rows`` (FRU's first replayed round, which trains nothing): config
+  ``replay-round``, ``users`` and their learning-time ``weights``; the reply's arrays
+  ``fru-items``, ``fru-sums`` (``sum_u w_u row_u`` per item over the node's users' stored rows
+  of that round) and ``fru-row-weights`` (``sum_u w_u``).
+- ``train`` requests of FRU's later replayed rounds carry the same three config keys and their
+  replies the same three arrays beside the fresh update.
+- ``train`` replies of a CUFRU run's learning rounds add ``cufru-users``, ``cufru-counts``,
+  ``cufru-items``, ``cufru-deltas``: each trained sharer's sparse update, which the server's
+  station keeps whole so it can subtract it later.
+
+:func:`array_bytes` sizes any message (the traffic of :mod:`fedshare.federated.traffic`).
+
 Every request after the share round carries the server's :class:`RunMark`: the run key of its
 state database (devices tag their saved state with it) and the last round it committed, so a
 device whose server was restarted goes back to its state as of that round (the rounds after it
@@ -86,6 +100,13 @@ UNSHARE_USERS, UNSHARE_ITEMS = "unshare-users", "unshare-items"
 # train requests and replies
 TABLE, ROW_WEIGHT, WEIGHT, NUM_USERS = "item-table", "row-weight", "num-examples", "num-users"
 FRU_USERS, FRU_BYTES = "fru-users", "fru-bytes"
+# unlearning by replay (FRU, CUFRU): requests name a replayed round and the users' weights;
+# FRU's replies add the stored rows, CUFRU's learning replies each sharer's sparse update
+FRU_ROWS = "query.fru_rows"
+REPLAY_ROUND, WEIGHTS = "replay-round", "weights"
+FRU_ITEMS, FRU_SUMS, FRU_ROW_WEIGHTS = "fru-items", "fru-sums", "fru-row-weights"
+CUFRU_USERS, CUFRU_COUNTS, CUFRU_ITEMS, CUFRU_DELTAS = (
+    "cufru-users", "cufru-counts", "cufru-items", "cufru-deltas")
 # evaluate replies: "<part>:<metric>" sums and "<part>:count"
 COUNT = "count"
 
@@ -119,6 +140,13 @@ def _reply(request: Message, arrays: ArrayRecord | None = None,
     if metrics is not None:
         content[METRICS] = metrics
     return Message(content, reply_to=request)
+
+
+def array_bytes(content: RecordDict) -> int:
+    """The bytes of every array a message carries (its traffic,
+    :mod:`fedshare.federated.traffic`)."""
+    return sum(array.numpy().nbytes for record in content.array_records.values()
+               for array in record.values())
 
 
 def table_record(table: Tensor) -> ArrayRecord:
@@ -198,6 +226,7 @@ class TrainRequest:
     table: Tensor
     mark: RunMark
     local_epochs: int | None
+    replay: StoredRowsRequest | None = None
 
 
 def train_requests(round_: int, node_users: Mapping[int, list[int]], table: Tensor,
@@ -214,8 +243,116 @@ def train_requests(round_: int, node_users: Mapping[int, list[int]], table: Tens
 def read_train_request(request: Message) -> TrainRequest:
     config = request.content[CONFIG]
     epochs = int(config[LOCAL_EPOCHS]) if LOCAL_EPOCHS in config else None
+    replay = read_stored_rows_request(request) if REPLAY_ROUND in config else None
     return TrainRequest(int(config[ROUND]), np.asarray(config[USERS], dtype=np.int64),
-                        _tensor(request.content[ARRAYS], TABLE), run_mark(request), epochs)
+                        _tensor(request.content[ARRAYS], TABLE), run_mark(request), epochs,
+                        replay)
+
+
+# ------------------------------------------------------------- unlearning by replay (FRU)
+@dataclass
+class StoredRowsRequest:
+    """FRU's replay of learning round ``round``: the node's users that took part in it and
+    their weights |D_u| then; the node sends back its stored rows of that round, weighted."""
+
+    round: int
+    users: np.ndarray
+    weights: np.ndarray
+
+
+def _replay_config(round_: int, users: list[int], weights: list[float]) -> dict:
+    return {REPLAY_ROUND: round_, USERS: list(users), WEIGHTS: [float(w) for w in weights]}
+
+
+def stored_rows_requests(round_: int, node_users: Mapping[int, list[int]],
+                         weights: Mapping[int, float], mark: RunMark) -> list[Message]:
+    """The first replayed round trains nothing: ask each node only for its stored rows."""
+    return [_request(node, FRU_ROWS, {**mark.config(), **_replay_config(
+        round_, users, [weights[u] for u in users])}) for node, users in node_users.items()]
+
+
+def replay_train_requests(round_: int, replayed: int, node_users: Mapping[int, list[int]],
+                          weights: Mapping[int, float], table: Tensor, mark: RunMark,
+                          local_epochs: int, stored: bool) -> list[Message]:
+    """A calibration round: train from ``table`` (round number ``round_``, for the random
+    streams) and, with ``stored`` (FRU), also send the stored rows of learning round
+    ``replayed``."""
+    messages = train_requests(round_, node_users, table, mark, local_epochs)
+    if stored:
+        for message in messages:
+            users = list(message.content[CONFIG][USERS])
+            for key, value in _replay_config(replayed, users, [weights[u] for u in users]
+                                             ).items():
+                message.content[CONFIG][key] = value
+    return messages
+
+
+def read_stored_rows_request(request: Message) -> StoredRowsRequest:
+    config = request.content[CONFIG]
+    users = np.asarray(config[USERS], dtype=np.int64)
+    weights = np.asarray(config[WEIGHTS], dtype=np.float64)
+    if users.shape != weights.shape:
+        raise ValueError("one weight per user is needed")
+    return StoredRowsRequest(int(config[REPLAY_ROUND]), users, weights)
+
+
+def stored_rows_record(items: Tensor, sums: Tensor, row_weights: Tensor) -> ArrayRecord:
+    return ArrayRecord({FRU_ITEMS: _ints(items.numpy()), FRU_SUMS: _table(sums),
+                        FRU_ROW_WEIGHTS: _table(row_weights)})
+
+
+def stored_rows_reply(request: Message, items: Tensor, sums: Tensor, row_weights: Tensor
+                      ) -> Message:
+    """The node's stored rows of the asked round: per item, ``sum_u w_u row_u`` and
+    ``sum_u w_u`` over its users that stored that item."""
+    return _reply(request, stored_rows_record(items, sums, row_weights))
+
+
+def read_stored_rows(content: RecordDict, num_items: int, dim: int
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """(items, weighted row sums, row weights) of a stored-rows reply; raises ``ValueError``
+    unless they fit the catalogue and are finite."""
+    arrays = content[ARRAYS]
+    items = _tensor(arrays, FRU_ITEMS)
+    sums, weights = _tensor(arrays, FRU_SUMS), _tensor(arrays, FRU_ROW_WEIGHTS)
+    if items.ndim != 1 or items.dtype != torch.int64 or sums.shape != (len(items), dim) \
+            or weights.shape != (len(items),) or (len(items) and (
+                int(items.min()) < 0 or int(items.max()) >= num_items)) \
+            or not bool(torch.isfinite(sums).all()) or not bool(torch.isfinite(weights).all()):
+        raise ValueError("stored rows that do not fit the catalogue")
+    return items, sums, weights
+
+
+# ---------------------------------------------------------- CUFRU's per-sharer uploads
+def sparse_updates_record(updates: list[tuple[int, Tensor, Tensor]]) -> ArrayRecord:
+    """CUFRU's learning-phase upload: each trained sharer's rows (item ids, deltas)."""
+    dim = updates[0][2].shape[1] if updates else 0
+    return ArrayRecord({
+        CUFRU_USERS: _ints([u for u, _, _ in updates]),
+        CUFRU_COUNTS: _ints([len(items) for _, items, _ in updates]),
+        CUFRU_ITEMS: _ints(np.concatenate([items.numpy() for _, items, _ in updates])
+                           if updates else np.zeros(0, np.int64)),
+        CUFRU_DELTAS: _table(torch.cat([rows for _, _, rows in updates]) if updates
+                             else torch.zeros(0, dim))})
+
+
+def read_sparse_updates(content: RecordDict, asked: Iterable[int], num_items: int, dim: int
+                        ) -> list[tuple[int, Tensor, Tensor]]:
+    """The per-sharer sparse updates of a train reply (none if it has none); raises
+    ``ValueError`` unless each names a user that was asked and fits the catalogue."""
+    arrays = content[ARRAYS]
+    if CUFRU_USERS not in arrays:
+        return []
+    users, counts = arrays[CUFRU_USERS].numpy(), arrays[CUFRU_COUNTS].numpy()
+    items, deltas = _tensor(arrays, CUFRU_ITEMS), _tensor(arrays, CUFRU_DELTAS)
+    if users.shape != counts.shape or (counts < 0).any() or int(counts.sum()) != len(items) \
+            or deltas.shape != (len(items), dim) or not set(users.tolist()) <= set(asked) \
+            or (len(items) and (int(items.min()) < 0 or int(items.max()) >= num_items)) \
+            or not bool(torch.isfinite(deltas).all()):
+        raise ValueError("sparse updates that do not fit the users asked or the catalogue")
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    return [(int(u), items[lo:hi], deltas[lo:hi])
+            for u, lo, hi in zip(users.tolist(), bounds[:-1], bounds[1:], strict=True)]
 
 
 def train_metrics(num_users: int, weight: float) -> MetricRecord:
@@ -223,12 +360,16 @@ def train_metrics(num_users: int, weight: float) -> MetricRecord:
     return MetricRecord({WEIGHT: float(weight), NUM_USERS: int(num_users)})
 
 
-def train_reply(request: Message, update: NodeUpdate, fru_bytes: Mapping[int, int]) -> Message:
-    """A node's averaged update (Eq. 16 over its users) and its FRU store sizes, if any."""
+def train_reply(request: Message, update: NodeUpdate, fru_bytes: Mapping[int, int],
+                extra: ArrayRecord | None = None) -> Message:
+    """A node's averaged update (Eq. 16 over its users), its FRU store sizes, if any, and
+    ``extra`` arrays (FRU's stored rows in a replay, CUFRU's sparse updates)."""
     arrays = ArrayRecord({TABLE: _table(update.table), ROW_WEIGHT: _table(update.row_weight)})
     if fru_bytes:
         arrays[FRU_USERS] = _ints(list(fru_bytes))
         arrays[FRU_BYTES] = _ints(list(fru_bytes.values()))
+    for key, value in (extra or {}).items():
+        arrays[key] = value
     return _reply(request, arrays, train_metrics(update.num_users, update.weight))
 
 

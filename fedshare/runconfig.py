@@ -28,8 +28,15 @@ DATA_KEYS = ("dataset", "data-path", "prepared", "split-seed", "plan-seed")
 UNLEARN_KEYS = ("unlearn", "unlearn-rounds", "unlearn-steps", "unlearn-lr", "unlearn-tau",
                 "unlearn-bpr", "unlearn-forgotten-graph", "unlearn-remaining-fl",
                 "unlearn-weight", "unlearn-include-self", "unlearn-local-epochs")
+REPLAY_KEYS = ("unlearning", "replay-epoch-fraction", "replay-interval")
 APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", "fru-alpha",
-            "max-failed-fraction", "client-state-dir", "bind-users", *UNLEARN_KEYS)
+            "max-failed-fraction", "client-state-dir", "bind-users", *UNLEARN_KEYS,
+            *REPLAY_KEYS)
+UNLEARNING_METHODS = ("fedshare", "wo-forgotten-graph", "wo-remaining-fl", "fru", "cufru")
+"""What ``unlearning=...`` may name through Flower: FedShare (Algorithm 2), its Table IV
+ablations, and the FRU / CUFRU baselines, which also change what is recorded while learning."""
+FRU_ALPHA = 0.5
+"""FRU's fraction of stored rows when ``unlearning=fru`` and no ``fru-alpha`` is given."""
 DEVICE_FILE = "device-file"
 """Node-config key of a deployed device's own data (:mod:`fedshare.data.device`)."""
 
@@ -52,6 +59,36 @@ def unlearning_config(run_config: Mapping[str, Any]) -> UnlearningConfig | None:
         raise FedShareError(f"bad unlearning setting in {values}") from None
 
 
+def unlearning_method(run_config: Mapping[str, Any]) -> str:
+    """The unlearning method a run records for and runs (``fedshare`` by default)."""
+    method = str(run_config.get("unlearning", "fedshare") or "fedshare")
+    if method not in UNLEARNING_METHODS:
+        raise FedShareError(f"unknown unlearning method {method!r}; one of "
+                            f"{', '.join(UNLEARNING_METHODS)}")
+    return method
+
+
+def fru_alpha(run_config: Mapping[str, Any]) -> float:
+    """FRU's fraction of stored rows on the clients: ``fru-alpha`` if set, else
+    :data:`FRU_ALPHA` when the run unlearns with FRU, else 0 (nothing stored)."""
+    alpha = float(run_config.get("fru-alpha", 0.0) or 0.0)
+    if alpha <= 0 and unlearning_method(run_config) == "fru":
+        return FRU_ALPHA
+    return alpha
+
+
+def replay_settings(run_config: Mapping[str, Any]) -> dict[str, float]:
+    """FRU's and CUFRU's replay settings given in the run config (``replay-epoch-fraction``,
+    ``replay-interval``), as ``ReplayConfig`` keyword arguments."""
+    names = {"replay-epoch-fraction": ("epoch_fraction", float),
+             "replay-interval": ("interval", int)}
+    try:
+        return {names[k][0]: names[k][1](run_config[k]) for k in names if k in run_config}
+    except (TypeError, ValueError):
+        raise FedShareError("replay-epoch-fraction must be a number and replay-interval a "
+                            "whole number") from None
+
+
 @dataclass
 class ServerSettings:
     """What the ServerApp reads from its run config, besides the data keys it never uses."""
@@ -66,6 +103,8 @@ class ServerSettings:
     max_failed: float
     bind: bool
     run_config: dict[str, Any]
+    method: str = "fedshare"
+    replay: dict[str, float] | None = None
 
     @classmethod
     def read(cls, run_config: Mapping[str, Any]) -> ServerSettings:
@@ -77,7 +116,8 @@ class ServerSettings:
                    float(run_config.get("round-timeout", 3600)),
                    float(run_config.get("max-failed-fraction", 0.5)),
                    # simulated nodes draw new ids every run: nothing to bind users to
-                   bool(run_config.get("bind-users", True)), dict(run_config))
+                   bool(run_config.get("bind-users", True)), dict(run_config),
+                   unlearning_method(run_config), replay_settings(run_config))
 
     def recorded(self) -> dict[str, Any]:
         """``config.json``: every federated setting, then the run config's other keys."""

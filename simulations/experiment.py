@@ -32,8 +32,11 @@ from fedshare.runconfig import (
     DATA_KEYS,
     data_key,
     federated_config,
+    fru_alpha,
     load_data,
+    replay_settings,
     unlearning_config,
+    unlearning_method,
 )
 from simulations.flower_runner import (
     STARTUP,
@@ -131,6 +134,7 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
     if resume is not None and engine != "flower":
         raise FedShareError("resuming a run needs the flower engine (its state.db)")
     load_data(data_key(experiment.run, {}))  # bad data fail here, before any folder or process
+    unlearning_method(experiment.run), replay_settings(experiment.run)  # and bad settings
     if engine == "flower":  # and a Ray cluster named but not there
         check_ray_address(ray_address or os.environ.get("RAY_ADDRESS") or "local")
     if progress is not None:
@@ -223,23 +227,31 @@ def _run_inprocess(run: dict[str, Any], out: Path,
     from fedshare.federated.rounds import progress_line
     from fedshare.federated.summary import PhaseSummary, RunSummary
     from fedshare.storage_ledger import FRU_CLIENT
+    from fedshare.unlearning.cufru import TransferStation
+    from fedshare.unlearning.fru import FruHistory
     from fedshare.unlearning.phase import unlearn
+    from fedshare.unlearning.replay import ReplayConfig
 
     data = load_data(data_key(run, {}))
     config = federated_config(run)
     report = None if progress is None else (lambda row: progress(progress_line(row)))
-    result = run_inprocess(data, config, report)
+    unlearning, method = unlearning_config(run), unlearning_method(run)
+    replayed = unlearning is not None and method in ("fru", "cufru")
+    recorders = () if not replayed else (FruHistory(fru_alpha(run)),) if method == "fru" \
+        else (TransferStation(),)
+    result = run_inprocess(data, config, report, recorders)
     assert result.federation is not None
     federation, valid, test, phase = result.federation, result.valid, result.test, None
-    unlearning = unlearning_config(run)
-    if unlearning is not None:  # the same Algorithm 2 the Flower strategy runs
-        outcome = unlearn(federation, data, "fedshare", unlearning, config.rounds)
+    if unlearning is not None:  # the same method the Flower strategy runs
+        replay = ReplayConfig(**replay_settings(run))
+        outcome = unlearn(federation, data, method, unlearning, config.rounds, replay)
         federation = outcome.federation
         valid, test = federation.evaluate("valid"), federation.evaluate("test")
         assert outcome.store is not None
+        settings = replay.to_dict() if replayed else unlearning.to_dict()
         phase = PhaseSummary(result.valid, result.test, outcome.seconds, outcome.kept_bytes,
                              len(outcome.store.log), int(data.plan.unlearn.sum()),
-                             unlearning.to_dict())
+                             settings, method, **outcome.traffic.to_dict())
     server = federation.server
     np.save(out / "item_table.npy", server.table.numpy())
     result.federation.log.frame().to_csv(out / "metrics.csv", index=False)

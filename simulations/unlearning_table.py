@@ -35,7 +35,8 @@ CONFIGS = Path(__file__).parent / "configs"
 COLUMNS = ("test_hr@20", "test_ndcg@20", "forgotten_hr@20", "forgotten_recall@20", "mia_auc",
            "top20_jaccard", "spearman", "canary_exposure", "canary_auc", "users_with_data",
            "forgotten_hr@20_no_data", "top20_jaccard_no_data", "canary_exposure_no_data",
-           "users_no_data", "seconds", "kept_bytes", "client_bytes", "server_bytes")
+           "users_no_data", "seconds", "kept_bytes", "client_bytes", "server_bytes",
+           "client_messages", "bytes_down", "bytes_up", "devices_online")
 
 
 def unlearning_cells(seed: int, sets: Sequence[str], unlearning: UnlearningConfig,
@@ -83,7 +84,8 @@ def to_markdown(stats: pd.DataFrame) -> str:
         cells = []
         for c in columns:
             m, s = stats.loc[method, (c, "mean")], stats.loc[method, (c, "std")]
-            whole = c.endswith("_bytes") or c.startswith("users_")
+            whole = c.endswith("_bytes") or c.startswith(("users_", "bytes_")) \
+                or c in ("client_messages", "devices_online")
             cells.append(f"{m:.0f}" if whole else f"{m:.4f} ± {s:.4f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

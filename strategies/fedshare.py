@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -24,6 +26,7 @@ from fedshare import protocol
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.directory import Directory
 from fedshare.federated.population import NodeUpdate
+from fedshare.federated.recording import RoundRecorder
 from fedshare.federated.rounds import LearningRound, RunLog, is_eval_round, sample_users
 from fedshare.federated.server import Server
 from fedshare.federated.state_db import CommitRounds, StateDB, restore_server
@@ -43,12 +46,14 @@ class FedShareStrategy(Strategy):
             changes nothing).
         store: the state database; every finished round is committed to it.
         timeout: seconds a round waits for replies.
+        recorders: learning-phase histories of an unlearning baseline (FRU's participants and
+            server rows, CUFRU's station); they see each learning round's accepted replies.
     """
 
     def __init__(self, config: FederatedConfig, directory: Directory,
                  progress: Callable[[dict], None] | None = None, inbox: Inbox | None = None,
                  max_failed: float = 0.5, store: StateDB | None = None,
-                 timeout: float = 3600.0) -> None:
+                 timeout: float = 3600.0, recorders: tuple[RoundRecorder, ...] = ()) -> None:
         self.config = config
         self.directory = directory
         self.server = Server(directory.shared, config)
@@ -56,14 +61,19 @@ class FedShareStrategy(Strategy):
                                   self.server.ledger, max_failed)
         self.inbox = inbox or Inbox()
         self.log = RunLog(progress)
+        self.recorders = recorders
+        for recorder in recorders:
+            recorder.begin(self.server.ledger, *self.server.checkpoint(),
+                           np.unique(directory.shared.users))
         hooks = (CommitRounds(store, self.server, self.log),) if store is not None else ()
-        self.learning = LearningRound(self.server, hooks, self.log)
+        self.learning = LearningRound(self.server, (*recorders, *hooks), self.log)
         self.user_node = directory.user_node
         self.candidates = directory.trainable()
         self.store = store
         self.timeout = timeout
         self.offset = 0  # rounds already done when Flower's loop (numbered from 1) starts
         self.sampled: dict[int, list[int]] = {}  # node -> users asked to train, this round
+        self.accepted: list[tuple[int, NodeUpdate, list]] = []  # node, update, sparse rows
         self.train_started = time.perf_counter()
 
     def mark(self) -> protocol.RunMark:
@@ -125,11 +135,13 @@ class FedShareStrategy(Strategy):
     def accept_replies(self, round_: int, replies: list[tuple[int, RecordDict]]
                        ) -> list[NodeUpdate]:
         """The train replies that may be averaged; the others are rejected."""
-        accepted = []
+        self.accepted = []
         for node, content in replies:
             asked = self.sampled.get(node)
             try:
                 update, fru = protocol.read_train_reply(content, asked or [])
+                sparse = protocol.read_sparse_updates(content, asked or [],
+                                                      self.server.num_items, self.config.dim)
             except Exception as exc:  # untrusted input: any failure rejects it
                 self.inbox.reject("train", round_, node,
                                   f"malformed ({type(exc).__name__}: {exc})")
@@ -138,14 +150,36 @@ class FedShareStrategy(Strategy):
             if problem is not None:
                 self.inbox.reject("train", round_, node, problem)
                 continue
-            accepted.append(update)
-        return accepted
+            self.accepted.append((node, update, sparse))
+        return [update for _, update, _ in self.accepted]
+
+    def record(self, round_: int, updates: list[NodeUpdate] | None) -> None:
+        """Show a learning round's accepted replies to the recorders (not unlearning's)."""
+        if updates is None or not self.recorders:
+            return
+        users = [u for node, _, _ in self.accepted for u in self.sampled[node]
+                 if self.directory.local_counts.get(u, 0) > 0]
+        weights = torch.tensor([float(self.directory.local_counts[u]) for u in users])
+        sparse = [row for _, _, rows in self.accepted for row in rows]
+        for recorder in self.recorders:
+            recorder.nodes(round_, torch.tensor(users, dtype=torch.int64), weights,
+                           updates, self.server.table, sparse)
+
+    def stop_recording(self) -> dict[str, RoundRecorder]:
+        """Learning is over: the recorders' histories, by name; later rounds are not part
+        of them."""
+        histories = {r.name: r for r in self.recorders}
+        self.learning.hooks = tuple(h for h in self.learning.hooks if h not in self.recorders)
+        self.recorders = ()
+        return histories
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_ = server_round + self.offset
         train_seconds = time.perf_counter() - self.train_started
-        table = self.learning(round_, self.accepted_updates(round_, replies), train_seconds)
+        updates = self.accepted_updates(round_, replies)
+        self.record(round_, updates)
+        table = self.learning(round_, updates, train_seconds)
         row = self.log.rounds[-1]
         return protocol.table_record(table), protocol.train_metrics(row["num-users"],
                                                                     row["num-examples"])

@@ -23,13 +23,17 @@ from fedshare import protocol
 from fedshare.atomic import write_atomically, write_json
 from fedshare.errors import FedShareError
 from fedshare.federated.directory import Directory, build_directory
+from fedshare.federated.recording import RoundRecorder
 from fedshare.federated.rounds import PROGRESS, progress_line
 from fedshare.federated.state_db import StateDB, open_store, stored_directory
 from fedshare.federated.summary import RunSummary
 from fedshare.reports import metrics_frame
 from fedshare.run_lease import RunLease
-from fedshare.runconfig import ServerSettings
+from fedshare.runconfig import ServerSettings, fru_alpha
 from fedshare.storage_ledger import FRU_CLIENT
+from fedshare.unlearning.cufru import TransferStation
+from fedshare.unlearning.fru import FruHistory
+from fedshare.unlearning.replay import ReplayConfig
 from strategies.audit import MessageAudit
 from strategies.fedshare import FedShareStrategy
 from strategies.inbox import Inbox
@@ -109,9 +113,14 @@ def run(grid: Grid, settings: ServerSettings, directory: Directory, store: State
     if store.pending() and config.rounds > resumed:
         raise FedShareError("acknowledged unsharing requests wait to be served: resume with "
                             f"rounds={resumed} first")
+    replayed = settings.unlearning is not None and settings.method in ("fru", "cufru")
+    if replayed and resumed > 0:
+        raise FedShareError(f"unlearning={settings.method} replays a history kept in memory "
+                            "while learning; a resumed run does not have it: start afresh")
     strategy = FedShareStrategy(
         config, directory, lambda row: log(INFO, "%s %s", PROGRESS, progress_line(row)), inbox,
-        settings.max_failed, store, settings.round_timeout)
+        settings.max_failed, store, settings.round_timeout,
+        recorders(settings.method, settings.run_config) if replayed else ())
     strategy.resume(store)
     write_json(settings.out_dir / "config.json", settings.recorded())
     strategy.validate_missed(grid)
@@ -123,7 +132,8 @@ def run(grid: Grid, settings: ServerSettings, directory: Directory, store: State
     if settings.unlearning is not None:
         learned = store.scores(config.rounds) or scores  # kept before the phase began
         phase = run_unlearning(grid, strategy, settings.unlearning,
-                               (learned["valid"], learned["test"]))
+                               (learned["valid"], learned["test"]), settings.method,
+                               strategy.stop_recording(), ReplayConfig(**(settings.replay or {})))
         scores = strategy.kept_scores(grid)
     server = strategy.server
     summary = RunSummary(config.variant, config.rounds, "flower", scores["valid"],
@@ -132,6 +142,13 @@ def run(grid: Grid, settings: ServerSettings, directory: Directory, store: State
                          rejected_replies=strategy.rejected, resumed_from_round=resumed,
                          phase=phase)
     return summary, strategy
+
+
+def recorders(method: str, run_config: dict) -> tuple[RoundRecorder, ...]:
+    """What the server records while learning for FRU's or CUFRU's replay."""
+    if method == "fru":
+        return (FruHistory(fru_alpha(run_config)),)
+    return (TransferStation(),)
 
 
 def write_outputs(out_dir: Path, strategy: FedShareStrategy, store: StateDB,

@@ -12,6 +12,7 @@ are deleted when the phase ends.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from logging import INFO
 
 import numpy as np
@@ -22,12 +23,20 @@ from flwr.serverapp import Grid
 
 from fedshare import protocol
 from fedshare.errors import FedShareError
+from fedshare.federated.recording import RoundRecorder
 from fedshare.federated.rounds import PROGRESS
 from fedshare.federated.summary import PhaseSummary
-from fedshare.unlearning.algorithm import run_algorithm2
+from fedshare.federated.traffic import Traffic
+from fedshare.storage_ledger import RowStore
+from fedshare.unlearning.algorithm import complete_erasure, run_algorithm2
 from fedshare.unlearning.config import UnlearningConfig
+from fedshare.unlearning.phase import kept_bytes
+from fedshare.unlearning.replay import ReplayConfig
 from fedshare.unlearning.shared_store import SharedStore
 from strategies.fedshare import FedShareStrategy
+from strategies.replay import exchange, replay_cufru, replay_fru
+
+REPLAYED = ("fru", "cufru")
 
 
 def collect_requests(grid: Grid, strategy: FedShareStrategy) -> list[tuple[int, np.ndarray]]:
@@ -96,16 +105,22 @@ def accept_requests(strategy: FedShareStrategy, store: SharedStore,
 
 
 def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningConfig,
-                   learned: tuple[dict, dict]) -> PhaseSummary:
-    """Algorithm 2 after ``strategy`` has learned (``learned``: its valid and test scores);
-    returns the phase's summary.
+                   learned: tuple[dict, dict], method: str = "fedshare",
+                   histories: dict[str, RoundRecorder] | None = None,
+                   replay: ReplayConfig | None = None) -> PhaseSummary:
+    """The unlearning phase after ``strategy`` has learned (``learned``: its valid and test
+    scores): Algorithm 2 or one of its ablations, or FRU's / CUFRU's replay from the
+    ``histories`` recorded while learning (:mod:`strategies.replay`); returns the phase's
+    summary, with what the method cost on the wire.
 
     Rounds are numbered on from the last committed one; with nothing to serve (e.g. a resumed
     run whose phase had already finished) the model is left as it is.
     """
     server = strategy.server
     started = time.perf_counter()
-    kept = server.snapshot_bytes()
+    traffic = Traffic()
+    kept = server.snapshot_bytes() if method not in REPLAYED else \
+        kept_bytes(server.ledger, method)[0]
     store = SharedStore(server.shared)
     log(INFO, "%s unlearning: collecting unsharing requests", PROGRESS)
     accepted = accept_requests(strategy, store, collect_requests(grid, strategy))
@@ -114,8 +129,10 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
     forgotten = len(store.forgotten())
 
     def summary() -> PhaseSummary:
+        settings = config.to_dict() if method not in REPLAYED else (replay or ReplayConfig()
+                                                                     ).to_dict()
         return PhaseSummary(*learned, time.perf_counter() - started, kept, accepted, forgotten,
-                            config.to_dict())
+                            settings, method, **traffic.to_dict())
 
     if accepted == 0:
         log(INFO, "no unsharing request to serve")
@@ -126,15 +143,41 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
         """A remaining-data round: the nodes now hold only their remaining data (Eq. 9)."""
         log(INFO, "%s unlearning round %d", PROGRESS, round_)
         messages = strategy.train_messages(round_, grid, config.local_epochs)
-        replies = grid.send_and_receive(messages, timeout=strategy.timeout)
+        replies = exchange(grid, messages, strategy.timeout, traffic)
         updates = strategy.accepted_updates(round_, replies)
         if updates is None:
             return server.table.clone()
         return strategy.learning.local_view(round_, updates)[0]
 
-    run_algorithm2(server, store, config, first, remaining_round)
+    histories = histories or {}
+    if method in REPLAYED and method not in histories:
+        raise FedShareError(f"{method} needs the history recorded while learning: run the "
+                            f"learning phase with unlearning={method}, not a resumed run")
+    if method == "fru":
+        last = replay_fru(grid, strategy, histories["fru"], replay or ReplayConfig(), first,
+                          traffic)
+    elif method == "cufru":
+        leaving = set(np.unique(store.forgotten().users).tolist())
+        last = replay_cufru(grid, strategy, histories["cufru"], leaving,
+                            replay or ReplayConfig(), first, traffic)
+    else:
+        ablation = {"fedshare": {}, "wo-forgotten-graph": {"forgotten_graph": False},
+                    "wo-remaining-fl": {"remaining_fl": False}}[method]
+        run_algorithm2(server, store, replace(config, **ablation), first, remaining_round)
+        last = first + config.rounds
+    if method in REPLAYED:
+        complete_erasure(server, store)
+        drop_history(histories[method])
     if strategy.store is not None:  # D_s without the requests and the unlearned table, at once
-        strategy.store.serve(strategy.store.pending(), (first + config.rounds, server.table,
+        strategy.store.serve(strategy.store.pending(), (last, server.table,
                                                         list(server.snapshots),
                                                         server.state()))
     return summary()
+
+
+def drop_history(history: RoundRecorder) -> None:
+    """A replay's history has served: every store of it is emptied (its rows were computed
+    from models the forgotten data had shaped)."""
+    for value in vars(history).values():
+        if isinstance(value, RowStore):
+            value.drop()

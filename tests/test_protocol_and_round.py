@@ -21,6 +21,12 @@ from fedshare.federated.rounds import (
     progress_line,
     sample_users,
 )
+from fedshare.federated.traffic import (
+    sparse_update_bytes,
+    stored_rows_bytes,
+    table_bytes,
+    update_bytes,
+)
 
 NUM_ITEMS, DIM = 6, 3
 
@@ -166,3 +172,51 @@ def test_one_evaluation_schedule_and_one_sample_per_round():
     first = sample_users(candidates, 0.25, 0, 1)
     assert len(first) == 5 and np.array_equal(first, sample_users(candidates, 0.25, 0, 1))
     assert not np.array_equal(first, sample_users(candidates, 0.25, 0, 2))
+
+
+def test_traffic_sizes_equal_the_protocol_encodings():
+    """The in-process engine counts bytes with these formulas; Flower sends these arrays."""
+    table = torch.randn(NUM_ITEMS, DIM)
+    (request,) = protocol.train_requests(3, {7: [1, 2]}, table, protocol.RunMark())
+    assert protocol.array_bytes(request.content) == table_bytes(NUM_ITEMS, DIM)
+    update = NodeUpdate(table, 5.0, torch.ones(NUM_ITEMS), 2)
+    reply = protocol.train_reply(request, update, {})
+    assert protocol.array_bytes(reply.content) == update_bytes(NUM_ITEMS, DIM)
+    rows = protocol.stored_rows_record(torch.arange(5), torch.randn(5, DIM), torch.ones(5))
+    assert sum(a.numpy().nbytes for a in rows.values()) == stored_rows_bytes(5, DIM)
+    sparse = protocol.sparse_updates_record([(1, torch.arange(3), torch.randn(3, DIM)),
+                                             (2, torch.arange(4), torch.randn(4, DIM))])
+    assert sum(a.numpy().nbytes for a in sparse.values()) == \
+        sparse_update_bytes(3, DIM) + sparse_update_bytes(4, DIM)
+
+
+def test_fru_replay_messages_read_back_and_refuse_what_does_not_fit():
+    mark = protocol.RunMark("key", 3)
+    (query,) = protocol.stored_rows_requests(2, {5: [0, 4]}, {0: 3.0, 4: 7.0}, mark)
+    asked = protocol.read_stored_rows_request(query)
+    assert (asked.round, asked.users.tolist(), asked.weights.tolist()) == (2, [0, 4], [3.0, 7.0])
+    (train,) = protocol.replay_train_requests(9, 2, {5: [4]}, {4: 7.0},
+                                              torch.zeros(NUM_ITEMS, DIM), mark, 1, True)
+    request = protocol.read_train_request(train)
+    assert (request.round, request.local_epochs, request.replay.round) == (9, 1, 2)
+    assert request.replay.weights.tolist() == [7.0]
+    sums = torch.randn(2, DIM)
+    reply = protocol.stored_rows_reply(query, torch.tensor([1, 3]), sums, torch.tensor([3., 7.]))
+    items, read, weights = protocol.read_stored_rows(reply.content, NUM_ITEMS, DIM)
+    assert items.tolist() == [1, 3] and torch.equal(read, sums)
+    assert weights.tolist() == [3.0, 7.0]
+    with pytest.raises(ValueError, match="catalogue"):
+        protocol.read_stored_rows(reply.content, 3, DIM)  # item 3 outside a 3-item catalogue
+
+
+def test_sparse_updates_read_back_only_for_users_asked():
+    from flwr.app import RecordDict
+
+    rows = [(1, torch.tensor([0, 2]), torch.randn(2, DIM)), (4, torch.tensor([5]),
+                                                             torch.randn(1, DIM))]
+    content = RecordDict({"arrays": protocol.sparse_updates_record(rows)})
+    read = protocol.read_sparse_updates(content, [1, 4], NUM_ITEMS, DIM)
+    assert [(u, i.tolist()) for u, i, _ in read] == [(1, [0, 2]), (4, [5])]
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(read, rows, strict=True))
+    with pytest.raises(ValueError, match="users asked"):
+        protocol.read_sparse_updates(content, [1], NUM_ITEMS, DIM)

@@ -671,6 +671,7 @@ def test_unlearning_row(report, method):
     row = rows[method]
     forgetting = [k for k in (*RATES, "spearman") if not k.startswith(("valid_", "test_"))]
     assert set(row) == {"method", "seconds", "kept_bytes", "client_bytes", "server_bytes",
+                        "client_messages", "bytes_down", "bytes_up", "devices_online",
                         "spearman", "users_with_data", "users_no_data", *RATES,
                         *(f"{k}_no_data" for k in forgetting)}
     assert row["method"] == method

@@ -21,7 +21,8 @@ from fedshare.federated.population import ClientPopulation, NodeUpdate
 from fedshare.federated.recording import RoundRecorder
 from fedshare.federated.rounds import LearningRound, RunLog, is_eval_round, sample_users
 from fedshare.federated.server import Server
-from fedshare.models.local import LocalUpdate
+from fedshare.federated.traffic import Traffic, table_bytes, update_bytes
+from fedshare.models.local import LocalTrainConfig, LocalUpdate
 from fedshare.storage_ledger import StorageLedger
 
 
@@ -50,12 +51,16 @@ class InProcessFederation:
         recorders: learning-phase hooks (the FRU / CUFRU histories); they report their bytes
             to :attr:`ledger`, the one ledger of every store of the run.
         progress: called with each validation row.
+        traffic: where client messages are counted, one per trained user and round (an
+            unlearning method's cost, :mod:`fedshare.federated.traffic`); ``None``: not counted.
     """
 
     def __init__(self, data: PreparedData, config: FederatedConfig,
                  recorders: tuple[RoundRecorder, ...] = (),
-                 progress: Callable[[dict], None] | None = None) -> None:
+                 progress: Callable[[dict], None] | None = None,
+                 traffic: Traffic | None = None) -> None:
         self.data = data
+        self.traffic = traffic
         self.config = config
         shared = data.plan.shared_data(data.split.train)
         if not config.shares:
@@ -85,7 +90,19 @@ class InProcessFederation:
                 recorder.clients(round_, update, weights, start)
 
         observer = observe if self.recorders else None
-        return [self.population.train(users, start, local, cfg.seed, round_, observer)]
+        return [self.fresh_update(users, start, local, round_, observer)]
+
+    def fresh_update(self, users: np.ndarray, table: torch.Tensor, local: LocalTrainConfig,
+                     round_: int, observe: Callable[[LocalUpdate, torch.Tensor], None] | None
+                     = None) -> NodeUpdate:
+        """``users`` train from ``table``, each answering one train message (counted in
+        :attr:`traffic`)."""
+        update = self.population.train(users, table, local, self.config.seed, round_, observe)
+        if self.traffic is not None:
+            num_items, dim = table.shape
+            self.traffic.per_device(users, table_bytes(num_items, dim),
+                                    update_bytes(num_items, dim))
+        return update
 
     def train_round(self, round_: int, epochs: int | None = None) -> torch.Tensor:
         """Clients' updates aggregated (Eq. 16): the round's local view (unlearning's
@@ -111,8 +128,8 @@ class InProcessFederation:
 
 def run_inprocess(data: PreparedData, config: FederatedConfig,
                   progress: Callable[[dict], None] | None = None,
-                  recorders: tuple[RoundRecorder, ...] = (), validate: bool = True
-                  ) -> RunResult:
+                  recorders: tuple[RoundRecorder, ...] = (), validate: bool = True,
+                  traffic: Traffic | None = None) -> RunResult:
     """Run ``config.rounds`` rounds of Algorithm 1, validating on the schedule the Flower app
     follows (:func:`fedshare.federated.rounds.is_eval_round`) and scoring the final table.
 
@@ -121,7 +138,7 @@ def run_inprocess(data: PreparedData, config: FederatedConfig,
     of work as every other method's timed region.
     """
     start_time = time.perf_counter()
-    federation = InProcessFederation(data, config, recorders, progress)
+    federation = InProcessFederation(data, config, recorders, progress, traffic)
     for round_ in range(1, config.rounds + 1):
         federation.round(round_)
         if validate and is_eval_round(round_, config):

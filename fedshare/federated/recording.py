@@ -13,9 +13,12 @@ measure the copy, not the method).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from torch import Tensor
 
+from fedshare.federated.population import NodeUpdate
 from fedshare.models.local import LocalUpdate
 from fedshare.storage_ledger import StorageLedger
 
@@ -33,6 +36,13 @@ class RoundRecorder:
     def clients(self, round_: int, update: LocalUpdate, weights: Tensor, start: Tensor) -> None:
         """Local training of round ``round_`` from ``start``; ``weights[b]`` is |D_u| of batch
         position ``b``."""
+
+    def nodes(self, round_: int, users: Tensor, weights: Tensor, updates: Sequence[NodeUpdate],
+              start: Tensor, sparse: Sequence[tuple[int, Tensor, Tensor]]) -> None:
+        """Through Flower, instead of :meth:`clients`: the round's accepted node replies (each
+        the FedAvg mean of its users' tables, from ``start``), the ``users`` that trained in
+        them with their |D_u|, and the per-user sparse updates (user, item ids, rows) the nodes
+        sent, if the recorder asked for any (CUFRU's sharers)."""
 
     def refined(self, round_: int, aggregated: Tensor, refined: Tensor) -> None:
         """The server turned the aggregate of ``round_`` into the new global table."""

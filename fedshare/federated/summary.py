@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class PhaseSummary:
-    """The unlearning phase (Algorithm 2): scores before it, its wall time from the requests
-    to the unlearned model, the bytes kept to unlearn (M snapshots), what it served."""
+    """The unlearning phase: scores before it, its wall time from the requests to the
+    unlearned model, the bytes kept to unlearn (M snapshots, or FRU's / CUFRU's stores), what
+    it served, the method, and what it cost on the wire
+    (:class:`fedshare.federated.traffic.Traffic`)."""
 
     learned_valid: dict[str, float]
     learned_test: dict[str, float]
@@ -23,6 +25,11 @@ class PhaseSummary:
     unshare_requests: int
     forgotten_interactions: int
     unlearning: dict
+    unlearning_method: str = "fedshare"
+    client_messages: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    devices_online: int = 0
 
 
 @dataclass

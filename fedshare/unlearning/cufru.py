@@ -21,11 +21,14 @@ rounds need no client at all; the price is storage on the server.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from fedshare.federated.inprocess import InProcessFederation
+from fedshare.federated.population import NodeUpdate
 from fedshare.federated.recording import RoundRecorder
 from fedshare.models.local import LocalUpdate
 from fedshare.storage_ledger import SERVER, RowStore, StorageLedger
@@ -78,6 +81,24 @@ class TransferStation(RoundRecorder):
             if user in self.sharers:
                 mine = update.row_user == b
                 self.updates.add((round_, user), update.row_item[mine], deltas[mine])
+
+    def nodes(self, round_: int, users: Tensor, weights: Tensor, updates: Sequence[NodeUpdate],
+              start: Tensor, sparse: Sequence[tuple[int, Tensor, Tensor]]) -> None:
+        """Through Flower: the aggregate from the node replies (a node's weight times its mean
+        table minus ``start`` is ``sum_u w_u delta_u`` over its users), the sharers' sparse
+        updates as the nodes sent them."""
+        numerator, row_weight = torch.zeros_like(start), torch.zeros(start.shape[0])
+        for update in updates:
+            if update.weight > 0:
+                numerator += update.weight * (update.table - start)
+                row_weight += update.row_weight
+        total = torch.tensor([float(sum(u.weight for u in updates))])
+        items = (row_weight > 0).nonzero().squeeze(1)
+        self.aggregates.put(round_, items, numerator[items], row_weight[items], total)
+        self.rounds.add(round_, users, weights.float())
+        for user, mine, rows in sparse:
+            if user in self.sharers:
+                self.updates.add((round_, user), mine, rows)
 
     def refined(self, round_: int, aggregated: Tensor, refined: Tensor) -> None:
         delta = refined - aggregated

@@ -25,7 +25,7 @@ replay with the learning phase's uniform negatives.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fedshare.federated.inprocess import InProcessFederation
+from fedshare.federated.population import NodeUpdate
 from fedshare.federated.recording import RoundRecorder
 from fedshare.models.local import LocalUpdate
 from fedshare.storage_ledger import FRU_CLIENT, SERVER, RowStore, StorageLedger, client
@@ -116,6 +117,11 @@ class FruHistory(RoundRecorder):
     def clients(self, round_: int, update: LocalUpdate, weights: Tensor, start: Tensor) -> None:
         store_round(self.clients_, update, start, round_, self.alpha, self.ledger)
         self.rounds.add(round_, torch.from_numpy(update.users), weights.float())
+
+    def nodes(self, round_: int, users: Tensor, weights: Tensor, updates: Sequence[NodeUpdate],
+              start: Tensor, sparse: Sequence[tuple[int, Tensor, Tensor]]) -> None:
+        """Through Flower the rows stay on the nodes: the server keeps who took part."""
+        self.rounds.add(round_, users, weights.float())
 
     def refined(self, round_: int, aggregated: Tensor, refined: Tensor) -> None:
         delta = refined - aggregated

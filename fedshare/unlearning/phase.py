@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.inprocess import InProcessFederation, run_inprocess
 from fedshare.federated.population import ClientPopulation
+from fedshare.federated.traffic import Traffic, stored_rows_bytes
 from fedshare.storage_ledger import SERVER, StorageLedger
 from fedshare.unlearning import cufru, fru
 from fedshare.unlearning.algorithm import complete_erasure, run_algorithm2
@@ -57,6 +58,7 @@ class UnlearningOutcome:
     kept_bytes: int
     store: SharedStore | None = None
     client_bytes: int = 0
+    traffic: Traffic = field(default_factory=Traffic)
 
     @property
     def server_bytes(self) -> int:
@@ -96,11 +98,14 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
     """Apply ``method`` to a copy of ``learned`` (which holds ``data``, requests included)."""
     if method not in METHODS:
         raise FedShareError(f"unknown unlearning method {method!r}; one of {', '.join(METHODS)}")
+    traffic = Traffic()
     if method == "retrain":  # timed like the others: training only, no evaluation inside
         start = time.perf_counter()
-        result = run_inprocess(remaining_data(data), learned.config, validate=False)
+        result = run_inprocess(remaining_data(data), learned.config, validate=False,
+                               traffic=traffic)
         assert result.federation is not None
-        return UnlearningOutcome(method, result.federation, time.perf_counter() - start, 0)
+        return UnlearningOutcome(method, result.federation, time.perf_counter() - start, 0,
+                                 traffic=traffic)
     if method in ("fru", "cufru"):
         if method not in learned.histories:
             raise FedShareError(f"{method} needs the history recorded while learning "
@@ -108,6 +113,7 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
         if learned.config.variant == "fedshare-fedavg":
             raise FedShareError(f"{method} replays refinement variants, not fedshare-fedavg")
     federation = copy.deepcopy(learned)
+    federation.traffic = traffic
     server = federation.server
     kept, on_clients = kept_bytes(federation.ledger, method)
     start = time.perf_counter()
@@ -131,8 +137,27 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
                     "wo-remaining-fl": {"remaining_fl": False}}[method]
         run_algorithm2(server, store, replace(config, **ablation), round_offset,
                        lambda r: federation.train_round(r, config.local_epochs))
-    return UnlearningOutcome(method, federation, time.perf_counter() - start, kept, store,
-                             on_clients)
+    seconds = time.perf_counter() - start
+    federation.traffic = None
+    if method == "fru":  # the stored rows each participant sends back in each replayed round
+        fru_uploads(learned.histories["fru"], traffic, server.table.shape[1])
+    return UnlearningOutcome(method, federation, seconds, kept, store, on_clients, traffic)
+
+
+def fru_uploads(history: fru.FruHistory, traffic: Traffic, dim: int) -> None:
+    """FRU's replay asks every participant of every replayed round for its stored rows of that
+    round: a message of its own in the first round (which trains nothing), part of the train
+    reply in the others (whose request and update :meth:`InProcessFederation.fresh_update`
+    counted)."""
+    for k, round_ in enumerate(history.replayed_rounds()):
+        participants = history.rounds.get(round_)
+        if participants is None:
+            continue
+        for user in participants[0].tolist():
+            store = history.clients_.get(user)
+            record = store.get(round_) if store is not None else None
+            rows = 0 if record is None else len(record[0])
+            traffic.add([user], 0, stored_rows_bytes(rows, dim), messages=int(k == 0))
 
 
 def learn(data: PreparedData, config: FederatedConfig, record: bool = False,

@@ -93,7 +93,7 @@ def fresh_client_step(federation: InProcessFederation, users: np.ndarray, table:
                       local: LocalTrainConfig, round_: int) -> Tensor:
     """The remaining participants train from ``table``; their aggregated update (Eq. 16)."""
     cfg = federation.config
-    update = federation.population.train(users, table, local, cfg.seed, round_)
+    update = federation.fresh_update(users, table, local, round_)
     return aggregate(table, [update], cfg.aggregation, cfg.server_lr) - table
 
 

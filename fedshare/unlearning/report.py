@@ -46,7 +46,7 @@ def unlearning_row(outcome: UnlearningOutcome, data: PreparedData,
            "valid_ndcg@20": valid["ndcg@20"], "test_hr@20": test["hr@20"],
            "test_ndcg@20": test["ndcg@20"], "seconds": outcome.seconds,
            "kept_bytes": outcome.kept_bytes, "client_bytes": outcome.client_bytes,
-           "server_bytes": outcome.server_bytes}
+           "server_bytes": outcome.server_bytes, **outcome.traffic.to_dict()}
     unsharing = np.unique(train.users[data.plan.unlearn])
     holding = np.bincount(remaining.users, minlength=data.num_users)[unsharing] > 0
     groups = {"": unsharing[holding], "_no_data": unsharing[~holding]}
