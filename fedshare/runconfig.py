@@ -21,7 +21,7 @@ from fedshare.data.prepared import PreparedData, prepare
 from fedshare.data.sharing import SharingConfig
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
-from fedshare.unlearning.config import UnlearningConfig
+from fedshare.unlearning.config import VARIANTS, UnlearningConfig
 from fedshare.unlearning.remaining import remaining_data
 
 DATA_KEYS = ("dataset", "data-path", "prepared", "split-seed", "plan-seed")
@@ -32,9 +32,10 @@ REPLAY_KEYS = ("unlearning", "replay-epoch-fraction", "replay-interval")
 APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", "fru-alpha",
             "max-failed-fraction", "client-state-dir", "bind-users", *UNLEARN_KEYS,
             *REPLAY_KEYS)
-UNLEARNING_METHODS = ("fedshare", "wo-forgotten-graph", "wo-remaining-fl", "fru", "cufru")
+UNLEARNING_METHODS = (*VARIANTS, "fru", "cufru")
 """What ``unlearning=...`` may name through Flower: FedShare (Algorithm 2), its Table IV
-ablations, and the FRU / CUFRU baselines, which also change what is recorded while learning."""
+ablations and its named variant, and the FRU / CUFRU baselines, which also change what is
+recorded while learning."""
 FRU_ALPHA = 0.5
 """FRU's fraction of stored rows when ``unlearning=fru`` and no ``fru-alpha`` is given."""
 DEVICE_FILE = "device-file"

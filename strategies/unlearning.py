@@ -29,7 +29,7 @@ from fedshare.federated.summary import PhaseSummary
 from fedshare.federated.traffic import Traffic
 from fedshare.storage_ledger import RowStore
 from fedshare.unlearning.algorithm import complete_erasure, run_algorithm2
-from fedshare.unlearning.config import UnlearningConfig
+from fedshare.unlearning.config import VARIANTS, UnlearningConfig
 from fedshare.unlearning.phase import kept_bytes
 from fedshare.unlearning.replay import ReplayConfig
 from fedshare.unlearning.shared_store import SharedStore
@@ -161,9 +161,8 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
         last = replay_cufru(grid, strategy, histories["cufru"], leaving,
                             replay or ReplayConfig(), first, traffic)
     else:
-        ablation = {"fedshare": {}, "wo-forgotten-graph": {"forgotten_graph": False},
-                    "wo-remaining-fl": {"remaining_fl": False}}[method]
-        run_algorithm2(server, store, replace(config, **ablation), first, remaining_round)
+        run_algorithm2(server, store, replace(config, **VARIANTS[method]), first,
+                       remaining_round)
         last = first + config.rounds
     if method in REPLAYED:
         complete_erasure(server, store)

@@ -143,6 +143,11 @@ class Server:
             return aggregated.clone()
         return self._train_on_graph(aggregated, round_, contrastive=True, steps=steps)
 
+    def initial_table(self) -> Tensor:
+        """V_s as it was before round 1, regenerated from the seed (nothing kept)."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return xavier_table(self.num_items, self.config.dim, generator)
+
     def checkpoint(self) -> tuple[Tensor, Tensor]:
         """The item table and the server's user embeddings, for a later :meth:`restore`."""
         return self.table.clone(), self.user.detach().clone()

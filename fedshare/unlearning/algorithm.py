@@ -25,6 +25,8 @@ def run_algorithm2(server: Server, store: SharedStore, config: UnlearningConfig,
         first_round: rounds are numbered on after the learning phase's.
     """
     forgotten = store.forgotten()
+    if config.reset_orphans:
+        reset_orphans(server, forgotten.items)
     views = forgotten_views(list(server.snapshots), server.user.detach(), forgotten,
                             server.config.num_layers, config.forgotten_graph,
                             config.include_self)
@@ -36,6 +38,19 @@ def run_algorithm2(server: Server, store: SharedStore, config: UnlearningConfig,
         local_view = remaining_round(round_) if config.remaining_fl else server.table
         unlearn_round(server, local_view, round_, l_cu, config)
     complete_erasure(server, store)
+
+
+def reset_orphans(server: Server, forgotten_items: np.ndarray) -> Tensor:
+    """The ``fedshare-reset`` variant (:class:`UnlearningConfig`): forgotten items with no edge
+    left in the updated G_s get their initial rows back; returns those items."""
+    orphans = np.setdiff1d(np.unique(forgotten_items), server.graph_items.numpy())
+    index = torch.from_numpy(orphans)
+    table = server.table.clone()
+    table[index] = server.initial_table()[index]
+    server.table = table
+    with torch.no_grad():
+        server.item.copy_(table)
+    return index
 
 
 def unlearning_loss(server: Server, forgotten: Tensor, has_forgotten: Tensor,

@@ -23,6 +23,11 @@ class UnlearningConfig:
             more): like FedEraser's and FRU's calibration rounds, a fraction of the learning
             epochs; measured on ML-100K it keeps the unlearned model's quality at a fraction
             of the time, because the forgotten data are shared data clients never trained on.
+        reset_orphans: not in the paper (the ``fedshare-reset`` variant): before the phase's
+            rounds, the rows of forgotten items left with no edge in the updated G_s go back
+            to their initial values (regenerated from the run's seed: no bytes kept), as if
+            the server had never trained them; the remaining-data rounds then learn them again
+            from whatever local data clients hold.
     """
 
     rounds: int = 20
@@ -36,6 +41,7 @@ class UnlearningConfig:
     positive_in_denominator: bool = False
     weight: float = 0.1
     local_epochs: int = 1
+    reset_orphans: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.steps < 0 or self.tau <= 0 or self.lr <= 0 \
@@ -45,3 +51,13 @@ class UnlearningConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+VARIANTS: dict[str, dict[str, bool]] = {
+    "fedshare": {},
+    "wo-forgotten-graph": {"forgotten_graph": False},
+    "wo-remaining-fl": {"remaining_fl": False},
+    "fedshare-reset": {"reset_orphans": True},
+}
+"""FedShare's unlearning (Algorithm 2), its Table IV ablations, and the named variant that
+departs from the paper (``fedshare-reset``), as overrides of :class:`UnlearningConfig`."""

@@ -35,14 +35,14 @@ from fedshare.federated.traffic import Traffic, stored_rows_bytes
 from fedshare.storage_ledger import SERVER, StorageLedger
 from fedshare.unlearning import cufru, fru
 from fedshare.unlearning.algorithm import complete_erasure, run_algorithm2
-from fedshare.unlearning.config import UnlearningConfig
+from fedshare.unlearning.config import VARIANTS, UnlearningConfig
 from fedshare.unlearning.remaining import remaining_data
 from fedshare.unlearning.replay import ReplayConfig
 from fedshare.unlearning.shared_store import SharedStore
 
-METHODS = ("no-unlearning", "fedshare", "wo-forgotten-graph", "wo-remaining-fl", "fru", "cufru",
-           "retrain")
-FEDSHARE_METHODS = ("fedshare", "wo-forgotten-graph", "wo-remaining-fl")
+METHODS = ("no-unlearning", "fedshare", "wo-forgotten-graph", "wo-remaining-fl",
+           "fedshare-reset", "fru", "cufru", "retrain")
+FEDSHARE_METHODS = tuple(VARIANTS)
 KEPT_KINDS = {**{m: ("snapshots",) for m in FEDSHARE_METHODS}, "fru": fru.KINDS,
               "cufru": cufru.KINDS}
 
@@ -133,9 +133,7 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
                             round_offset)
         complete_erasure(server, store)
     else:
-        ablation = {"fedshare": {}, "wo-forgotten-graph": {"forgotten_graph": False},
-                    "wo-remaining-fl": {"remaining_fl": False}}[method]
-        run_algorithm2(server, store, replace(config, **ablation), round_offset,
+        run_algorithm2(server, store, replace(config, **VARIANTS[method]), round_offset,
                        lambda r: federation.train_round(r, config.local_epochs))
     seconds = time.perf_counter() - start
     federation.traffic = None
