@@ -184,6 +184,9 @@ def test_a_reported_plan_sharing_a_tuning_seed_is_refused(tuned, capsys):
                      plans, "--seeds", "0", "--set", f"prepared={folder}", "--out", str(out)])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and "disjoint" in err
+    code = main(["unlearning-table", "--settings", str(tune_out / "chosen.json"), "--plans",
+                 "7:7", "--unlearn-lr", "0.1", "--set", f"prepared={folder}", "--out", str(out)])
+    assert code == 2 and "--unlearn-*" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -202,7 +205,7 @@ def test_a_malformed_chosen_json_is_refused(tuned, edit, capsys):
     edit(chosen)
     path = root / "bad.json"
     path.write_text(json.dumps(chosen))
-    with pytest.raises(FedShareError, match="not a chosen.json"):
+    with pytest.raises(FedShareError, match=r"not a chosen\.json"):
         load_chosen(path)
     out = root / "refused-bad"
     code = main(["unlearning-table", "--settings", str(path), "--plans", "7:7", "--seeds", "0",
