@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from math import nan
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from fedshare.atomic import write_json
 from fedshare.data import PreparedData, SharingConfig, prepare
@@ -21,6 +21,9 @@ from fedshare.errors import FedShareError
 from fedshare.models import CENTRAL_MODELS
 from fedshare.reports import data_stats, format_stats
 from simulations.processes import signals_interrupt
+
+if TYPE_CHECKING:
+    from fedshare.unlearning.config import UnlearningConfig
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -178,20 +181,57 @@ def _cmd_learning_table(args: argparse.Namespace) -> None:
     print(f"saved in {folder}")
 
 
+def _unlearning_config(args: argparse.Namespace) -> UnlearningConfig:
+    from fedshare.unlearning.config import UnlearningConfig
+
+    return UnlearningConfig(rounds=args.unlearn_rounds, steps=args.unlearn_steps,
+                            lr=args.unlearn_lr, tau=args.unlearn_tau, bpr=not args.no_bpr,
+                            weight=args.unlearn_weight, local_epochs=args.unlearn_local_epochs)
+
+
+def _plans(text: str) -> list[tuple[int, int]]:
+    from simulations.plans import parse_plans
+
+    try:
+        return parse_plans(text)
+    except FedShareError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_unlearning_table(args: argparse.Namespace) -> None:
     from fedshare.unlearning.config import UnlearningConfig
+    from simulations.tuning import load_chosen
     from simulations.unlearning_table import to_markdown, unlearning_table
 
-    config = UnlearningConfig(rounds=args.unlearn_rounds, steps=args.unlearn_steps,
-                              lr=args.unlearn_lr, tau=args.unlearn_tau, bpr=not args.no_bpr,
-                              weight=args.unlearn_weight,
-                              local_epochs=args.unlearn_local_epochs)
+    config = _unlearning_config(args)
+    settings = None
+    if args.settings:
+        if config != UnlearningConfig():
+            raise FedShareError("--settings replaces the --unlearn-* and --no-bpr options; "
+                                "drop them")
+        settings = load_chosen(args.settings)
     folder, stats, figures = unlearning_table(
         args.seeds, args.set, config, args.canaries, not args.per_user_canaries, args.out,
-        lambda line: print(line, file=sys.stderr, flush=True))
+        lambda line: print(line, file=sys.stderr, flush=True), plans=args.plans,
+        groups=args.groups, gamma=args.gamma, settings=settings)
     print(to_markdown(stats))
     print(json.dumps(figures, indent=2))
     print(f"saved in {folder}")
+
+
+def _cmd_tune_unlearning(args: argparse.Namespace) -> None:
+    from simulations.tuning import GRIDS, load_grids, tune_unlearning
+
+    folder, chosen = tune_unlearning(
+        args.plans, args.groups, args.gamma, args.set, args.budget,
+        load_grids(args.grids or GRIDS), args.seed, args.canaries, _unlearning_config(args),
+        args.out, lambda line: print(line, file=sys.stderr, flush=True))
+    for method, entry in chosen["methods"].items():
+        settings = " ".join(f"{k}={v}" for k, v in entry["settings"].items())
+        print(f"{method:>19}: {settings}  (score {entry['score']:.4f}, entry "
+              f"{entry['setting'] + 1} of {chosen['budget']})")
+    print(f"saved in {folder}; report with: fedshare unlearning-table --settings "
+          f"{folder / 'chosen.json'} --plans SPLIT:PLAN,...")
 
 
 def _cmd_storage(args: argparse.Namespace) -> None:
@@ -263,6 +303,24 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 1 if total else 0
 
 
+def _add_unlearning_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--unlearn-rounds", type=int, default=20, help="T_un")
+    parser.add_argument("--unlearn-steps", type=int, default=10, help="server steps per round")
+    parser.add_argument("--unlearn-weight", type=float, default=0.1, help="weight of L_CU")
+    parser.add_argument("--unlearn-lr", type=float, default=3e-2)
+    parser.add_argument("--unlearn-local-epochs", type=int, default=1,
+                        help="local epochs of the remaining-data rounds")
+    parser.add_argument("--unlearn-tau", type=float, default=0.5)
+    parser.add_argument("--no-bpr", action="store_true", help="L_CU alone, without BPR on G_s")
+
+
+def _add_plan_shape_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--groups", type=_fractions, help="fractions of full,partial,non-sharing "
+                        "users of the --plans (default: the config data's, 0.1,0.2,0.7)")
+    parser.add_argument("--gamma", type=float, help="fraction of sharing users who unshare in "
+                        "the --plans (default: the config data's, 0.3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedshare", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -321,16 +379,34 @@ def build_parser() -> argparse.ArgumentParser:
                      help="canary items per unsharing user for the audit (0 = off)")
     unl.add_argument("--per-user-canaries", action="store_true",
                      help="draw each user's canaries separately instead of one common set")
-    unl.add_argument("--unlearn-rounds", type=int, default=20, help="T_un")
-    unl.add_argument("--unlearn-steps", type=int, default=10, help="server steps per round")
-    unl.add_argument("--unlearn-weight", type=float, default=0.1, help="weight of L_CU")
-    unl.add_argument("--unlearn-lr", type=float, default=3e-2)
-    unl.add_argument("--unlearn-local-epochs", type=int, default=1,
-                     help="local epochs of the remaining-data rounds")
-    unl.add_argument("--unlearn-tau", type=float, default=0.5)
-    unl.add_argument("--no-bpr", action="store_true", help="L_CU alone, without BPR on G_s")
+    _add_unlearning_args(unl)
+    unl.add_argument("--settings", metavar="CHOSEN_JSON", help="every method at the settings "
+                     "'fedshare tune-unlearning' chose (replaces the --unlearn-* options)")
+    unl.add_argument("--plans", type=_plans, metavar="SPLIT:PLAN,...",
+                     help="report over these fresh plans of the config's dataset (split "
+                     "seed:plan seed, prepared in memory), each with every --seeds")
+    _add_plan_shape_args(unl)
     unl.add_argument("--out", default="runs")
     unl.set_defaults(func=_cmd_unlearning_table)
+
+    tune = commands.add_parser("tune-unlearning", help="choose every unlearning method's "
+                               "settings on validation, on tuning plans, same budget each")
+    tune.add_argument("--plans", type=_plans, default=[(100, 100), (101, 101)],
+                      metavar="SPLIT:PLAN,...", help="tuning plans of the config's dataset "
+                      "(default 100:100,101:101); reported plans must not share their seeds")
+    _add_plan_shape_args(tune)
+    tune.add_argument("--budget", type=int, default=6,
+                      help="candidate settings per method, the same for all (default 6)")
+    tune.add_argument("--grids", help="TOML of the candidate settings (default "
+                      "simulations/configs/tuning_grids.toml)")
+    tune.add_argument("--seed", type=int, default=0, help="learning seed of every tuning plan")
+    tune.add_argument("--canaries", type=int, default=5,
+                      help="common canary items per unsharing user (the forgetting score)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a learning-phase setting")
+    _add_unlearning_args(tune)
+    tune.add_argument("--out", default="runs")
+    tune.set_defaults(func=_cmd_tune_unlearning)
 
     store = commands.add_parser("storage", help="storage and time of every unlearning method")
     store.add_argument("--seeds", type=_seeds, default=(0,))
