@@ -28,7 +28,7 @@ from simulations.tuning import (
 )
 
 TINY = ["rounds=2", "dim=8", "server-steps=1", "local-epochs=1"]
-TINY_GRIDS = {**{m: {"lr": [0.03, 0.1], "rounds": [1]} for m in TUNED[:3]},
+TINY_GRIDS = {**{m: {"lr": [0.03, 0.1], "rounds": [1]} for m in TUNED[:4]},
               "fru": {"epoch_fraction": [0.1, 1.0]},
               "cufru": {"interval": [1, 2], "epoch_fraction": [0.5]}}
 
@@ -80,7 +80,7 @@ def test_every_method_gets_the_same_budget():
         grid = candidates(grids, budget)
         assert sorted(grid) == sorted(TUNED)
         assert {len(g) for g in grid.values()} == {budget}
-    assert candidates(grids, 1)["fedshare"] == [{"lr": 0.03, "rounds": 20}]  # defaults first
+    assert candidates(grids, 1)["fedshare"] == [{"lr": 0.03, "weight": 0.1}]  # defaults first
     assert candidates(grids)["fru"][0] == {"epoch_fraction": 0.1}  # FRU's paper value first
     with pytest.raises(FedShareError, match="fewer than the budget"):
         candidates(grids, BUDGET + 1)
