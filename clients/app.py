@@ -29,6 +29,7 @@ from fedshare.models.local import LocalUpdate
 from fedshare.runconfig import (
     data_key,
     federated_config,
+    fru_settings,
     load_data,
     load_remaining,
     node_label,
@@ -173,16 +174,19 @@ def train(msg: Message, context: Context) -> Message:
     local = config.local
     if request.local_epochs is not None:  # the unlearning phase's remaining-data rounds
         local = replace(local, epochs=request.local_epochs)
-    alpha = float(context.run_config.get("fru-alpha", 0.0))
+    settings = fru_settings(context.run_config)
     kept: dict[int, int] = {}
 
     def keep_fru_rows(trained: LocalUpdate, weights: torch.Tensor) -> None:
-        from fedshare.unlearning.fru import important_rows  # only FRU runs pay its imports
+        from fedshare.unlearning.fru_selection import stored_rows  # only FRU runs import it
 
-        for user, items, rows in important_rows(trained, request.table, alpha):
+        positives, history = population.user_items(trained.users)
+        for user, items, rows in stored_rows(trained, request.table, positives, history,
+                                             settings, config.seed, request.round):
             kept[user] = _keep(context, user, request.round, items, rows)
 
-    learning = alpha > 0 and request.local_epochs is None  # not the unlearning phase's rounds
+    # not the unlearning phase's rounds
+    learning = settings is not None and request.local_epochs is None
     update = population.train(request.users, request.table, local, config.seed, request.round,
                               keep_fru_rows if learning else None)
     _save(population, context, request.mark, request.round, previous)

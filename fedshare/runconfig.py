@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,11 +24,15 @@ from fedshare.federated.config import FederatedConfig
 from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.remaining import remaining_data
 
+if TYPE_CHECKING:
+    from fedshare.unlearning.fru_selection import FruSettings
+
 DATA_KEYS = ("dataset", "data-path", "prepared", "split-seed", "plan-seed")
 UNLEARN_KEYS = ("unlearn", "unlearn-rounds", "unlearn-steps", "unlearn-lr", "unlearn-tau",
                 "unlearn-bpr", "unlearn-forgotten-graph", "unlearn-remaining-fl",
                 "unlearn-weight", "unlearn-include-self", "unlearn-local-epochs")
-APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", "fru-alpha",
+FRU_KEYS = ("fru-alpha", "fru-beta", "fru-pool", "fru-sampling")
+APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", *FRU_KEYS,
             "max-failed-fraction", "client-state-dir", "bind-users", *UNLEARN_KEYS)
 DEVICE_FILE = "device-file"
 """Node-config key of a deployed device's own data (:mod:`fedshare.data.device`)."""
@@ -37,6 +41,22 @@ DEVICE_FILE = "device-file"
 def federated_config(run_config: Mapping[str, Any]) -> FederatedConfig:
     settings = {k: v for k, v in run_config.items() if k not in DATA_KEYS + APP_KEYS}
     return FederatedConfig.from_mapping(settings)
+
+
+def fru_settings(run_config: Mapping[str, Any]) -> FruSettings | None:
+    """FRU's storage settings from ``fru-alpha``, ``fru-beta``, ``fru-pool`` and
+    ``fru-sampling`` (defaults: :class:`FruSettings`'), or ``None`` when ``fru-alpha`` is 0 or
+    absent (the nodes keep no FRU rows)."""
+    from fedshare.unlearning.fru_selection import FruSettings  # only FRU runs import it
+
+    defaults = FruSettings()
+    alpha = run_config.get("fru-alpha", 0.0)
+    off = isinstance(alpha, int | float) and not isinstance(alpha, bool) and alpha == 0
+    settings = FruSettings(defaults.alpha if off else alpha,  # the others are checked anyway
+                           run_config.get("fru-beta", defaults.beta),
+                           run_config.get("fru-pool", defaults.pool),
+                           run_config.get("fru-sampling", defaults.sampling))
+    return None if off else settings
 
 
 def unlearning_config(run_config: Mapping[str, Any]) -> UnlearningConfig | None:

@@ -32,6 +32,7 @@ from fedshare.runconfig import (
     DATA_KEYS,
     data_key,
     federated_config,
+    fru_settings,
     load_data,
     unlearning_config,
 )
@@ -112,6 +113,7 @@ def resolve(path: str | Path | None, sets: Sequence[str] = (), name: str | None 
         value = run.get(key, 0.0)
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             raise FedShareError(f"{key} must be a number in [0, 1], got {value!r}")
+    fru_settings(run)  # FRU's settings: FruSettings validates them
     experiment = Experiment(name or (Path(path).stem if path else "default"), run,
                             num_supernodes)
     experiment.config  # noqa: B018 - validates every federated setting now, before any work
