@@ -29,7 +29,7 @@ from fedshare.models.local import LocalUpdate
 from fedshare.runconfig import (
     data_key,
     federated_config,
-    fru_alpha,
+    fru_settings,
     load_data,
     load_remaining,
     node_label,
@@ -175,15 +175,17 @@ def train(msg: Message, context: Context) -> Message:
     local = config.local
     if request.local_epochs is not None:  # the unlearning phase's remaining-data rounds
         local = replace(local, epochs=request.local_epochs)
-    alpha = fru_alpha(context.run_config)
+    settings = fru_settings(context.run_config)
     kept: dict[int, int] = {}
     sparse: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     sharers = set(population.shared_interactions()[0].tolist())
 
     def keep_fru_rows(trained: LocalUpdate, weights: torch.Tensor) -> None:
-        from fedshare.unlearning.fru import important_rows  # only FRU runs pay its imports
+        from fedshare.unlearning.fru_selection import stored_rows  # only FRU runs import it
 
-        for user, items, rows in important_rows(trained, request.table, alpha):
+        positives, history = population.user_items(trained.users)
+        for user, items, rows in stored_rows(trained, request.table, positives, history,
+                                             settings, config.seed, request.round):
             kept[user] = _keep(context, user, request.round, items, rows)
 
     def send_sharer_updates(trained: LocalUpdate, weights: torch.Tensor) -> None:
@@ -195,7 +197,7 @@ def train(msg: Message, context: Context) -> Message:
 
     learning = request.local_epochs is None  # not the unlearning phase's rounds
     observe = None
-    if learning and alpha > 0:
+    if learning and settings is not None:
         observe = keep_fru_rows
     elif learning and unlearning_method(context.run_config) == "cufru":
         observe = send_sharer_updates

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,20 +24,22 @@ from fedshare.federated.config import FederatedConfig
 from fedshare.unlearning.config import VARIANTS, UnlearningConfig
 from fedshare.unlearning.remaining import remaining_data
 
+if TYPE_CHECKING:
+    from fedshare.unlearning.fru_selection import FruSettings
+
 DATA_KEYS = ("dataset", "data-path", "prepared", "split-seed", "plan-seed")
 UNLEARN_KEYS = ("unlearn", "unlearn-rounds", "unlearn-steps", "unlearn-lr", "unlearn-tau",
                 "unlearn-bpr", "unlearn-forgotten-graph", "unlearn-remaining-fl",
                 "unlearn-weight", "unlearn-include-self", "unlearn-local-epochs")
+FRU_KEYS = ("fru-alpha", "fru-beta", "fru-pool", "fru-sampling")
 REPLAY_KEYS = ("unlearning", "replay-epoch-fraction", "replay-interval")
-APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", "fru-alpha",
+APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", *FRU_KEYS,
             "max-failed-fraction", "client-state-dir", "bind-users", *UNLEARN_KEYS,
             *REPLAY_KEYS)
 UNLEARNING_METHODS = (*VARIANTS, "fru", "cufru")
 """What ``unlearning=...`` may name through Flower: FedShare (Algorithm 2), its Table IV
 ablations and its named variant, and the FRU / CUFRU baselines, which also change what is
 recorded while learning."""
-FRU_ALPHA = 0.5
-"""FRU's fraction of stored rows when ``unlearning=fru`` and no ``fru-alpha`` is given."""
 DEVICE_FILE = "device-file"
 """Node-config key of a deployed device's own data (:mod:`fedshare.data.device`)."""
 
@@ -45,6 +47,24 @@ DEVICE_FILE = "device-file"
 def federated_config(run_config: Mapping[str, Any]) -> FederatedConfig:
     settings = {k: v for k, v in run_config.items() if k not in DATA_KEYS + APP_KEYS}
     return FederatedConfig.from_mapping(settings)
+
+
+def fru_settings(run_config: Mapping[str, Any]) -> FruSettings | None:
+    """FRU's storage settings from ``fru-alpha``, ``fru-beta``, ``fru-pool`` and
+    ``fru-sampling`` (defaults: :class:`FruSettings`'), or ``None`` when ``fru-alpha`` is 0 or
+    absent and the run does not unlearn with FRU (the nodes keep no FRU rows)."""
+    from fedshare.unlearning.fru_selection import FruSettings  # only FRU runs import it
+
+    defaults = FruSettings()
+    alpha = run_config.get("fru-alpha", 0.0)
+    off = isinstance(alpha, int | float) and not isinstance(alpha, bool) and alpha == 0
+    if off and unlearning_method(run_config) == "fru":  # the run will need the rows
+        alpha, off = defaults.alpha, False
+    settings = FruSettings(defaults.alpha if off else alpha,  # the others are checked anyway
+                           run_config.get("fru-beta", defaults.beta),
+                           run_config.get("fru-pool", defaults.pool),
+                           run_config.get("fru-sampling", defaults.sampling))
+    return None if off else settings
 
 
 def unlearning_config(run_config: Mapping[str, Any]) -> UnlearningConfig | None:
@@ -67,15 +87,6 @@ def unlearning_method(run_config: Mapping[str, Any]) -> str:
         raise FedShareError(f"unknown unlearning method {method!r}; one of "
                             f"{', '.join(UNLEARNING_METHODS)}")
     return method
-
-
-def fru_alpha(run_config: Mapping[str, Any]) -> float:
-    """FRU's fraction of stored rows on the clients: ``fru-alpha`` if set, else
-    :data:`FRU_ALPHA` when the run unlearns with FRU, else 0 (nothing stored)."""
-    alpha = float(run_config.get("fru-alpha", 0.0) or 0.0)
-    if alpha <= 0 and unlearning_method(run_config) == "fru":
-        return FRU_ALPHA
-    return alpha
 
 
 def replay_settings(run_config: Mapping[str, Any]) -> dict[str, float]:

@@ -235,18 +235,20 @@ def _cmd_tune_unlearning(args: argparse.Namespace) -> None:
 
 
 def _cmd_storage(args: argparse.Namespace) -> None:
+    from fedshare.unlearning.fru_selection import FruSettings
     from fedshare.unlearning.replay import ReplayConfig
     from simulations.storage_study import storage_study, to_markdown
 
     if not args.snapshots or min(args.snapshots) < 1:
         raise FedShareError("--snapshots needs values M >= 1")
     try:
-        replay = ReplayConfig(args.alpha, args.epoch_fraction, args.interval)
+        replay = ReplayConfig(args.epoch_fraction, args.interval)
     except ValueError as exc:
         raise FedShareError(str(exc)) from None
+    fru = FruSettings(args.alpha, args.beta, args.pool)  # both samplings are measured
     folder, means, figures = storage_study(
         args.seeds, args.set, args.snapshots, replay=replay, out=args.out,
-        progress=lambda line: print(line, file=sys.stderr, flush=True))
+        progress=lambda line: print(line, file=sys.stderr, flush=True), fru=fru)
     print(to_markdown(means))
     for key, value in figures.items():
         print(f"{key}: {value:.4g}")
@@ -398,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--budget", type=int, default=6,
                       help="candidate settings per method, the same for all (default 6)")
     tune.add_argument("--grids", help="TOML of the candidate settings (default "
-                      "simulations/configs/tuning_grids.toml)")
+                      "simulations/tuning_grids.toml)")
     tune.add_argument("--seed", type=int, default=0, help="learning seed of every tuning plan")
     tune.add_argument("--canaries", type=int, default=5,
                       help="common canary items per unsharing user (the forgetting score)")
@@ -415,7 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--snapshots", type=_seeds, default=(1, 2, 3, 5, 10),
                        help="FedShare's M values (default 1,2,3,5,10)")
     store.add_argument("--alpha", type=float, default=0.5,
-                       help="FRU: fraction of touched rows stored per round")
+                       help="FRU: fraction of the candidate rows stored per round")
+    store.add_argument("--beta", type=float, default=0.5,
+                       help="FRU: candidate negatives per positive")
+    store.add_argument("--pool", type=float, default=0.1,
+                       help="FRU: R, the fraction of non-interacted items in each half of the "
+                       "semi-hard pool")
     store.add_argument("--epoch-fraction", type=float, default=0.1,
                        help="FRU/CUFRU: lambda, the replay's share of epochs and steps")
     store.add_argument("--interval", type=int, default=10,

@@ -32,7 +32,7 @@ from fedshare.runconfig import (
     DATA_KEYS,
     data_key,
     federated_config,
-    fru_alpha,
+    fru_settings,
     load_data,
     replay_settings,
     unlearning_config,
@@ -115,6 +115,7 @@ def resolve(path: str | Path | None, sets: Sequence[str] = (), name: str | None 
         value = run.get(key, 0.0)
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             raise FedShareError(f"{key} must be a number in [0, 1], got {value!r}")
+    fru_settings(run)  # FRU's settings: FruSettings validates them
     experiment = Experiment(name or (Path(path).stem if path else "default"), run,
                             num_supernodes)
     experiment.config  # noqa: B018 - validates every federated setting now, before any work
@@ -228,7 +229,7 @@ def _run_inprocess(run: dict[str, Any], out: Path,
     from fedshare.federated.summary import PhaseSummary, RunSummary
     from fedshare.storage_ledger import FRU_CLIENT
     from fedshare.unlearning.cufru import TransferStation
-    from fedshare.unlearning.fru import FruHistory
+    from fedshare.unlearning.fru import FruHistory, FruSettings
     from fedshare.unlearning.phase import unlearn
     from fedshare.unlearning.replay import ReplayConfig
 
@@ -237,8 +238,10 @@ def _run_inprocess(run: dict[str, Any], out: Path,
     report = None if progress is None else (lambda row: progress(progress_line(row)))
     unlearning, method = unlearning_config(run), unlearning_method(run)
     replayed = unlearning is not None and method in ("fru", "cufru")
-    recorders = () if not replayed else (FruHistory(fru_alpha(run)),) if method == "fru" \
-        else (TransferStation(),)
+    recorders: tuple = ()
+    if replayed:
+        recorders = (FruHistory(fru_settings(run) or FruSettings()),) if method == "fru" \
+            else (TransferStation(),)
     result = run_inprocess(data, config, report, recorders)
     assert result.federation is not None
     federation, valid, test, phase = result.federation, result.valid, result.test, None

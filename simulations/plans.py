@@ -6,7 +6,9 @@ this records where the current defaults came from, as they are:
 - FedShare's learning and unlearning settings were chosen on ML-100K's default plan: split
   seed 0, plan seed 0, groups 1:2:7, gamma 0.3 (README: "How the unlearning settings were
   chosen").
-- FRU's and CUFRU's settings are their papers', with no search.
+- FRU's and CUFRU's settings are their papers', with no search (FRU's ``FruSettings``: alpha =
+  beta = 0.5 from its paper; the semi-hard pool's R = 0.1 is our choice, its paper giving no
+  value we have).
 
 Every table's ``summary.json`` names both sets of plans (``tuning_plans``,
 ``reported_plans``) and says whether they overlap, so a figure from a tuned plan cannot pass

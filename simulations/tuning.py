@@ -9,7 +9,7 @@ FL), FRU and CUFRU the same search:
   (:func:`fedshare.unlearning.remaining.add_canaries`: 5 common canaries per unsharing user),
   and learns once with the FRU and CUFRU histories recorded; Retrain and no-unlearning run once.
 - **The same budget**: every method runs at the first ``budget`` entries (default 6) of its grid
-  in ``simulations/configs/tuning_grids.toml`` (the product of its axes, defaults first), from
+  in ``simulations/tuning_grids.toml`` (the product of its axes, defaults first), from
   the same learned state. A grid shorter than the budget is refused.
 - **The criterion, on validation only** (test metrics are recorded in ``tuning.csv`` but never
   read). Per candidate and tuning plan::
@@ -58,7 +58,7 @@ from simulations.experiment import leased_folder, resolve
 from simulations.plans import LEARNING_PLANS, fresh_plan, label, plan_of
 
 CONFIGS = Path(__file__).parent / "configs"
-GRIDS = CONFIGS / "tuning_grids.toml"
+GRIDS = Path(__file__).parent / "tuning_grids.toml"
 TUNING_PLANS = ((100, 100), (101, 101))
 BUDGET = 6
 REPLAY_METHODS = ("fru", "cufru")

@@ -1,10 +1,11 @@
 """The unlearning table (paper Table III right half and Table IV): learn once per seed, let
 gamma = 0.3 of the sharing users unshare, then run no-unlearning, FedShare, its two ablations,
 FRU, CUFRU and Retrain from the same learned state (learned once, with the FRU / CUFRU histories
-recorded). Columns: test HR/NDCG@20 over all users; on the unsharing
-users: forgotten-interaction HR/Recall@20, membership-inference AUC, top-20 Jaccard and Spearman
-agreement with Retrain, canary exposure and AUC (with ``canaries > 0``); wall time and bytes kept
-(in total and on the clients, read from the run's storage ledger).
+recorded; FRU at its paper's settings, :class:`FruSettings`). Columns: test HR/NDCG@20 over
+all users; on the unsharing users: forgotten-interaction HR/Recall@20, membership-inference
+AUC, top-20 Jaccard and Spearman agreement with Retrain, canary exposure and AUC (with
+``canaries > 0``); wall time and bytes kept (in total and on the clients, read from the run's
+storage ledger).
 
 With ``settings`` (a ``chosen.json`` of ``fedshare tune-unlearning``, :mod:`simulations.tuning`)
 every method runs at its chosen settings; with ``plans`` the table reports over fresh plans of
@@ -30,6 +31,7 @@ from fedshare.data.prepared import PreparedData
 from fedshare.errors import FedShareError
 from fedshare.runconfig import data_key, load_data
 from fedshare.unlearning.config import UnlearningConfig
+from fedshare.unlearning.fru_selection import FruSettings
 from fedshare.unlearning.phase import METHODS, learn, unlearn
 from fedshare.unlearning.remaining import add_canaries
 from fedshare.unlearning.report import unlearning_row
@@ -60,7 +62,7 @@ def unlearning_cells(seed: int, sets: Sequence[str], unlearning: UnlearningConfi
     if canaries > 0:
         data, canary_set = add_canaries(data, canaries, seed, common=common_canaries)
     config = experiment.config
-    learned = learn(data, config, record=True)
+    learned = learn(data, config, record=True, fru=FruSettings())  # FRU at its paper's settings
     configs = {m: settings.configs(m) if settings else (unlearning, None) for m in METHODS}
     outcomes = {m: unlearn(learned, data, m, configs[m][0], config.rounds, configs[m][1])
                 for m in METHODS}
@@ -170,6 +172,7 @@ def unlearning_table(seeds: Sequence[int] = (0, 1, 2), sets: Sequence[str] = (),
         (folder / "summary.json").write_text(json.dumps(
             {"targets": figures, "methods": methods,
              "unlearning": (settings.unlearning if settings else unlearning).to_dict(),
+             "fru": FruSettings().to_dict(),
              "canaries": canaries, "common_canaries": common_canaries, "seeds": list(seeds),
              **({"settings": settings.record()} if settings else {}),
              **plan_record(datas, settings.plans() if settings else None)},

@@ -29,10 +29,10 @@ from fedshare.federated.state_db import StateDB, open_store, stored_directory
 from fedshare.federated.summary import RunSummary
 from fedshare.reports import metrics_frame
 from fedshare.run_lease import RunLease
-from fedshare.runconfig import ServerSettings, fru_alpha
+from fedshare.runconfig import ServerSettings, fru_settings
 from fedshare.storage_ledger import FRU_CLIENT
 from fedshare.unlearning.cufru import TransferStation
-from fedshare.unlearning.fru import FruHistory
+from fedshare.unlearning.fru import FruHistory, FruSettings
 from fedshare.unlearning.replay import ReplayConfig
 from strategies.audit import MessageAudit
 from strategies.fedshare import FedShareStrategy
@@ -147,7 +147,7 @@ def run(grid: Grid, settings: ServerSettings, directory: Directory, store: State
 def recorders(method: str, run_config: dict) -> tuple[RoundRecorder, ...]:
     """What the server records while learning for FRU's or CUFRU's replay."""
     if method == "fru":
-        return (FruHistory(fru_alpha(run_config)),)
+        return (FruHistory(fru_settings(run_config) or FruSettings()),)
     return (TransferStation(),)
 
 

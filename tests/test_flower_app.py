@@ -242,15 +242,16 @@ def test_privacy_audit_of_every_reply(runs, data):
 
 
 def test_fru_stores_on_the_nodes_match_the_inprocess_ledger(runs, data):
-    """With fru-alpha, every node keeps its users' FRU rows in its context.state and reports
-    their bytes; the server's ledger then holds exactly what the in-process FRU store holds."""
-    from fedshare.unlearning.fru import KIND
+    """With fru-alpha (FRU's other settings at their defaults: the paper's sampling), every
+    node keeps its users' FRU rows in its context.state and reports their bytes; the server's
+    ledger then holds exactly what the in-process FRU store holds."""
+    from fedshare.unlearning.fru import KIND, FruSettings
     from fedshare.unlearning.phase import learn
 
     config = resolve(None, [f"rounds={ROUNDS}", "eval-every=2", f"fraction={FRACTION}",
                             f"dim={DIM}", "server-steps=2", "local-epochs=2",
                             f"seed={SEED}"]).config
-    expected = learn(data, config, record=True, alpha=0.5).ledger.held(kind=KIND)
+    expected = learn(data, config, record=True, fru=FruSettings()).ledger.held(kind=KIND)
     assert expected > 0
     assert runs["per-user"][1]["fru_client_bytes"] == expected
     assert runs["cohorts"][1]["fru_client_bytes"] == 0  # fru-alpha = 0: nothing kept

@@ -8,7 +8,14 @@ import torch
 
 from fedshare.models.local import LocalTrainConfig, UserBatch, train_local
 from fedshare.storage_ledger import StorageLedger, client
-from fedshare.unlearning.fru import KIND, expected_bytes, select_important_rows, store_round
+from fedshare.unlearning.fru import (
+    KIND,
+    FruSettings,
+    expected_bytes,
+    select_important_rows,
+    store_round,
+    stored_rows,
+)
 from fedshare.unlearning.replay import calibrated_step
 
 
@@ -46,11 +53,16 @@ def test_client_stores_match_the_analytic_formula():
                              seed=0, round_=round_)
         for b, user in enumerate(users):
             touched[user].append(int((update.row_user == b).sum()))
-        store_round(stores, update, table, round_, alpha, ledger)
+        rows = stored_rows(update, table, train, train, FruSettings(alpha, sampling="learning"),
+                           0, round_)
+        store_round(stores, rows, round_, ledger)
     for user in users:
-        assert ledger.held(client(user), KIND) == expected_bytes(touched[user], alpha, dim)
+        assert ledger.held(client(user), KIND) == expected_bytes(touched[user], alpha, dim,
+                                                                 num_items)
         assert stores[user].nbytes == ledger.held(client(user), KIND)
-    assert ledger.client_held() == sum(expected_bytes(t, alpha, dim) for t in touched.values())
+        assert stores[user].get(1)[0].dtype == torch.int16  # 30 items: 2-byte ids
+    assert ledger.client_held() == sum(expected_bytes(t, alpha, dim, num_items)
+                                       for t in touched.values())
     stores[1].drop()
     assert ledger.held(client(1), KIND) == 0
 

@@ -40,7 +40,7 @@ from fedshare.storage_ledger import SERVER, client
 from fedshare.unlearning import cufru, fru, phase
 from fedshare.unlearning.config import UnlearningConfig
 from fedshare.unlearning.cufru import TransferStation, cufru_unlearn
-from fedshare.unlearning.fru import FruHistory, fru_unlearn
+from fedshare.unlearning.fru import FruHistory, FruSettings, fru_unlearn
 from fedshare.unlearning.replay import ReplayConfig
 
 NUM_USERS, NUM_ITEMS, DIM = 12, 40, 8
@@ -49,12 +49,20 @@ CONFIG = FederatedConfig(rounds=3, eval_every=3, fraction=0.5, server_steps=3, s
 NO_REFINE = replace(CONFIG, server_steps=0)  # Server.refines is False: no Eq. 18
 UNLEARNING = UnlearningConfig(rounds=2, steps=2)
 ALPHA = 0.3  # FRU's stored fraction in the main run: ceil() matters
+
+
+def learning(alpha: float) -> FruSettings:
+    """FRU storing the top-alpha of every touched row (the learning phase's own sampling):
+    what the checks of this file compare against (the paper's sampling: test_fru_settings.py)."""
+    return FruSettings(alpha=alpha, sampling="learning")
+
 ROUNDS = range(1, CONFIG.rounds + 1)
 OFFSET = 7  # replayed rounds are numbered OFFSET + t
 
-# Bytes per stored row, by hand: float32 values, int64 item id, float32 weight.
-ROW = 4 * DIM + 8
-AGG_ROW = 4 * DIM + 4 + 8
+# Bytes per stored row, by hand: float32 values, int16 item id (40 items), float32 weight;
+# participants: int64 user id and float32 weight.
+ROW = 4 * DIM + 2
+AGG_ROW = 4 * DIM + 4 + 2
 PARTICIPANT = 8 + 4
 CHECKPOINT = (NUM_ITEMS + NUM_USERS) * DIM * 4
 
@@ -108,7 +116,8 @@ class Capture(RoundRecorder):
 def record(data: PreparedData, config: FederatedConfig, alpha: float = ALPHA
            ) -> tuple[InProcessFederation, Capture]:
     capture = Capture()
-    result = run_inprocess(data, config, recorders=(FruHistory(alpha), TransferStation(), capture))
+    result = run_inprocess(data, config, recorders=(FruHistory(learning(alpha)), TransferStation(),
+                                                      capture))
     assert result.federation is not None
     assert len(capture.rounds) == config.rounds
     return result.federation, capture
@@ -311,7 +320,7 @@ def test_outcomes_report_the_formula_bytes(recorded, outcomes, sharers):
 
 def test_recording_neither_changes_learning_nor_depends_on_the_extra_recorder(data, recorded):
     federation, _, _ = recorded
-    again = phase.learn(data, CONFIG, record=True, alpha=ALPHA)
+    again = phase.learn(data, CONFIG, record=True, fru=learning(ALPHA))
     assert again.ledger.frame().equals(federation.ledger.frame())
     assert torch.equal(again.server.table, federation.server.table)
     plain = phase.learn(data, CONFIG)
@@ -425,14 +434,14 @@ def test_cufru_replay_applies_corrected_steps_and_calibrates_every_interval(
 
 def test_fru_with_every_row_reproduces_a_one_round_run(data):
     config = replace(NO_REFINE, rounds=1, eval_every=1)
-    federation = phase.learn(data, config, record=True, alpha=1.0)
+    federation = phase.learn(data, config, record=True, fru=learning(1.0))
     initial = federation.histories["fru"].checkpoint.get(0)[0]
     assert not close(initial, federation.server.table, 1e-3)
     replay = copy.deepcopy(federation)
-    fru_unlearn(replay, federation.histories["fru"], ReplayConfig(alpha=1.0), 1)
+    fru_unlearn(replay, federation.histories["fru"], ReplayConfig(), 1)
     assert close(replay.server.table, federation.server.table)
     # the same through the phase: round 1 is the stored aggregate, and nothing refines
-    outcome = phase.unlearn(federation, data, "fru", UNLEARNING, 1, replay=ReplayConfig(1.0))
+    outcome = phase.unlearn(federation, data, "fru", UNLEARNING, 1, replay=ReplayConfig())
     assert close(outcome.federation.server.table, federation.server.table)
 
 
@@ -446,8 +455,7 @@ def test_fru_with_full_calibration_rebuilds_a_two_round_run(data):
     for user, embedding in capture.rounds[1]["embeddings"].items():
         embeddings[user] = embedding
     replay.population.embeddings = embeddings
-    fru_unlearn(replay, federation.histories["fru"], ReplayConfig(alpha=1.0, epoch_fraction=1.0),
-                0)
+    fru_unlearn(replay, federation.histories["fru"], ReplayConfig(epoch_fraction=1.0), 0)
     assert close(replay.server.table, federation.server.table)
     assert close(replay.population.embeddings, federation.population.embeddings)
 
@@ -541,8 +549,7 @@ def test_unknown_method_is_rejected(data, recorded):
         phase.unlearn(federation, data, "federaser", UNLEARNING, CONFIG.rounds)
 
 
-@pytest.mark.parametrize("kwargs", [{"alpha": 0.0}, {"alpha": -0.5}, {"alpha": 1.5},
-                                    {"epoch_fraction": 0.0}, {"epoch_fraction": 1.01},
+@pytest.mark.parametrize("kwargs", [{"epoch_fraction": 0.0}, {"epoch_fraction": 1.01},
                                     {"interval": 0}, {"interval": -3}])
 def test_replay_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
@@ -550,9 +557,9 @@ def test_replay_config_rejects_bad_values(kwargs):
 
 
 def test_replay_config_edges():
-    config = ReplayConfig(alpha=1.0, epoch_fraction=1.0, interval=1)
-    assert config.to_dict() == {"alpha": 1.0, "epoch_fraction": 1.0, "interval": 1}
-    assert ReplayConfig().to_dict() == {"alpha": 0.5, "epoch_fraction": 0.1, "interval": 10}
+    config = ReplayConfig(epoch_fraction=1.0, interval=1)
+    assert config.to_dict() == {"epoch_fraction": 1.0, "interval": 1}
+    assert ReplayConfig().to_dict() == {"epoch_fraction": 0.1, "interval": 10}
     assert ReplayConfig(epoch_fraction=0.01).server_steps(0) == 1
     assert ReplayConfig(epoch_fraction=0.01).local(CONFIG.local).epochs == 1
 

@@ -34,12 +34,20 @@ def test_writes_every_output(study):
 
 def test_bytes_follow_each_method(study):
     frame = pd.read_csv(study / "storage_study.csv").set_index("label")
-    assert list(frame.index) == ["FedShare (M=1)", "FedShare (M=2)", "FRU", "CUFRU", "Retrain"]
+    assert list(frame.index) == ["FedShare (M=1)", "FedShare (M=2)", "FRU",
+                                 "FRU (learning sampling)", "CUFRU", "Retrain"]
     for m in (1, 2):  # M snapshots of I x d float32, all on the server
         row = frame.loc[f"FedShare (M={m})"]
         assert row["kept_bytes"] == row["server_bytes"] == m * NUM_ITEMS * DIM * 4
         assert row["client_bytes"] == 0
     assert frame.loc["FRU", "client_bytes"] > 0 and frame.loc["FRU", "server_bytes"] > 0
+    # the paper's candidates are a subset of every touched row; the server's store is the same
+    learning = frame.loc["FRU (learning sampling)"]
+    assert 0 < frame.loc["FRU", "client_bytes"] < learning["client_bytes"]
+    assert frame.loc["FRU", "server_bytes"] == learning["server_bytes"]
+    assert 0 < frame.loc["FRU", "per_client_bytes"] < learning["per_client_bytes"]
+    assert (frame["table_bytes"] == NUM_ITEMS * DIM * 4).all()
+    assert (frame.drop(index=["FRU", "FRU (learning sampling)"])["per_client_bytes"] == 0).all()
     assert frame.loc["CUFRU", "client_bytes"] == 0 and frame.loc["CUFRU", "server_bytes"] > 0
     assert frame.loc["Retrain", "kept_bytes"] == 0
     assert (frame["client_bytes"] + frame["server_bytes"] == frame["kept_bytes"]).all()
@@ -51,14 +59,22 @@ def test_summary_ratios_come_from_the_table(study):
     frame = pd.read_csv(study / "storage_study.csv").set_index("label")
     ratios = json.loads((study / "summary.json").read_text())["ratios"]
     for m in (1, 2):
-        for other in ("FRU", "CUFRU"):
+        for other in ("FRU", "FRU (learning sampling)", "CUFRU"):
             assert ratios[f"bytes FedShare (M={m}) / {other}"] == pytest.approx(
                 frame.loc[f"FedShare (M={m})", "kept_bytes"] / frame.loc[other, "kept_bytes"])
+    for label in ("FRU", "FRU (learning sampling)"):
+        assert ratios[f"per-client KiB {label}"] == pytest.approx(
+            frame.loc[label, "per_client_bytes"] / 1024)
+        assert ratios[f"per-client / item table {label}"] == pytest.approx(
+            frame.loc[label, "per_client_bytes"] / (NUM_ITEMS * DIM * 4))
+    summary = json.loads((study / "summary.json").read_text())
+    assert summary["fru"] == {"alpha": 0.5, "beta": 0.5, "pool": 0.1, "sampling": "paper"}
     assert ratios["seconds FRU / Retrain"] == pytest.approx(
         frame.loc["FRU", "seconds"] / frame.loc["Retrain", "seconds"])
 
 
 @pytest.mark.parametrize("argv", [["--snapshots", "0"], ["--alpha", "2"], ["--interval", "0"],
+                                  ["--beta", "0"], ["--pool", "1.5"],
                                   ["--set", "prepared=/nonexistent/fedshare"]])
 def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, argv):
     code = main(["storage", *argv, "--out", str(tmp_path / "runs")])

@@ -37,7 +37,7 @@ NUM_USERS, NUM_ITEMS, DIM = 12, 40, 8
 CONFIG = FederatedConfig(rounds=3, eval_every=3, fraction=0.5, server_steps=3, snapshots=2,
                          server_batch_size=64, dim=DIM, seed=0)
 UNLEARNING = UnlearningConfig(rounds=2, steps=2)
-FEDSHARE_TYPE = ("fedshare", "wo-forgotten-graph", "wo-remaining-fl")
+FEDSHARE_TYPE = ("fedshare", "wo-forgotten-graph", "wo-remaining-fl", "fedshare-reset")
 
 
 def tiny_prepared(seed: int = 0) -> PreparedData:

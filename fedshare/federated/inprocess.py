@@ -73,6 +73,8 @@ class InProcessFederation:
             recorder.begin(self.ledger, *self.server.checkpoint(), np.unique(shared.users))
         self.population = ClientPopulation(data, np.arange(data.num_users), config.dim,
                                            config.seed, shares=config.shares)
+        for recorder in recorders:
+            recorder.serving(self.population, config.seed)
         self.candidates = self.population.trainable()
         self.log = RunLog(progress)
         self.learning = LearningRound(self.server, recorders, self.log)

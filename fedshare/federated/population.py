@@ -111,6 +111,13 @@ class ClientPopulation:
     def _items(self, ptr: np.ndarray, items: np.ndarray, u: int) -> np.ndarray:
         return items[ptr[u]:ptr[u + 1]]
 
+    def user_items(self, users: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per user: the items its local training trains on (I_local) and its whole training
+        history (local and shared)."""
+        users = np.asarray(users, dtype=np.int64)
+        return ([self._items(self._local_ptr, self._local_items, u) for u in users],
+                [self._items(self._all_ptr, self._all_items, u) for u in users])
+
     def train(self, users: np.ndarray, table: Tensor, config: LocalTrainConfig, seed: int,
               round_: int, observe: Callable[[LocalUpdate, Tensor], None] | None = None
               ) -> NodeUpdate:

@@ -14,13 +14,16 @@ measure the copy, not the method).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
 
-from fedshare.federated.population import NodeUpdate
 from fedshare.models.local import LocalUpdate
 from fedshare.storage_ledger import StorageLedger
+
+if TYPE_CHECKING:
+    from fedshare.federated.population import ClientPopulation, NodeUpdate
 
 
 class RoundRecorder:
@@ -32,6 +35,10 @@ class RoundRecorder:
               sharers: np.ndarray) -> None:
         """Before round 1: the run's ledger (every store reports to it), the initial table,
         the server's initial user embeddings and the users holding shared data."""
+
+    def serving(self, population: ClientPopulation, seed: int) -> None:
+        """Before round 1: the clients' data and the run's seed (a client-side store, FRU's,
+        selects its rows from what the user's node holds)."""
 
     def clients(self, round_: int, update: LocalUpdate, weights: Tensor, start: Tensor) -> None:
         """Local training of round ``round_`` from ``start``; ``weights[b]`` is |D_u| of batch

@@ -10,6 +10,12 @@ clients. This interpretation (``shared/specs/baselines.md``) stores on the serve
 - the sparse updates (all touched rows) of the participants holding shared data, with |D_u|;
 - the server's refinement update (the rows it changed), the participants, and round 0.
 
+Item ids are stored compactly (:func:`fedshare.unlearning.fru_selection.id_dtype`: int16 up to
+32767 items, else int32), as in FRU's stores. The per-sharer updates stay whole (every touched
+row: positives and every negative of every local epoch), unlike FRU's selected rows: the
+station must subtract a leaving user's contribution from the stored aggregate *exactly*, and the
+aggregate holds every row the user touched.
+
 Unlearning rolls back to round 0 and replays every round: the stored aggregate minus the
 contributions of the users who unshared (their updates were computed from models their shared
 data had shaped) is the round's client step; every ``interval``-th round is a calibration round
@@ -32,6 +38,7 @@ from fedshare.federated.population import NodeUpdate
 from fedshare.federated.recording import RoundRecorder
 from fedshare.models.local import LocalUpdate
 from fedshare.storage_ledger import SERVER, RowStore, StorageLedger
+from fedshare.unlearning.fru_selection import id_dtype
 from fedshare.unlearning.replay import (
     ReplayConfig,
     calibrated_step,
@@ -63,6 +70,7 @@ class TransferStation(RoundRecorder):
 
     def clients(self, round_: int, update: LocalUpdate, weights: Tensor, start: Tensor) -> None:
         num_items = start.shape[0]
+        compact = id_dtype(num_items)
         deltas = update.row_value - start[update.row_item]
         w = weights.float()[update.row_user]
         numerator = torch.zeros_like(start).index_add(0, update.row_item, deltas * w[:, None])
@@ -71,16 +79,18 @@ class TransferStation(RoundRecorder):
         previous = self.aggregates.get(round_)
         if previous is not None:  # another chunk of this round: merge, one row per item
             old_items, old_numerator, old_weight, old_total = previous
-            numerator.index_add_(0, old_items, old_numerator)
-            row_weight.index_add_(0, old_items, old_weight)
+            numerator.index_add_(0, old_items.long(), old_numerator)
+            row_weight.index_add_(0, old_items.long(), old_weight)
             total = total + old_total
         items = (row_weight > 0).nonzero().squeeze(1)
-        self.aggregates.put(round_, items, numerator[items], row_weight[items], total)
+        self.aggregates.put(round_, items.to(compact), numerator[items], row_weight[items],
+                            total)
         self.rounds.add(round_, torch.from_numpy(update.users), weights.float())
         for b, user in enumerate(update.users.tolist()):
             if user in self.sharers:
                 mine = update.row_user == b
-                self.updates.add((round_, user), update.row_item[mine], deltas[mine])
+                self.updates.add((round_, user), update.row_item[mine].to(compact),
+                                 deltas[mine])
 
     def nodes(self, round_: int, users: Tensor, weights: Tensor, updates: Sequence[NodeUpdate],
               start: Tensor, sparse: Sequence[tuple[int, Tensor, Tensor]]) -> None:
@@ -94,24 +104,25 @@ class TransferStation(RoundRecorder):
                 row_weight += update.row_weight
         total = torch.tensor([float(sum(u.weight for u in updates))])
         items = (row_weight > 0).nonzero().squeeze(1)
-        self.aggregates.put(round_, items, numerator[items], row_weight[items], total)
+        compact = id_dtype(start.shape[0])
+        self.aggregates.put(round_, items.to(compact), numerator[items], row_weight[items], total)
         self.rounds.add(round_, users, weights.float())
         for user, mine, rows in sparse:
             if user in self.sharers:
-                self.updates.add((round_, user), mine, rows)
+                self.updates.add((round_, user), mine.to(compact), rows)
 
     def refined(self, round_: int, aggregated: Tensor, refined: Tensor) -> None:
         delta = refined - aggregated
         items = (delta != 0).any(dim=1).nonzero().squeeze(1)
         if len(items):
-            self.server.add(round_, items, delta[items])
+            self.server.add(round_, items.to(id_dtype(len(delta))), delta[items])
 
     def corrected_client_step(self, round_: int, leaving: set[int], num_items: int, mode: str,
                               server_lr: float) -> Tensor:
         """The stored aggregate of ``round_`` without the contributions of ``leaving``."""
         items, numerator_rows, weight_rows, total = self.aggregates.get(round_)
         numerator = dense(items, numerator_rows, num_items)
-        row_weight = torch.zeros(num_items).index_add(0, items, weight_rows)
+        row_weight = torch.zeros(num_items).index_add(0, items.long(), weight_rows)
         total_weight = float(total.sum())
         users, weights = self.rounds.get(round_)
         for user, weight in zip(users.tolist(), weights.tolist(), strict=True):
@@ -119,8 +130,8 @@ class TransferStation(RoundRecorder):
             if record is None:
                 continue
             mine, rows = record
-            numerator.index_add_(0, mine, -weight * rows)
-            row_weight.index_add_(0, mine, torch.full((len(mine),), -weight))
+            numerator.index_add_(0, mine.long(), -weight * rows)
+            row_weight.index_add_(0, mine.long(), torch.full((len(mine),), -weight))
             total_weight -= weight
         return sparse_aggregate(numerator, row_weight, total_weight, mode, server_lr)
 

@@ -1,42 +1,56 @@
 """FRU baseline (Yuan et al., WSDM 2023; ``shared/specs/baselines.md``): client-side histories.
 
-Learning: every client keeps, for every round it took part in, the most important rows of its
-item-embedding update: among the rows it touched (its positives and sampled negatives), the
-top-``alpha`` fraction by L2 norm of ``v_i(after) - v_i(received)``. The server's refinement on
-the shared graph (Eq. 18) is stored and selected the same way, as one more participant: here the
-unlearned data are shared interactions, which only the server trains on. The server also keeps
-round 0 (its initial table and user embeddings) and who took part in each round with |D_u|.
+Learning: every client keeps, for every round it took part in, FRU's selection of its item-
+embedding update rows (:mod:`fedshare.unlearning.fru_selection`, settings
+:class:`FruSettings`): at the paper's settings (``sampling="paper"``) its positives and
+``ceil(beta * |pos|)`` negatives from the user-item mixed semi-hard pool among the negatives its
+local training moved, then the top-``alpha`` of those by L2 norm of
+``v_i(after) - v_i(received)``; with ``sampling="learning"`` the top-``alpha`` of every row the
+local training touched. The learning phase itself is shared by every method: FRU's sampling
+decides what is *stored*, not how the model was trained. The server's refinement on the shared
+graph (Eq. 18) is stored as one more participant: the top-``alpha`` of the rows it changed
+(here the unlearned data are shared interactions, which only the server trains on). The server
+also keeps round 0 (its initial table and user embeddings) and who took part in each round with
+|D_u|.
 
 Unlearning: roll back to round 0 and replay every round with the same participants; round 1
 applies the stored client updates as they are; later rounds run ``ceil(lambda * L)`` local epochs
 from the replayed table and step by the stored aggregate's length in the new aggregate's direction
 (:mod:`fedshare.unlearning.replay`). No participant leaves: unsharing users keep their local data.
 
-Through Flower (``fru-alpha`` > 0 in the run config) the ClientApp keeps the same rows in its
-node's ``context.state`` (one record per user, surviving across rounds) and reports each trained
-user's store size; the strategy enters them in its ledger. The replay runs in process.
+Through Flower (``fru-alpha`` > 0 in the run config, with ``fru-beta``, ``fru-pool`` and
+``fru-sampling``) the ClientApp keeps the same rows in its node's ``context.state`` (one record
+per user, surviving across rounds) and reports each trained user's store size; the strategy
+enters them in its ledger. The replay runs in process.
 
-Choices: ``ceil(alpha * touched rows)`` rows are kept; item ids are stored as int64 beside the
-float32 rows and both count in the ledger; the stored aggregate divides like the run's Eq. 16
-mode, over the stored rows. FRU's optional semi-hard negative sampling is not used: clients
-replay with the learning phase's uniform negatives.
+Choices: item ids are stored compactly (:func:`id_dtype`: int16 up to 32767 items, else int32)
+beside the float32 rows, and both count in the ledger; the stored aggregate divides like the
+run's Eq. 16 mode, over the stored rows. Replayed rounds train with the learning phase's uniform
+negatives.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
-from fractions import Fraction
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from fedshare.federated.inprocess import InProcessFederation
-from fedshare.federated.population import NodeUpdate
+from fedshare.federated.population import ClientPopulation, NodeUpdate
 from fedshare.federated.recording import RoundRecorder
 from fedshare.models.local import LocalUpdate
 from fedshare.storage_ledger import FRU_CLIENT, SERVER, RowStore, StorageLedger, client
+from fedshare.unlearning.fru_selection import (
+    FruSettings,
+    id_bytes,
+    id_dtype,
+    kept_rows,
+    row_bytes,
+    select_important_rows,
+    stored_rows,
+)
 from fedshare.unlearning.replay import (
     ReplayConfig,
     calibrated_step,
@@ -51,50 +65,24 @@ SERVER_KINDS = ("fru-server-updates", "fru-rounds", "fru-checkpoint")
 KINDS = (KIND, *SERVER_KINDS)
 
 
-def select_important_rows(items: Tensor, deltas: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """The top-``alpha`` fraction of update rows by L2 norm (ties broken by item id)."""
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
-    keep = kept_rows(alpha, len(items))
-    order = np.lexsort((items.numpy(), -deltas.norm(dim=1).numpy()))[:keep]
-    chosen = torch.from_numpy(np.sort(order))
-    return items[chosen], deltas[chosen]
+__all__ = ["KIND", "KINDS", "FruHistory", "FruSettings", "expected_bytes", "fru_unlearn",
+           "id_bytes", "id_dtype", "kept_rows", "row_bytes", "select_important_rows",
+           "store_round", "stored_rows"]
 
 
-def important_rows(update: LocalUpdate, start: Tensor, alpha: float
-                   ) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(user, item ids, update rows) that each trained user of ``update`` keeps."""
-    for b, user in enumerate(update.users.tolist()):
-        mine = update.row_user == b
-        if not bool(mine.any()):
-            continue
-        items = update.row_item[mine]
-        kept_items, kept_rows = select_important_rows(items, update.row_value[mine] - start[items],
-                                                      alpha)
-        yield user, kept_items.to(torch.int64), kept_rows
-
-
-def store_round(stores: dict[int, RowStore], update: LocalUpdate, start: Tensor, round_: int,
-                alpha: float, ledger: StorageLedger) -> None:
-    """After a round of local training, every trained user keeps its important rows."""
-    for user, items, rows in important_rows(update, start, alpha):
+def store_round(stores: dict[int, RowStore], rows: Iterator[tuple[int, Tensor, Tensor]],
+                round_: int, ledger: StorageLedger) -> None:
+    """After a round of local training, every trained user keeps its selected ``rows``
+    (from :func:`stored_rows`)."""
+    for user, items, kept in rows:
         store = stores.setdefault(user, RowStore(client(user), KIND, ledger))
-        store.add(round_, items, rows)
+        store.add(round_, items, kept)
 
 
-def kept_rows(alpha: float, touched: int) -> int:
-    """ceil(alpha * touched), in exact decimal arithmetic (0.55 * 100 is 55, not 56)."""
-    return math.ceil(Fraction(str(alpha)) * touched)
-
-
-def row_bytes(rows: int, dim: int) -> int:
-    """One stored row: ``dim`` float32 values and an int64 item id."""
-    return rows * (dim * 4 + 8)
-
-
-def expected_bytes(touched_rows: list[int], alpha: float, dim: int) -> int:
-    """The analytic size of one participant's store: ceil(alpha * touched) rows per round."""
-    return sum(row_bytes(kept_rows(alpha, n), dim) for n in touched_rows)
+def expected_bytes(touched_rows: list[int], alpha: float, dim: int, num_items: int) -> int:
+    """The analytic size of one participant's store: ceil(alpha * candidates) rows per round
+    (``touched_rows``: its candidate rows of each round)."""
+    return sum(row_bytes(kept_rows(alpha, n), dim, num_items) for n in touched_rows)
 
 
 class FruHistory(RoundRecorder):
@@ -102,8 +90,13 @@ class FruHistory(RoundRecorder):
 
     name = "fru"
 
-    def __init__(self, alpha: float = 0.5) -> None:
-        self.alpha = alpha
+    def __init__(self, settings: FruSettings | None = None) -> None:
+        self.settings = settings or FruSettings()
+        self.population: ClientPopulation | None = None
+        self.seed = 0
+
+    def serving(self, population: ClientPopulation, seed: int) -> None:
+        self.population, self.seed = population, seed
 
     def begin(self, ledger: StorageLedger, table: Tensor, user: Tensor,
               sharers: np.ndarray) -> None:
@@ -115,7 +108,11 @@ class FruHistory(RoundRecorder):
         self.checkpoint.add(0, table, user)
 
     def clients(self, round_: int, update: LocalUpdate, weights: Tensor, start: Tensor) -> None:
-        store_round(self.clients_, update, start, round_, self.alpha, self.ledger)
+        if self.population is None:
+            raise RuntimeError("FruHistory needs the clients' data (RoundRecorder.serving)")
+        positives, history = self.population.user_items(update.users)
+        store_round(self.clients_, stored_rows(update, start, positives, history, self.settings,
+                                               self.seed, round_), round_, self.ledger)
         self.rounds.add(round_, torch.from_numpy(update.users), weights.float())
 
     def nodes(self, round_: int, users: Tensor, weights: Tensor, updates: Sequence[NodeUpdate],
@@ -127,7 +124,8 @@ class FruHistory(RoundRecorder):
         delta = refined - aggregated
         items = (delta != 0).any(dim=1).nonzero().squeeze(1)
         if len(items):
-            self.server.add(round_, *select_important_rows(items, delta[items], self.alpha))
+            kept, rows = select_important_rows(items, delta[items], self.settings.alpha)
+            self.server.add(round_, kept.to(id_dtype(len(delta))), rows)
 
     def replayed_rounds(self) -> list[int]:
         return sorted(set(self.rounds.keys()) | set(self.server.keys()))
@@ -142,8 +140,8 @@ class FruHistory(RoundRecorder):
             if record is None:
                 continue
             items, rows = record
-            numerator.index_add_(0, items, rows * weight)
-            row_weight.index_add_(0, items, torch.full((len(items),), weight))
+            numerator.index_add_(0, items.long(), rows * weight)
+            row_weight.index_add_(0, items.long(), torch.full((len(items),), weight))
         return sparse_aggregate(numerator, row_weight, float(weights.sum()), mode, server_lr)
 
 

@@ -33,9 +33,11 @@ from fedshare.federated.inprocess import InProcessFederation, run_inprocess
 from fedshare.federated.population import ClientPopulation
 from fedshare.federated.traffic import Traffic, stored_rows_bytes
 from fedshare.storage_ledger import SERVER, StorageLedger
-from fedshare.unlearning import cufru, fru
+from fedshare.unlearning import cufru
+from fedshare.unlearning import fru as fru_method
 from fedshare.unlearning.algorithm import complete_erasure, run_algorithm2
 from fedshare.unlearning.config import VARIANTS, UnlearningConfig
+from fedshare.unlearning.fru import FruHistory, FruSettings
 from fedshare.unlearning.remaining import remaining_data
 from fedshare.unlearning.replay import ReplayConfig
 from fedshare.unlearning.shared_store import SharedStore
@@ -43,7 +45,7 @@ from fedshare.unlearning.shared_store import SharedStore
 METHODS = ("no-unlearning", "fedshare", "wo-forgotten-graph", "wo-remaining-fl",
            "fedshare-reset", "fru", "cufru", "retrain")
 FEDSHARE_METHODS = tuple(VARIANTS)
-KEPT_KINDS = {**{m: ("snapshots",) for m in FEDSHARE_METHODS}, "fru": fru.KINDS,
+KEPT_KINDS = {**{m: ("snapshots",) for m in FEDSHARE_METHODS}, "fru": fru_method.KINDS,
               "cufru": cufru.KINDS}
 
 
@@ -125,7 +127,7 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
     if method == "no-unlearning":
         complete_erasure(server, store)
     elif method == "fru":
-        fru.fru_unlearn(federation, learned.histories["fru"], replay, round_offset)
+        fru_method.fru_unlearn(federation, learned.histories["fru"], replay, round_offset)
         complete_erasure(server, store)
     elif method == "cufru":
         leaving = set(np.unique(store.forgotten().users).tolist())
@@ -142,7 +144,7 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
     return UnlearningOutcome(method, federation, seconds, kept, store, on_clients, traffic)
 
 
-def fru_uploads(history: fru.FruHistory, traffic: Traffic, dim: int) -> None:
+def fru_uploads(history: FruHistory, traffic: Traffic, dim: int) -> None:
     """FRU's replay asks every participant of every replayed round for its stored rows of that
     round: a message of its own in the first round (which trains nothing), part of the train
     reply in the others (whose request and update :meth:`InProcessFederation.fresh_update`
@@ -159,10 +161,10 @@ def fru_uploads(history: fru.FruHistory, traffic: Traffic, dim: int) -> None:
 
 
 def learn(data: PreparedData, config: FederatedConfig, record: bool = False,
-          alpha: float = ReplayConfig.alpha) -> InProcessFederation:
-    """The learning phase; ``record`` keeps the FRU and CUFRU histories (``alpha``: FRU's
-    fraction of stored rows)."""
-    recorders = (fru.FruHistory(alpha), cufru.TransferStation()) if record else ()
+          fru: FruSettings | None = None) -> InProcessFederation:
+    """The learning phase; ``record`` keeps the FRU and CUFRU histories (``fru``: what FRU's
+    participants store, default :class:`FruSettings`: the paper's settings)."""
+    recorders = (FruHistory(fru or FruSettings()), cufru.TransferStation()) if record else ()
     result = run_inprocess(data, config, recorders=recorders)
     assert result.federation is not None
     return result.federation

@@ -31,23 +31,19 @@ from fedshare.models.local import LocalTrainConfig
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    """Settings of the FRU and CUFRU baselines.
+    """Settings of the FRU and CUFRU replays (what FRU stores while learning is
+    :class:`fedshare.unlearning.fru_selection.FruSettings`, ``phase.learn(fru=...)``).
 
     Args:
-        alpha: FRU's fraction of its touched rows a participant stores per round (paper: 0.5);
-            it acts while learning (``phase.learn(alpha=...)``), replay only reads the store.
         epoch_fraction: lambda, the replay's share of the local epochs and server steps (0.1).
         interval: CUFRU calibrates with fresh client updates every ``interval``-th round and
             applies the corrected stored aggregate in the others.
     """
 
-    alpha: float = 0.5
     epoch_fraction: float = 0.1
     interval: int = 10
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must lie in (0, 1], got {self.alpha}")
         if not 0.0 < self.epoch_fraction <= 1.0:
             raise ValueError(f"epoch_fraction must lie in (0, 1], got {self.epoch_fraction}")
         if self.interval < 1:
@@ -72,8 +68,9 @@ def calibrated_step(old: Tensor, new: Tensor) -> Tensor:
 
 
 def dense(items: Tensor, rows: Tensor, num_items: int) -> Tensor:
-    """Sparse stored rows as a full ``[num_items, d]`` update (zeros elsewhere)."""
-    return torch.zeros(num_items, rows.shape[1]).index_add(0, items, rows)
+    """Sparse stored rows (compact item ids) as a full ``[num_items, d]`` update (zeros
+    elsewhere)."""
+    return torch.zeros(num_items, rows.shape[1]).index_add(0, items.long(), rows)
 
 
 def sparse_aggregate(numerator: Tensor, row_weight: Tensor, total: float, mode: str,
