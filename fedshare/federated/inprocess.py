@@ -67,7 +67,7 @@ class InProcessFederation:
         for recorder in recorders:
             recorder.begin(self.ledger, *self.server.checkpoint(), np.unique(shared.users))
         self.population = ClientPopulation(data, np.arange(data.num_users), config.dim,
-                                           config.seed, shares=config.shares)
+                                           config.seed, shares=config.shares, local=config.local)
         self.candidates = self.population.trainable()
         self.log = RunLog(progress)
         self.learning = LearningRound(self.server, recorders, self.log)
