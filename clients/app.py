@@ -122,7 +122,8 @@ def _population(context: Context, mark: protocol.RunMark | None = None) -> Clien
     data = load_remaining(key) if _unshared(context) else load_data(key)
     config = federated_config(context.run_config)
     users = node_users(context.node_config, data.num_users)
-    population = ClientPopulation(data, users, config.dim, config.seed, shares=config.shares)
+    population = ClientPopulation(data, users, config.dim, config.seed, shares=config.shares,
+                                  local=config.local)
     if STATE in context.state:
         population.embeddings = torch.from_numpy(
             context.state[STATE]["user-embeddings"].numpy().copy())

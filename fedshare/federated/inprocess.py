@@ -72,7 +72,7 @@ class InProcessFederation:
         for recorder in recorders:
             recorder.begin(self.ledger, *self.server.checkpoint(), np.unique(shared.users))
         self.population = ClientPopulation(data, np.arange(data.num_users), config.dim,
-                                           config.seed, shares=config.shares)
+                                           config.seed, shares=config.shares, local=config.local)
         for recorder in recorders:
             recorder.serving(self.population, config.seed)
         self.candidates = self.population.trainable()

@@ -10,6 +10,20 @@ Choices: a user's weight |D_u| is the number of interactions its update was comp
 training, though it is still evaluated. For ranking, a user's vector is the one-layer ego-graph
 LightGCN over the user's *whole* training history (local and shared: the client holds both), and
 items are scored by cosine, the similarity the client is trained with (Eq. 15).
+
+The user embedding e_u in that vector: a user with local data uses the one the learning rounds
+trained on its I_local. A user with nothing local but a held history (a full sharer: the device
+keeps a copy of what it shared, Sec. III-B) is never trained by the rounds, so its e_u would stay
+the random initialisation; instead the device fits it (:meth:`ClientPopulation.fitted_embeddings`)
+with the very local training every client runs (:func:`train_local`: cosine BPR, the run's
+epochs and learning rate, uniform negatives) on its whole held history against the received
+table, from its initial embedding and on a fixed negative stream (the run seed, round key
+:data:`FIT_ROUND`). Only e_u is kept and nothing is uploaded: the item rows it trains are
+discarded, since the server trains the shared data. The fit is a pure function of (table,
+history), recomputed whenever ranking vectors are needed, so it adds no client state (a resumed
+run, the Flower ClientApp and the in-process engine all get the same vector, whichever node or
+cohort serves the user), and a user who then holds no data at all (it unshared everything) is a
+cold-start user ranked with its initial e_u.
 """
 
 from __future__ import annotations
@@ -37,6 +51,11 @@ from fedshare.sampling import counter_uniform
 TRAIN_CHUNK = 512
 """Users trained and averaged per call of the trainer: a cohort's memory stays that of 512
 users (every trained row of every user is held until it is averaged)."""
+
+FIT_ROUND = -1
+"""Round key of the negative-sampling stream of the on-device fit of users with nothing local
+(:meth:`ClientPopulation.fitted_embeddings`): no learning or unlearning round is negative, so
+the fit draws its own negatives, the same at every evaluation and in every cohort."""
 
 
 def initial_user_embeddings(users: np.ndarray, num_users: int, dim: int, seed: int) -> Tensor:
@@ -68,13 +87,18 @@ class ClientPopulation:
     Args:
         data: the prepared split and sharing plan.
         users: the global ids this node serves.
-        dim, seed: embedding size; seed of the private user embeddings.
+        dim, seed: embedding size; seed of the private user embeddings (and of the fit's
+            negatives).
         shares: ``False`` keeps every training interaction local (the no-sharing baseline).
+        local: the run's local training, with which users with nothing local fit their user
+            embedding for ranking (see the module docstring).
     """
 
     def __init__(self, data: PreparedData, users: np.ndarray, dim: int, seed: int,
-                 shares: bool = True) -> None:
+                 shares: bool = True, local: LocalTrainConfig | None = None) -> None:
         self.users = np.asarray(users, dtype=np.int64)
+        self.dim, self.seed = dim, seed
+        self.local = LocalTrainConfig() if local is None else local
         self.num_users = data.num_users
         self.num_items = data.num_items
         train = data.split.train
@@ -147,14 +171,52 @@ class ClientPopulation:
             total += float(weights.sum())
         return NodeUpdate(weighted / total, total, row_weight, len(users))
 
-    def user_vectors(self, users: np.ndarray, table: Tensor) -> Tensor:
-        """Ranking vectors: ego-graph LightGCN over each user's whole history (Eq. 13-14)."""
+    def held_count(self, users: np.ndarray) -> np.ndarray:
+        """Training interactions each user holds (local and shared)."""
         users = np.asarray(users, dtype=np.int64)
-        sizes = self._all_ptr[users + 1] - self._all_ptr[users]
+        return self._all_ptr[users + 1] - self._all_ptr[users]
+
+    def fitted_embeddings(self, users: np.ndarray, table: Tensor) -> Tensor:
+        """User embeddings fitted on the device for ranking (users with nothing local).
+
+        Each user of ``users`` trains as any client does (:func:`train_local`, the run's
+        :attr:`local` config) on its whole held history against ``table``, from its initial
+        embedding and on the negative stream ``(seed, FIT_ROUND)``; the trained item rows are
+        dropped. A pure function of (table, history): no state is read or written.
+        """
+        users = np.asarray(users, dtype=np.int64)
+        start = initial_user_embeddings(users, self.num_users, self.dim, self.seed)
+        fitted = [start[:0].to(table.dtype)]
+        for lo in range(0, len(users), TRAIN_CHUNK):  # users are independent: any grouping
+            part = users[lo:lo + TRAIN_CHUNK]
+            held = [self._items(self._all_ptr, self._all_items, u) for u in part]
+            batch = UserBatch.from_lists(part, held, held, self.num_items)
+            update = train_local(batch, table, start[lo:lo + TRAIN_CHUNK], self.local,
+                                 self.seed, FIT_ROUND)
+            fitted.append(update.user_embeddings)
+        return torch.cat(fitted)
+
+    def ranking_embeddings(self, users: np.ndarray, table: Tensor) -> Tensor:
+        """e_u of the ranking vectors: the trained embedding of a user with local data, the
+        fitted one (:meth:`fitted_embeddings`) of a user holding only shared data, the initial
+        one of a user holding nothing."""
+        users = np.asarray(users, dtype=np.int64)
+        embeddings = self.embeddings[self._rows(users)].to(table.dtype)
+        fit = (self.local_count(users) == 0) & (self.held_count(users) > 0)
+        if fit.any():
+            embeddings[torch.from_numpy(fit)] = self.fitted_embeddings(users[fit], table)
+        return embeddings
+
+    def user_vectors(self, users: np.ndarray, table: Tensor) -> Tensor:
+        """Ranking vectors: ego-graph LightGCN over each user's whole history (Eq. 13-14),
+        with :meth:`ranking_embeddings` as e_u."""
+        users = np.asarray(users, dtype=np.int64)
+        sizes = self.held_count(users)
         indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)]))
         items = torch.from_numpy(np.concatenate(
-            [self._items(self._all_ptr, self._all_items, u) for u in users]))
-        return user_representation(self.embeddings[self._rows(users)], table, indptr, items)
+            [np.zeros(0, np.int64), *(self._items(self._all_ptr, self._all_items, u)
+                                      for u in users)]))
+        return user_representation(self.ranking_embeddings(users, table), table, indptr, items)
 
     def evaluate(self, users: np.ndarray, table: Tensor, part: str = "valid",
                  ks: tuple[int, ...] = (20,)) -> tuple[dict[str, float], int]:

@@ -87,8 +87,9 @@ def switch_to_remaining(federation: InProcessFederation, data: PreparedData) -> 
     """Clients drop their unshared interactions (they no longer count anywhere, Eq. 9)."""
     remaining = remaining_data(data)
     old = federation.population
-    population = ClientPopulation(remaining, old.users, federation.config.dim,
-                                  federation.config.seed, shares=federation.config.shares)
+    config = federation.config
+    population = ClientPopulation(remaining, old.users, config.dim, config.seed,
+                                  shares=config.shares, local=config.local)
     population.embeddings = old.embeddings.clone()
     federation.population = population
     federation.data = remaining
