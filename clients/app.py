@@ -166,6 +166,19 @@ def unshare(msg: Message, context: Context) -> Message:
     return protocol.unshare_reply(msg, train.users[mine], train.items[mine])
 
 
+@app.query("restart")
+def restart(msg: Message, context: Context) -> Message:
+    """Retrain (``unlearning=retrain``): the node's users start over from their initial
+    embeddings; the learning rounds that follow train them again on the remaining data."""
+    mark = protocol.run_mark(msg)
+    _restore(context, mark)
+    for key in (STATE, HISTORY):
+        if key in context.state:
+            del context.state[key]
+    _persist(context, mark)
+    return protocol.restart_reply(msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of the round's sampled users of this node (Eq. 12-15)."""

@@ -41,7 +41,11 @@ message type              request                             reply
                                                               parts up exactly
 ========================  ==================================  =====================================
 
-Unlearning by replay (``unlearning=fru|cufru``, :mod:`strategies.replay`) adds:
+Unlearning by replay (``unlearning=fru|cufru``, :mod:`strategies.replay`) and by retraining
+(``unlearning=retrain``) adds:
+
+- ``query.restart`` (Retrain): config ``users``; every node forgets its users' trained
+  embeddings and starts over from their initial ones; an empty reply.
 
 - ``query.fru_rows`` (FRU's first replayed round, which trains nothing): config
   ``replay-round``, ``users`` and their learning-time ``weights``; the reply's arrays
@@ -247,6 +251,21 @@ def read_train_request(request: Message) -> TrainRequest:
     return TrainRequest(int(config[ROUND]), np.asarray(config[USERS], dtype=np.int64),
                         _tensor(request.content[ARRAYS], TABLE), run_mark(request), epochs,
                         replay)
+
+
+# ------------------------------------------------------------------- query.restart (Retrain)
+RESTART = "query.restart"
+
+
+def restart_requests(node_users: Mapping[int, list[int]], mark: RunMark) -> list[Message]:
+    """Retrain through Flower: every node drops its users' trained embeddings and starts over
+    from their initial ones; the reply is empty."""
+    return [_request(node, RESTART, {**mark.config(), USERS: list(users)})
+            for node, users in node_users.items()]
+
+
+def restart_reply(request: Message) -> Message:
+    return _reply(request)
 
 
 # ------------------------------------------------------------- unlearning by replay (FRU)

@@ -36,10 +36,10 @@ REPLAY_KEYS = ("unlearning", "replay-epoch-fraction", "replay-interval")
 APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", *FRU_KEYS,
             "max-failed-fraction", "client-state-dir", "bind-users", *UNLEARN_KEYS,
             *REPLAY_KEYS)
-UNLEARNING_METHODS = (*VARIANTS, "fru", "cufru")
+UNLEARNING_METHODS = (*VARIANTS, "fru", "cufru", "retrain")
 """What ``unlearning=...`` may name through Flower: FedShare (Algorithm 2), its Table IV
-ablations and its named variant, and the FRU / CUFRU baselines, which also change what is
-recorded while learning."""
+ablations and its named variant, the FRU / CUFRU baselines, which also change what is
+recorded while learning, and Retrain (the learning phase again on the remaining data)."""
 DEVICE_FILE = "device-file"
 """Node-config key of a deployed device's own data (:mod:`fedshare.data.device`)."""
 

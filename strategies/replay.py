@@ -1,5 +1,5 @@
-"""FRU and CUFRU unlearning on Flower: the replay of :mod:`fedshare.unlearning.replay` with real
-messages to the devices that must take part.
+"""FRU and CUFRU unlearning on Flower (the replay of :mod:`fedshare.unlearning.replay`), and
+Retrain, with real messages to the devices that must take part.
 
 Both roll the server back to round 0 and replay every learning round, each step FedEraser-
 calibrated (the stored update's length in a freshly computed direction), exactly as the
@@ -158,3 +158,24 @@ def replay_cufru(grid: Grid, strategy: FedShareStrategy, station: TransferStatio
     finish(server, table)
     return first + (rounds[-1] if rounds else 0)
 
+
+
+def retrain(grid: Grid, strategy: FedShareStrategy, first: int, traffic: Traffic) -> int:
+    """Retrain through Flower: the server goes back to its initial state (regenerated from the
+    seed), every node restarts its users (``query.restart``), and the whole learning phase
+    runs again on the remaining data, rounds and random streams numbered 1..R as in the
+    in-process Retrain. Returns the last round number used for the commit."""
+    server, cfg = strategy.server, strategy.config
+    server.restore(server.initial_state())
+    server.snapshots.clear()
+    nodes = nodes_of(strategy, [u for users in strategy.directory.node_users.values()
+                                for u in users], grid)
+    exchange(grid, protocol.restart_requests(nodes, strategy.mark()), strategy.timeout, traffic)
+    for round_ in range(1, cfg.rounds + 1):
+        log(INFO, "%s retrain round %d", PROGRESS, round_)
+        replies = exchange(grid, strategy.train_messages(round_, grid), strategy.timeout,
+                           traffic)
+        updates = strategy.accepted_updates(round_, replies)
+        if updates is not None:
+            server.finish_round(strategy.learning.local_view(round_, updates)[0], round_)
+    return first + cfg.rounds

@@ -34,7 +34,7 @@ from fedshare.unlearning.phase import kept_bytes
 from fedshare.unlearning.replay import ReplayConfig
 from fedshare.unlearning.shared_store import SharedStore
 from strategies.fedshare import FedShareStrategy
-from strategies.replay import exchange, replay_cufru, replay_fru
+from strategies.replay import exchange, replay_cufru, replay_fru, retrain
 
 REPLAYED = ("fru", "cufru")
 
@@ -119,8 +119,8 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
     server = strategy.server
     started = time.perf_counter()
     traffic = Traffic()
-    kept = server.snapshot_bytes() if method not in REPLAYED else \
-        kept_bytes(server.ledger, method)[0]
+    kept = kept_bytes(server.ledger, method)[0] if method in REPLAYED else \
+        0 if method == "retrain" else server.snapshot_bytes()
     store = SharedStore(server.shared)
     log(INFO, "%s unlearning: collecting unsharing requests", PROGRESS)
     accepted = accept_requests(strategy, store, collect_requests(grid, strategy))
@@ -129,8 +129,8 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
     forgotten = len(store.forgotten())
 
     def summary() -> PhaseSummary:
-        settings = config.to_dict() if method not in REPLAYED else (replay or ReplayConfig()
-                                                                     ).to_dict()
+        settings = {} if method == "retrain" else config.to_dict() if method not in REPLAYED \
+            else (replay or ReplayConfig()).to_dict()
         return PhaseSummary(*learned, time.perf_counter() - started, kept, accepted, forgotten,
                             settings, method, **traffic.to_dict())
 
@@ -156,6 +156,8 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
     if method == "fru":
         last = replay_fru(grid, strategy, histories["fru"], replay or ReplayConfig(), first,
                           traffic)
+    elif method == "retrain":
+        last = retrain(grid, strategy, first, traffic)
     elif method == "cufru":
         leaving = set(np.unique(store.forgotten().users).tolist())
         last = replay_cufru(grid, strategy, histories["cufru"], leaving,
@@ -164,8 +166,9 @@ def run_unlearning(grid: Grid, strategy: FedShareStrategy, config: UnlearningCon
         run_algorithm2(server, store, replace(config, **VARIANTS[method]), first,
                        remaining_round)
         last = first + config.rounds
-    if method in REPLAYED:
+    if method in (*REPLAYED, "retrain"):  # one snapshot left, the final table (the audit's rule)
         complete_erasure(server, store)
+    if method in REPLAYED:
         drop_history(histories[method])
     if strategy.store is not None:  # D_s without the requests and the unlearned table, at once
         strategy.store.serve(strategy.store.pending(), (last, server.table,

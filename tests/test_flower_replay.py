@@ -1,5 +1,5 @@
-"""FRU and CUFRU through the real Flower app (``unlearning=fru|cufru``) give the in-process
-engine's table, pay their replay in real messages, and leave nothing of the forgotten data in
+"""FRU, CUFRU and Retrain through the real Flower app (``unlearning=fru|cufru|retrain``) give
+the in-process engine's table, pay their replay in real messages, and leave nothing of the forgotten data in
 the server's store; the in-process engine counts the same messages per device."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SETTINGS = ["rounds=3", "eval-every=3", "fraction=0.5", "dim=8", "server-steps=2
             "local-epochs=2", "seed=0", "snapshots=2", "unlearn=true", "replay-interval=2"]
 
 
-@pytest.fixture(scope="module", params=["fru", "cufru"])
+@pytest.fixture(scope="module", params=["fru", "cufru", "retrain"])
 def replayed(request, tmp_path_factory):
     data = tiny_prepared()
     root = tmp_path_factory.mktemp(f"flower-{request.param}")
@@ -47,7 +47,8 @@ def test_summary_names_the_method_and_its_cost(replayed):
     method, data, _, summary, outcome, config = replayed
     assert summary["unlearning_method"] == method
     assert summary["forgotten_interactions"] == int(data.plan.unlearn.sum())
-    assert summary["unlearning_kept_bytes"] == outcome.kept_bytes > 0
+    assert summary["unlearning_kept_bytes"] == outcome.kept_bytes
+    assert (outcome.kept_bytes > 0) == (method != "retrain")
     # the same users had to answer in both engines
     assert summary["devices_online"] == outcome.traffic.to_dict()["devices_online"] > 0
     assert summary["client_messages"] > 0 and summary["bytes_down"] > 0
@@ -64,3 +65,12 @@ def test_the_erasure_audit_finds_nothing_left(replayed, capsys):
     _, _, out, _, _, _ = replayed
     assert main(["audit", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("0 found in ")
+
+
+def test_retrain_restarts_every_device(replayed):
+    method, data, _, summary, outcome, config = replayed
+    if method != "retrain":
+        pytest.skip("Retrain only")
+    assert summary["devices_online"] == data.num_users == len(outcome.traffic.devices)
+    # two nodes: one restart and one train message per round each, at most
+    assert summary["client_messages"] <= 2 * (1 + config.rounds)

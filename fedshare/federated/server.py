@@ -143,10 +143,16 @@ class Server:
             return aggregated.clone()
         return self._train_on_graph(aggregated, round_, contrastive=True, steps=steps)
 
-    def initial_table(self) -> Tensor:
-        """V_s as it was before round 1, regenerated from the seed (nothing kept)."""
+    def initial_state(self) -> tuple[Tensor, Tensor]:
+        """V_s and the user embeddings as they were before round 1, regenerated from the seed
+        (nothing kept): what a retrain starts from."""
         generator = torch.Generator().manual_seed(self.config.seed)
-        return xavier_table(self.num_items, self.config.dim, generator)
+        table = xavier_table(self.num_items, self.config.dim, generator)
+        return table, xavier_table(self.user.shape[0], self.config.dim, generator)
+
+    def initial_table(self) -> Tensor:
+        """V_s as it was before round 1 (:meth:`initial_state`)."""
+        return self.initial_state()[0]
 
     def checkpoint(self) -> tuple[Tensor, Tensor]:
         """The item table and the server's user embeddings, for a later :meth:`restore`."""

@@ -103,6 +103,8 @@ def unlearn(learned: InProcessFederation, data: PreparedData, method: str,
         raise FedShareError(f"unknown unlearning method {method!r}; one of {', '.join(METHODS)}")
     traffic = Traffic()
     if method == "retrain":  # timed like the others: training only, no evaluation inside
+        # every device is told to drop its model (a message to each), then learning again
+        traffic.per_device(np.arange(data.num_users), 0, 0)
         start = time.perf_counter()
         result = run_inprocess(remaining_data(data), learned.config, validate=False,
                                traffic=traffic)
