@@ -1,7 +1,7 @@
 """Choosing every unlearning method's settings on plans nobody reports on (issue 15).
 
 ``fedshare tune-unlearning`` gives FedShare, its two ablations (w/o forgotten graph, w/o remaining
-FL), FRU and CUFRU the same search:
+FL), its named variant fedshare-reset, FRU and CUFRU the same search:
 
 - **Tuning plans**, disjoint from the reported ones: by default two (split seed : plan seed)
   pairs, 100:100 and 101:101, of the run config's dataset with its default user ratio and gamma
