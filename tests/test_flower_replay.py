@@ -1,6 +1,6 @@
 """FRU, CUFRU and Retrain through the real Flower app (``unlearning=fru|cufru|retrain``) give
-the in-process engine's table, pay their replay in real messages, and leave nothing of the forgotten data in
-the server's store; the in-process engine counts the same messages per device."""
+the in-process engine's table, pay their replay in real messages, and leave nothing of the
+forgotten data in the server's store; both engines count the same devices online."""
 
 from __future__ import annotations
 
