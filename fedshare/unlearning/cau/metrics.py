@@ -1,0 +1,85 @@
+"""Unlearning metrics: Hit_u@K of the forgotten items and the U-score (Eq. 14).
+
+Hit_u@K (paper Sec. 5.1.2, after [46]; lower is better): for each forget sample, score the items
+after the prefix before the forgotten item and count a hit when f ranks in the top K.
+Two candidate sets (spec "Metrics"): f plus 500 random items not in the session (drawn without
+replacement, seeded; all of them if fewer remain), or every item (full ranking, pad excluded).
+Rank = number of candidates scoring strictly higher than f: ties count in f's favour, i.e. as
+still remembered, the conservative side for an unlearning claim.
+U_beta = (1 + beta^2) R (1 - H) / (beta^2 R + (1 - H)), R = Recall@10, H = Hit_u@1, beta = 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedshare.unlearning.cau.model import CAUModel
+
+
+def _as_np(scores: Tensor | np.ndarray) -> np.ndarray:
+    return scores.detach().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores)
+
+
+def hit_u_full(scores: Tensor | np.ndarray, forget: Sequence[int] | np.ndarray, k: int) -> float:
+    """Full-ranking Hit_u@k: ``scores [N, n_items + 1]`` (column = item id; column 0, the pad,
+    is excluded)."""
+    s = _as_np(scores)[:, 1:].astype(np.float64)
+    f = np.asarray(forget, dtype=np.int64) - 1
+    own = s[np.arange(s.shape[0]), f]
+    rank = (s > own[:, None]).sum(axis=1)
+    return float((rank < k).mean()) if s.shape[0] else 0.0
+
+
+def sample_negatives(
+    n_items: int,
+    sessions: Sequence[Sequence[int]],
+    n_neg: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Per sample, ``n_neg`` distinct item ids in 1..n_items not in that sample's session."""
+    out = []
+    for sess in sessions:
+        pool = np.setdiff1d(np.arange(1, n_items + 1), np.asarray(list(sess), dtype=np.int64))
+        out.append(rng.choice(pool, size=min(n_neg, pool.size), replace=False))
+    return out
+
+
+def hit_u_sampled(
+    scores: Tensor | np.ndarray,
+    forget: Sequence[int] | np.ndarray,
+    negatives: Sequence[np.ndarray],
+    k: int,
+) -> float:
+    """Sampled Hit_u@k: f ranked among f plus its sample's negatives."""
+    s = _as_np(scores).astype(np.float64)
+    hits = [
+        int((s[i, neg] > s[i, int(f)]).sum() < k)
+        for i, (f, neg) in enumerate(zip(np.asarray(forget), negatives, strict=True))
+    ]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def u_score(recall: float, hit_u: float, beta: float = 3.0) -> float:
+    """Eq. 14 (0 when both terms are 0)."""
+    keep = 1.0 - hit_u
+    den = beta**2 * recall + keep
+    return 0.0 if den <= 0 else (1.0 + beta**2) * recall * keep / den
+
+
+@torch.no_grad()
+def forget_scores(model: CAUModel, prefixes: Tensor, batch_size: int = 1024) -> Tensor:
+    """Eval-mode last-position logits ``[N, n_items + 1]`` for the metrics above."""
+    was = model.module.training
+    model.module.eval()
+    try:
+        parts = [
+            model.logits(prefixes[i : i + batch_size])
+            for i in range(0, prefixes.shape[0], batch_size)
+        ]
+    finally:
+        model.module.train(was)
+    return torch.cat(parts)
