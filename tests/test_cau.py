@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedshare.unlearning.cau import curriculum, difficulty, losses, metrics, mgda
+from fedshare.unlearning.cau import curriculum, difficulty, losses, metrics, mgda, samples
 from fedshare.unlearning.cau.model import CAUModel, ForgetSet, item_log_probs
 from fedshare.unlearning.cau.unlearn import (
     CAUConfig,
@@ -64,6 +64,25 @@ def toy_samples(n: int, seed: int = 0, length: int = 4) -> ForgetSet:
     f = torch.randint(1, N_ITEMS + 1, (n,), generator=g)
     r = torch.randint(1, N_ITEMS + 1, (n,), generator=g)
     return ForgetSet(pre, f, r)
+
+
+# ------------------------------------------------------------------------------------ samples
+
+
+def test_forget_samples_from_sessions():
+    sessions = {7: [5, 6, 7, 8, 9, 10], 3: [1, 2, 3]}
+    fs, owner = samples.build_forget_set(sessions, {7: [5, 3], 3: [2]}, max_len=3)
+    assert owner == [3, 7, 7]
+    assert fs.prefixes.tolist() == [[0, 0, 1], [0, 5, 6], [5, 6, 8]]  # 7 gone from the later prefix
+    assert fs.forget.tolist() == [2, 7, 9] and fs.retain.tolist() == [3, 8, 10]
+    assert samples.remaining_session(sessions[7], [5, 3]) == [5, 6, 8, 10]
+    fs2, _ = samples.build_forget_set(sessions, {7: [3, 4]}, max_len=1)
+    assert fs2.prefixes.tolist() == [[6], [6]] and fs2.retain.tolist() == [9, 9]
+    for bad in ({3: [3]}, {3: [1]}):  # t must be in [2, n - 1]
+        with pytest.raises(ValueError):
+            samples.build_forget_set(sessions, bad, max_len=3)
+    with pytest.raises(ValueError):  # 0 is the pad, not an item
+        ForgetSet(torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]), torch.tensor([1]))
 
 
 # ----------------------------------------------------------------------------- losses (Eq. 5-8)
@@ -322,6 +341,17 @@ def test_cau_forgets_and_keeps_retained_pairs(dif, sched):
     assert len(res.weights) == 40 * 2
     assert accuracy(model, forget.prefixes, forget.forget) <= 1 / 6
     assert accuracy(model, rpre, rtgt) >= before - 0.15
+
+
+def test_pure_gradient_ascent_collapses():
+    """w/o RL, same budget as above: L_u runs away and the retained pairs suffer."""
+    m, forget, rpre, rtgt = memorised_toy()
+    ga = wrap(m)
+    before = accuracy(ga, rpre, rtgt)
+    res = cau_unlearn(ga, forget, CAUConfig(epochs=40, batch_size=3, lr=1e-2, weights="ga"))
+    assert accuracy(ga, forget.prefixes, forget.forget) <= 1 / 6
+    assert accuracy(ga, rpre, rtgt) <= before - 0.25
+    assert res.losses[-1][0] < -20.0  # log P(f|p) unbounded below
 
 
 def test_ablations_and_determinism():
