@@ -221,8 +221,42 @@ def test_last_layer_difficulty_matches_autograd(seq):
     auto = difficulty.gradient_difficulty(model, s, ref, params=model.last_layer)
     assert torch.allclose(closed, auto, atol=1e-5)
     assert m.training  # eval mode for scoring, restored
+    looped = difficulty.gradient_difficulty(model, s, ref, model.last_layer, vectorized=False)
+    assert torch.allclose(closed, looped, atol=1e-5)
     full = difficulty.gradient_difficulty(model, s, ref)
+    full_loop = difficulty.gradient_difficulty(model, s, ref, vectorized=False)
+    assert torch.allclose(full, full_loop, atol=1e-5)
     assert full.shape == (6,) and bool(((full >= -1) & (full <= 1)).all())
+    assert not torch.allclose(full, closed, atol=1e-3)  # the two variants differ
+
+
+class Unbatchable(Toy):
+    """A forward torch.func's vmap cannot batch (data-dependent Python control flow)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int(x.max()) < 0:
+            raise AssertionError
+        return super().forward(x)
+
+
+def test_full_difficulty_falls_back_to_the_loop(monkeypatch):
+    torch.manual_seed(4)
+    toy, s = wrap(Toy()), toy_samples(4)
+    ref = losses.reference_log_probs(toy, s.prefixes)
+    with monkeypatch.context() as mp:  # the toy takes the vectorized path, not the loop
+
+        def no_loop(*args):
+            raise AssertionError("looped")
+
+        mp.setattr(difficulty, "_looped", no_loop)
+        difficulty.gradient_difficulty(toy, s, ref)
+    m = Unbatchable()
+    model, s = wrap(m), toy_samples(4)
+    ref = losses.reference_log_probs(model, s.prefixes)
+    d = difficulty.gradient_difficulty(model, s, ref)
+    m2 = Toy()
+    m2.load_state_dict(m.state_dict())
+    assert torch.allclose(d, difficulty.gradient_difficulty(wrap(m2), s, ref), atol=1e-5)
 
 
 def test_embedding_difficulty_is_logit_without_bias():

@@ -5,7 +5,8 @@ Algorithms 1-2); decisions and traps: ``shared/specs/cau.md``. Pure torch/numpy:
 imports Flower or the sequence backbones; a backbone enters through :class:`model.CAUModel`.
 
 Modules, one idea each:
-``model`` (the minimal model interface and the forget samples), ``losses`` (L_u, L_n, L_KL,
+``model`` (the minimal model interface and the forget samples), ``samples`` (forget samples
+from sessions, spec "Samples"), ``losses`` (L_u, L_n, L_KL,
 Eq. 5-8), ``mgda`` (the exact three-task min-norm weights, Eq. 10), ``difficulty`` (Eq. 11-12),
 ``curriculum`` (Algorithm 1 hard batches, Algorithm 2 / Eq. 13 soft sampling), ``unlearn`` (the
 CAU loop with its ablations), ``metrics`` (Hit_u@K and the U-score, Eq. 14).

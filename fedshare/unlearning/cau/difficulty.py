@@ -3,8 +3,9 @@
 Gradient difficulty (Eq. 11): Dif_g(x) = -cos(grad l_u(x), grad l_n(x) + grad l_KL(x)), how much
 forgetting x conflicts with retaining. Two variants (spec "Difficulty"):
 - ``gradient_difficulty(..., params)``: per-sample autograd gradients over ``params``; with all
-  trainable parameters this is the faithful full-model Eq. 11 (one forward and two backward passes
-  per sample: costly, fine for a device's few samples).
+  trainable parameters this is the faithful full-model Eq. 11 (per-sample gradients through
+  ``torch.func`` vmap where the backbone allows it, else a per-sample loop: costly, fine for a
+  device's few samples).
 - ``last_layer_gradient_difficulty``: the exact closed form for an output layer
   logits = W h (+ b). The gradients w.r.t. the logits are e_f - P (of log P_f) and
   (P - e_r) + (P - P_ref) (of -log P_r and of KL(P_ref||P)); w.r.t. (W, b) each is that vector
@@ -70,24 +71,59 @@ def gradient_difficulty(
     samples: ForgetSet,
     ref_log_probs: Tensor,
     params: Sequence[nn.Parameter] | None = None,
+    vectorized: bool = True,
 ) -> Tensor:
-    """Eq. 11 by per-sample autograd over ``params`` (default: every trainable parameter)."""
+    """Eq. 11 by per-sample autograd over ``params`` (default: every trainable parameter).
+
+    ``vectorized``: per-sample gradients by ``torch.func`` (vmap of jacrev); a backbone whose
+    forward vmap cannot batch falls back to a loop of one forward and two backwards per sample.
+    """
     if params is None:
         params = [p for p in model.module.parameters() if p.requires_grad]
     ps = list(params)
-    out = torch.empty(len(samples))
     with _EvalMode(model.module):
-        for i in range(len(samples)):
-            lp = item_log_probs(model.logits(samples.prefixes[i : i + 1]))
-            l_u = unlearn_loss(lp, samples.forget[i : i + 1])
-            l_rest = normal_loss(lp, samples.retain[i : i + 1]) + kl_loss(
-                lp, ref_log_probs[i : i + 1]
-            )
-            g_u = torch.autograd.grad(l_u, ps, retain_graph=True, allow_unused=True)
-            g_r = torch.autograd.grad(l_rest, ps, allow_unused=True)
-            flat_u = torch.cat([_flat(g, p) for g, p in zip(g_u, ps, strict=True)])
-            flat_r = torch.cat([_flat(g, p) for g, p in zip(g_r, ps, strict=True)])
-            out[i] = _neg_cos(flat_u, flat_r)
+        if vectorized:
+            try:
+                return _vmapped(model, samples, ref_log_probs, ps)
+            except (RuntimeError, NotImplementedError, KeyError, ValueError):
+                pass
+        return _looped(model, samples, ref_log_probs, ps)
+
+
+def _two_losses(lp: Tensor, f: Tensor, r: Tensor, ref: Tensor) -> Tensor:
+    """(l_u, l_n + l_KL) of one or more samples, stacked: the two sides of Eq. 11."""
+    return torch.stack([unlearn_loss(lp, f), normal_loss(lp, r) + kl_loss(lp, ref)])
+
+
+def _vmapped(model: CAUModel, samples: ForgetSet, ref: Tensor, ps: list[nn.Parameter]) -> Tensor:
+    from torch.func import functional_call, jacrev, vmap
+
+    names = {id(p): n for n, p in model.module.named_parameters()}
+    chosen = {names[id(p)]: p.detach() for p in ps}
+
+    def per_sample(theta: dict[str, Tensor], x: Tensor, f: Tensor, r: Tensor, rf: Tensor):
+        out = functional_call(model.module, theta, (x.unsqueeze(0),))
+        logits = out[:, -1, :] if out.dim() == 3 else out
+        return _two_losses(item_log_probs(logits), f[None], r[None], rf[None])
+
+    jac = vmap(jacrev(per_sample), in_dims=(None, 0, 0, 0, 0))(
+        chosen, samples.prefixes, samples.forget, samples.retain, ref
+    )
+    n = len(samples)
+    flat = torch.cat([jac[k].reshape(n, 2, -1) for k in chosen], dim=2).detach()
+    return _neg_cos(flat[:, 0], flat[:, 1])
+
+
+def _looped(model: CAUModel, samples: ForgetSet, ref: Tensor, ps: list[nn.Parameter]) -> Tensor:
+    out = torch.empty(len(samples))
+    for i in range(len(samples)):
+        lp = item_log_probs(model.logits(samples.prefixes[i : i + 1]))
+        two = _two_losses(lp, samples.forget[i : i + 1], samples.retain[i : i + 1], ref[i : i + 1])
+        g_u = torch.autograd.grad(two[0], ps, retain_graph=True, allow_unused=True)
+        g_r = torch.autograd.grad(two[1], ps, allow_unused=True)
+        flat_u = torch.cat([_flat(g, p) for g, p in zip(g_u, ps, strict=True)])
+        flat_r = torch.cat([_flat(g, p) for g, p in zip(g_r, ps, strict=True)])
+        out[i] = _neg_cos(flat_u, flat_r)
     return out
 
 
