@@ -162,6 +162,8 @@ def test_mgda_matches_brute_force(case):
     scale = float(np.abs(m).max())
     assert val <= grid + 1e-12 * scale  # never worse than any grid point
     assert val >= grid - 1e-3 * scale  # and the grid's resolution bounds the gap
+    # min-norm point of the hull: <g_i, d> >= ||d||^2 for every task (a common descent direction)
+    assert (m @ a >= val - 1e-9 * scale).all()
 
 
 def test_mgda_known_solutions():
@@ -412,6 +414,12 @@ def test_ablations_and_determinism():
             assert np.allclose(w, [1, 0, 0])
         if name == "equal":
             assert np.allclose(w, 1 / 3)
+    empty = ForgetSet(
+        torch.zeros(0, 4, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+    )
+    assert cau_unlearn(wrap(Toy()), empty).batches == []
     for combo in itertools.product(["gradient", "embedding"], ["hard", "soft"]):
         res = cau_unlearn(
             wrap(Toy()),

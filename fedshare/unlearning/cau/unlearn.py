@@ -161,6 +161,8 @@ def _schedule(model: CAUModel, forget: ForgetSet, ref: Tensor, config: CAUConfig
 def cau_unlearn(model: CAUModel, forget: ForgetSet, config: CAUConfig | None = None) -> CAUResult:
     """Unlearn ``forget`` from ``model`` in place with CAU (or an ablation); see the docstring."""
     config = config or CAUConfig()
+    if len(forget) == 0:
+        return CAUResult()
     torch.manual_seed(config.seed)
     params = [p for p in model.module.parameters() if p.requires_grad]
     ref = reference_log_probs(model, forget.prefixes)
