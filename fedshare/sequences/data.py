@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedshare.data.dataset import load_dataset
 from fedshare.data.interactions import Interactions
 from fedshare.errors import FedShareError
 
@@ -188,8 +189,6 @@ def build_sequences(interactions: Interactions, dataset: str, *, min_count: int 
 def prepare_sequences(dataset: str, path: str | Path | None = None, **kwargs) -> SequenceData:
     """Load ``dataset`` with the project's loaders (no user filter of their own) and build its
     sessions; keyword arguments go to :func:`build_sequences`."""
-    from fedshare.data.dataset import load_dataset
-
     return build_sequences(load_dataset(dataset, path, 0).interactions, dataset, **kwargs)
 
 
