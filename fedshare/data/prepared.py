@@ -8,16 +8,12 @@ checks a fingerprint of the interactions, so a plan cannot silently be applied t
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedshare.atomic import read_data_folder, write_data_folder
 from fedshare.data.dataset import load_dataset
 from fedshare.data.interactions import Interactions
 from fedshare.data.sharing import SharingConfig, SharingPlan, make_plan
@@ -49,50 +45,27 @@ class PreparedData:
         return _fingerprint(self.split)
 
     def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        if folder.exists():
-            raise FedShareError(f"{folder} already exists; choose a new folder")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            parts = [self.split.train, self.split.valid, self.split.test]
-            labels = np.concatenate([np.full(len(p), k, np.int8) for k, p in enumerate(parts)])
-            frames = [p.frame for p in parts]
-            np.savez_compressed(
-                tmp / "interactions.npz",
-                user=np.concatenate([f["user"].to_numpy() for f in frames]),
-                item=np.concatenate([f["item"].to_numpy() for f in frames]),
-                timestamp=np.concatenate([f["timestamp"].to_numpy() for f in frames]),
-                part=labels, group=self.plan.group, shared=self.plan.shared,
-                unlearn=self.plan.unlearn)
-            meta = {"format": FORMAT_VERSION, "dataset": self.dataset,
-                    "num_users": self.num_users, "num_items": self.num_items,
-                    "split_seed": self.split_seed, "split_fractions": self.split_fractions,
-                    "sharing": self.plan.config.to_dict(), "fingerprint": self.fingerprint(),
-                    "plan_digest": _plan_digest({"group": self.plan.group,
-                                                 "shared": self.plan.shared,
-                                                 "unlearn": self.plan.unlearn})}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+        parts = [self.split.train, self.split.valid, self.split.test]
+        labels = np.concatenate([np.full(len(p), k, np.int8) for k, p in enumerate(parts)])
+        frames = [p.frame for p in parts]
+        arrays = {"user": np.concatenate([f["user"].to_numpy() for f in frames]),
+                  "item": np.concatenate([f["item"].to_numpy() for f in frames]),
+                  "timestamp": np.concatenate([f["timestamp"].to_numpy() for f in frames]),
+                  "part": labels, "group": self.plan.group, "shared": self.plan.shared,
+                  "unlearn": self.plan.unlearn}
+        meta = {"format": FORMAT_VERSION, "dataset": self.dataset,
+                "num_users": self.num_users, "num_items": self.num_items,
+                "split_seed": self.split_seed, "split_fractions": self.split_fractions,
+                "sharing": self.plan.config.to_dict(), "fingerprint": self.fingerprint(),
+                "plan_digest": _plan_digest({"group": self.plan.group,
+                                             "shared": self.plan.shared,
+                                             "unlearn": self.plan.unlearn})}
+        return write_data_folder(Path(folder), "interactions.npz", arrays, meta)
 
     @classmethod
     def load(cls, folder: str | Path) -> PreparedData:
         folder = Path(folder)
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-            with np.load(folder / "interactions.npz", allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except FileNotFoundError as exc:
-            raise FedShareError(f"{folder} is not a prepared-data folder ({exc.filename} "
-                                "missing)") from None
-        except (json.JSONDecodeError, ValueError, OSError, zipfile.BadZipFile):
-            raise FedShareError(f"{folder} holds a corrupt prepared-data file") from None
-        if not isinstance(meta, dict):
-            raise FedShareError(f"{folder}/meta.json is not a JSON object")
+        meta, arrays = read_data_folder(folder, "interactions.npz", "prepared-data")
         if meta.get("format") != FORMAT_VERSION:
             raise FedShareError(f"{folder}: unsupported format {meta.get('format')}")
         try:

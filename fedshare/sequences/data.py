@@ -16,17 +16,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from fedshare.atomic import read_data_folder, write_data_folder
 from fedshare.data.dataset import load_dataset
 from fedshare.data.interactions import Interactions
 from fedshare.errors import FedShareError
@@ -85,39 +81,20 @@ class SequenceData:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``meta.json`` and ``sessions.npz``; the folder appears only when complete."""
-        folder = Path(folder)
-        if folder.exists():
-            raise FedShareError(f"{folder} already exists; choose a new folder")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            np.savez_compressed(tmp / "sessions.npz", indptr=self.indptr, items=self.items,
-                                part=self.part, users=self.users, item_ids=self.item_ids)
-            meta = {"format": FORMAT_VERSION, "kind": "sequences", "dataset": self.dataset,
-                    "num_items": self.num_items, "num_sessions": self.num_sessions,
-                    "max_len": self.max_len, "split_seed": self.split_seed,
-                    "split_fractions": list(self.split_fractions), "min_count": self.min_count,
-                    "fingerprint": self.fingerprint()}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+        arrays = {"indptr": self.indptr, "items": self.items, "part": self.part,
+                  "users": self.users, "item_ids": self.item_ids}
+        meta = {"format": FORMAT_VERSION, "kind": "sequences", "dataset": self.dataset,
+                "num_items": self.num_items, "num_sessions": self.num_sessions,
+                "max_len": self.max_len, "split_seed": self.split_seed,
+                "split_fractions": list(self.split_fractions), "min_count": self.min_count,
+                "fingerprint": self.fingerprint()}
+        return write_data_folder(Path(folder), "sessions.npz", arrays, meta)
 
     @classmethod
     def load(cls, folder: str | Path) -> SequenceData:
         folder = Path(folder)
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-            with np.load(folder / "sessions.npz", allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except FileNotFoundError as exc:
-            raise FedShareError(f"{folder} is not a sequence-data folder ({exc.filename} "
-                                "missing)") from None
-        except (json.JSONDecodeError, ValueError, OSError, zipfile.BadZipFile):
-            raise FedShareError(f"{folder} holds a corrupt sequence-data file") from None
-        if not isinstance(meta, dict) or meta.get("kind") != "sequences":
+        meta, arrays = read_data_folder(folder, "sessions.npz", "sequence-data")
+        if meta.get("kind") != "sequences":
             raise FedShareError(f"{folder}/meta.json does not describe sequence data")
         if meta.get("format") != FORMAT_VERSION:
             raise FedShareError(f"{folder}: unsupported format {meta.get('format')}")

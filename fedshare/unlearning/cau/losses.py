@@ -16,7 +16,6 @@ the solver for that step.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from fedshare.unlearning.cau.model import CAUModel, item_log_probs
@@ -60,16 +59,6 @@ def combined_loss(losses: tuple[Tensor, Tensor, Tensor], weights: Tensor) -> Ten
     return a[0] * losses[0] + a[1] * losses[1] + a[2] * losses[2]
 
 
-@torch.no_grad()
 def reference_log_probs(model: CAUModel, prefixes: Tensor, batch_size: int = 1024) -> Tensor:
     """Cache log P_ref(.|p) ``[N, n_items]`` from the frozen reference in eval mode."""
-    was_training = model.module.training
-    model.module.eval()
-    try:
-        parts = [
-            item_log_probs(model.logits(prefixes[i : i + batch_size]))
-            for i in range(0, prefixes.shape[0], batch_size)
-        ]
-    finally:
-        model.module.train(was_training)
-    return torch.cat(parts).detach()
+    return item_log_probs(model.eval_logits(prefixes, batch_size)).detach()

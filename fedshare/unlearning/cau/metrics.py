@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from fedshare.unlearning.cau.model import CAUModel
@@ -70,16 +69,6 @@ def u_score(recall: float, hit_u: float, beta: float = 3.0) -> float:
     return 0.0 if den <= 0 else (1.0 + beta**2) * recall * keep / den
 
 
-@torch.no_grad()
 def forget_scores(model: CAUModel, prefixes: Tensor, batch_size: int = 1024) -> Tensor:
     """Eval-mode last-position logits ``[N, n_items + 1]`` for the metrics above."""
-    was = model.module.training
-    model.module.eval()
-    try:
-        parts = [
-            model.logits(prefixes[i : i + batch_size])
-            for i in range(0, prefixes.shape[0], batch_size)
-        ]
-    finally:
-        model.module.train(was)
-    return torch.cat(parts)
+    return model.eval_logits(prefixes, batch_size)

@@ -42,6 +42,19 @@ class CAUModel:
         return out[:, -1, :] if out.dim() == 3 else out
 
 
+    @torch.no_grad()
+    def eval_logits(self, prefixes: Tensor, batch_size: int = 1024) -> Tensor:
+        """Last-position logits of ``prefixes`` in eval mode (dropout off), in batches, with
+        the module's mode restored after: what the frozen reference and the metrics score."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return torch.cat([self.logits(prefixes[i:i + batch_size])
+                              for i in range(0, prefixes.shape[0], batch_size)])
+        finally:
+            self.module.train(was_training)
+
+
 @dataclass(frozen=True)
 class ForgetSet:
     """Forget samples: ``prefixes [N, L]`` long (left-padded), ``forget [N]`` (f = v_t) and
