@@ -95,6 +95,9 @@ def test_data_stats_follows_the_options(capsys):
 
 
 # ----------------------------------------------------------------------------- user errors
+CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "fedshare.toml"
+
+
 @pytest.mark.parametrize("argv", [
     ["data", "stats", "--dataset", "no-such-dataset"],
     ["data", "stats", "--split", "0.5,0.2,0.1"],
@@ -109,9 +112,13 @@ def test_data_stats_follows_the_options(capsys):
     ["deploy", "--set", "no-such-key=1", "--dir", "unused"],
     ["run", "--resume", "unused"],
     ["run", "--resume", "unused", "--config", "simulations/configs/fedshare.toml"],
+    ["run", "--config", str(CONFIG), "--set", "unlearn=true", "--set", "unlearning=foo",
+     "--out", "unused"],
+    ["run", "--config", str(CONFIG), "--set", "replay-interval=abc", "--out", "unused"],
 ], ids=["unknown-dataset", "split-sum", "split-len", "groups-sum", "partial-range",
         "missing-path", "prepare-unknown", "central-unknown", "deploy-no-device",
-        "deploy-too-many", "deploy-unknown-key", "resume-no-store", "resume-and-config"])
+        "deploy-too-many", "deploy-unknown-key", "resume-no-store", "resume-and-config",
+        "unknown-unlearning-method", "bad-replay-setting"])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = _run(capsys, *argv)
