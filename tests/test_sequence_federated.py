@@ -1,0 +1,144 @@
+"""Federated sequence training in process, and unlearning requests on sessions (issue 17)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedshare.federated.aggregation import aggregate
+from fedshare.sequences.data import TRAIN, SequenceData, split_sessions
+from fedshare.sequences.federated import (
+    LocalConfig,
+    SequenceCohort,
+    SequenceServer,
+    device_seed,
+    make_backbone,
+    run_federated,
+    split_cohorts,
+    train_device,
+)
+from fedshare.sequences.requests import (
+    forget_set,
+    position_range,
+    remaining_data,
+    sequence_requests,
+)
+from fedshare.sequences.train import next_item_loss
+
+torch.set_num_threads(1)
+
+NUM_ITEMS, MAX_LEN = 15, 8
+
+
+def _data(num_sessions: int = 30, seed: int = 0) -> SequenceData:
+    """Sessions of 3..16 distinct items following a noisy cycle (so there is something to learn)."""
+    rng = np.random.default_rng(seed)
+    sessions = []
+    for _ in range(num_sessions):
+        n = int(rng.integers(3, 17))
+        start = int(rng.integers(NUM_ITEMS))
+        sessions.append([(start + k) % NUM_ITEMS + 1 for k in range(min(n, NUM_ITEMS))])
+    lengths = np.array([len(s) for s in sessions])
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return SequenceData("toy", indptr, np.concatenate(sessions).astype(np.int64),
+                        split_sessions(num_sessions, (0.8, 0.1, 0.1), seed),
+                        np.arange(num_sessions), np.arange(NUM_ITEMS), MAX_LEN, seed,
+                        (0.8, 0.1, 0.1), 1)
+
+
+def _model(backbone: str):
+    torch.manual_seed(0)
+    return make_backbone(backbone, NUM_ITEMS, MAX_LEN, dim=8)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+def test_cohorts_of_any_size_give_the_same_fedavg_model(backbone):
+    data = _data()
+    model = _model(backbone)
+    start = SequenceServer(model).table
+    local = LocalConfig(epochs=2, lr=1e-2)
+    train = np.flatnonzero(data.part == TRAIN)
+    sampled = train[::2]
+    results = []
+    for nodes in (1, 3, data.num_sessions):
+        cohorts = [SequenceCohort(data, part, model, local, seed=5)
+                   for part in split_cohorts(np.arange(data.num_sessions), nodes)]
+        updates = [c.train(start, sampled, round_=4) for c in cohorts]
+        assert sum(u.num_users for u in updates) == len(sampled)
+        results.append(aggregate(start, updates))
+    assert not torch.allclose(results[0], start)
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=0, atol=1e-6)
+
+
+def test_weighted_aggregation_of_two_devices_by_hand():
+    # sessions of 3 and 12 items: windows of 3 and max_len + 1 = 9 items -> |D_u| = 2 and 8
+    items = np.array([1, 2, 3, *range(1, 13)], dtype=np.int64)
+    data = SequenceData("toy", np.array([0, 3, 15]), items, np.array([TRAIN, TRAIN], np.int8),
+                        np.arange(2), np.arange(NUM_ITEMS), MAX_LEN, 0, (1.0, 0.0, 0.0), 1)
+    model = _model("sasrec")
+    server = SequenceServer(model)
+    start = server.table.clone()
+    local = LocalConfig(epochs=1, lr=1e-2)
+    cohort = SequenceCohort(data, [0, 1], model, local, seed=3)
+    assert cohort.weights.tolist() == [2, 8]
+    reply = cohort.train(start, np.array([0, 1]), round_=1)
+    assert reply.weight == 10 and reply.num_users == 2
+    v = [train_device(_model("sasrec"), start, cohort.windows[k], local,
+                      device_seed(3, 1, k)) for k in (0, 1)]
+    expected = (2 * v[0] + 8 * v[1]) / 10
+    torch.testing.assert_close(reply.table, expected, rtol=0, atol=1e-6)
+    table = server.finish_round(server.aggregate([reply]), 1)
+    torch.testing.assert_close(table, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(v[0], v[1])
+    # a node with no sampled device replies the start vector with weight 0
+    empty = cohort.train(start, np.array([], dtype=np.int64), round_=2)
+    assert empty.weight == 0 and torch.equal(empty.table, start)
+
+
+def test_three_federated_rounds_lower_the_training_loss():
+    data = _data()
+    model = _model("gru4rec")
+    windows = torch.from_numpy(data.windows(TRAIN))
+    model.eval()
+    with torch.no_grad():
+        before = float(next_item_loss(model, windows))
+    result = run_federated(data, model, rounds=3, fraction=0.5, local_epochs=2, lr=1e-2,
+                           seed=0, eval_every=10, nodes=3)
+    result.model.eval()
+    with torch.no_grad():
+        after = float(next_item_loss(result.model, windows))
+    assert after < before
+    assert result.best_round == 3 and len(result.log) == 3
+    assert result.log["num-users"].tolist() == [12, 12, 12]  # ceil(0.5 * 24)
+    assert set(result.test) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
+
+
+def test_requests_are_seeded_ten_percent_one_valid_position_each():
+    data = _data(num_sessions=50)
+    train = np.flatnonzero(data.part == TRAIN)
+    requests = sequence_requests(data, 0.1, seed=1)
+    assert requests == sequence_requests(data, 0.1, seed=1)
+    assert requests != sequence_requests(data, 0.1, seed=2)
+    assert len(requests) == round(0.1 * len(train)) == 4
+    for s, positions in requests.items():
+        assert s in train and len(positions) == 1
+        n, t = len(data.session(s)), positions[0]
+        assert 2 <= max(math.ceil(n / 2), n - MAX_LEN + 1) <= t <= n - 1
+        assert position_range(n, MAX_LEN) == (max(2, math.ceil(n / 2), n - MAX_LEN + 1), n - 1)
+    rest = remaining_data(data, requests)
+    for s in range(data.num_sessions):
+        session = data.session(s).tolist()
+        if s in requests:
+            t = requests[s][0]
+            assert rest.session(s).tolist() == session[:t - 1] + session[t:]
+        else:
+            assert rest.session(s).tolist() == session
+    samples, owners = forget_set(data, requests)
+    assert owners == sorted(requests)
+    for k, s in enumerate(owners):
+        t = requests[s][0]
+        assert int(samples.forget[k]) == data.session(s)[t - 1]
