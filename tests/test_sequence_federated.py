@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedshare.errors import FedShareError
 from fedshare.federated.aggregation import aggregate
 from fedshare.sequences.data import TRAIN, SequenceData, split_sessions
 from fedshare.sequences.federated import (
@@ -142,3 +143,23 @@ def test_requests_are_seeded_ten_percent_one_valid_position_each():
     for k, s in enumerate(owners):
         t = requests[s][0]
         assert int(samples.forget[k]) == data.session(s)[t - 1]
+
+
+def test_fedadam_first_step_is_adams_by_hand():
+    """FedAdam's first server step: Adam on the pseudo-gradient ``global - avg`` moves each
+    coordinate by lr * delta / (|delta| + eps) (bias-corrected first step)."""
+    model = torch.nn.Linear(3, 2)
+    server = SequenceServer(model, "adam", server_lr=0.1)
+    start = server.table.clone()
+    delta = torch.linspace(-2.0, 2.0, len(start))
+    new = server.finish_round(start + delta, 1)
+    assert torch.allclose(new, start + 0.1 * delta / (delta.abs() + 1e-3), atol=1e-6)
+    assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()), new)
+    plain = SequenceServer(torch.nn.Linear(3, 2))  # FedAvg: the average itself
+    before = plain.table.clone()
+    assert torch.equal(plain.finish_round(before + delta, 1), before + delta)
+
+
+def test_an_unknown_server_optimizer_is_refused():
+    with pytest.raises(FedShareError, match="server optimizer"):
+        SequenceServer(torch.nn.Linear(3, 2), "sgd-momentum")
