@@ -112,18 +112,13 @@ class FedShareStrategy(Strategy):
         """
         self.train_started = time.perf_counter()
         users = sample_users(self.candidates, self.config.fraction, self.config.seed, round_)
-        return protocol.train_requests(round_, self.ask(users, grid), self.server.table,
-                                       self.mark(), local_epochs)
-
-    def ask(self, users: Iterable[int], grid: Grid) -> dict[int, list[int]]:
-        """Group ``users`` by the node serving them and remember every such node as asked in
-        this round (:attr:`sampled`); returns the connected ones, to be sent messages. A node
-        the SuperLink no longer lists counts as a failed node of the round."""
         self.sampled = {}
         for u in users:
             self.sampled.setdefault(self.user_node[int(u)], []).append(int(u))
         online = set(grid.get_node_ids())
-        return {node: us for node, us in self.sampled.items() if node in online}
+        return protocol.train_requests(
+            round_, {node: us for node, us in self.sampled.items() if node in online},
+            self.server.table, self.mark(), local_epochs)
 
     def accepted_updates(self, round_: int, replies: Iterable[Message]
                          ) -> list[NodeUpdate] | None:

@@ -21,6 +21,7 @@ array bytes each way, users whose device had to answer).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import torch
@@ -54,6 +55,18 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, traffic: Traff
                 sum(protocol.array_bytes(r.content) for r in replies if not r.has_error()),
                 len(messages))
     return replies
+
+
+def nodes_of(strategy: FedShareStrategy, users: Iterable[int], grid: Grid
+             ) -> dict[int, list[int]]:
+    """The connected nodes serving ``users``, each with its users among them."""
+    online = set(grid.get_node_ids())
+    nodes: dict[int, list[int]] = {}
+    for user in users:
+        node = strategy.user_node.get(int(user))
+        if node is not None and node in online:
+            nodes.setdefault(node, []).append(int(user))
+    return nodes
 
 
 def fresh_direction(strategy: FedShareStrategy, round_: int, replies: list[Message],
@@ -96,7 +109,8 @@ def replay_fru(grid: Grid, strategy: FedShareStrategy, history: FruHistory,
         if participants is not None:
             users, weights = participants
             weight = dict(zip(users.tolist(), weights.tolist(), strict=True))
-            nodes = strategy.ask(users.tolist(), grid)
+            nodes = nodes_of(strategy, users.tolist(), grid)
+            strategy.sampled = nodes
             if k == 0:
                 messages = protocol.stored_rows_requests(round_, nodes, weight, strategy.mark())
             else:
@@ -131,7 +145,8 @@ def replay_cufru(grid: Grid, strategy: FedShareStrategy, station: TransferStatio
             if round_ % replay.interval == 0:
                 log(INFO, "%s cufru calibration of round %d", PROGRESS, round_)
                 users = station.rounds.get(round_)[0].tolist()
-                nodes = strategy.ask(users, grid)
+                nodes = nodes_of(strategy, users, grid)
+                strategy.sampled = nodes
                 messages = protocol.train_requests(first + round_, nodes, table,
                                                    strategy.mark(), epochs)
                 replies = exchange(grid, messages, strategy.timeout, traffic)
@@ -153,8 +168,8 @@ def retrain(grid: Grid, strategy: FedShareStrategy, first: int, traffic: Traffic
     server, cfg = strategy.server, strategy.config
     server.restore(server.initial_state())
     server.snapshots.clear()
-    nodes = strategy.ask([u for us in strategy.directory.node_users.values() for u in us],
-                         grid)
+    nodes = nodes_of(strategy, [u for users in strategy.directory.node_users.values()
+                                for u in users], grid)
     exchange(grid, protocol.restart_requests(nodes, strategy.mark()), strategy.timeout, traffic)
     for round_ in range(1, cfg.rounds + 1):
         log(INFO, "%s retrain round %d", PROGRESS, round_)
