@@ -8,6 +8,7 @@ from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
 from fedshare.data.sharing import SharingConfig, make_plan
 from fedshare.data.split import random_split
+from fedshare.sequences.data import SequenceData, split_sessions
 
 
 def tiny_prepared(num_users: int = 10, num_items: int = 40, seed: int = 0,
@@ -25,3 +26,22 @@ def tiny_prepared(num_users: int = 10, num_items: int = 40, seed: int = 0,
                             unshare_user_fraction=unshare_user_fraction, seed=0)
     plan = make_plan(split.train, sharing)
     return PreparedData("synthetic", split, plan, 0, (0.8, 0.1, 0.1))
+
+
+NUM_ITEMS, MAX_LEN = 15, 8  # toy_sessions' catalogue and window
+
+
+def toy_sessions(num_sessions: int = 30, seed: int = 0) -> SequenceData:
+    """Sessions of 3..16 distinct items following a noisy cycle (so there is something to learn)."""
+    rng = np.random.default_rng(seed)
+    sessions = []
+    for _ in range(num_sessions):
+        n = int(rng.integers(3, 17))
+        start = int(rng.integers(NUM_ITEMS))
+        sessions.append([(start + k) % NUM_ITEMS + 1 for k in range(min(n, NUM_ITEMS))])
+    lengths = np.array([len(s) for s in sessions])
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return SequenceData("toy", indptr, np.concatenate(sessions).astype(np.int64),
+                        split_sessions(num_sessions, (0.8, 0.1, 0.1), seed),
+                        np.arange(num_sessions), np.arange(NUM_ITEMS), MAX_LEN, seed,
+                        (0.8, 0.1, 0.1), 1)

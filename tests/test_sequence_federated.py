@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from synthetic import MAX_LEN, NUM_ITEMS, toy_sessions
 
 from fedshare.errors import FedShareError
 from fedshare.federated.aggregation import aggregate
-from fedshare.sequences.data import TRAIN, SequenceData, split_sessions
+from fedshare.sequences.data import TRAIN, SequenceData
 from fedshare.sequences.federated import (
     LocalConfig,
     SequenceCohort,
@@ -31,23 +32,7 @@ from fedshare.sequences.train import next_item_loss
 
 torch.set_num_threads(1)
 
-NUM_ITEMS, MAX_LEN = 15, 8
-
-
-def _data(num_sessions: int = 30, seed: int = 0) -> SequenceData:
-    """Sessions of 3..16 distinct items following a noisy cycle (so there is something to learn)."""
-    rng = np.random.default_rng(seed)
-    sessions = []
-    for _ in range(num_sessions):
-        n = int(rng.integers(3, 17))
-        start = int(rng.integers(NUM_ITEMS))
-        sessions.append([(start + k) % NUM_ITEMS + 1 for k in range(min(n, NUM_ITEMS))])
-    lengths = np.array([len(s) for s in sessions])
-    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return SequenceData("toy", indptr, np.concatenate(sessions).astype(np.int64),
-                        split_sessions(num_sessions, (0.8, 0.1, 0.1), seed),
-                        np.arange(num_sessions), np.arange(NUM_ITEMS), MAX_LEN, seed,
-                        (0.8, 0.1, 0.1), 1)
+_data = toy_sessions
 
 
 def _model(backbone: str):

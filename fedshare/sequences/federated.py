@@ -46,6 +46,7 @@ from fedshare.errors import FedShareError
 from fedshare.federated.aggregation import aggregate
 from fedshare.federated.population import NodeUpdate
 from fedshare.federated.rounds import LearningRound, RunLog, sample_users
+from fedshare.federated.traffic import FLOAT, Traffic
 from fedshare.sequences.data import PAD, TEST, TRAIN, VALID, SequenceData, pad_sessions
 from fedshare.sequences.evaluate import KS, metric_sums
 from fedshare.sequences.models import GRU4Rec, SASRec, SequenceModel
@@ -225,6 +226,7 @@ class FederatedResult:
     best_valid: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
     round_seconds: list[float] = field(default_factory=list)
+    traffic: Traffic = field(default_factory=Traffic)
 
 
 def split_cohorts(sessions: np.ndarray, nodes: int) -> list[np.ndarray]:
@@ -245,6 +247,8 @@ def run_federated(data: SequenceData, backbone: str | SequenceModel = "sasrec",
     Validation every ``eval_every`` rounds and after the last; the returned model holds the
     best-validation global parameters (round 0 = the initial model if never validated better),
     tested on the test devices. ``nodes`` cohorts serve all sessions (of every part).
+    ``result.traffic`` counts the training messages as if every device were its own node
+    (:mod:`fedshare.federated.traffic`); validation and test messages are not counted.
     """
     torch.manual_seed(seed)
     model = (make_backbone(backbone, data.num_items, data.max_len, dim)
@@ -258,10 +262,14 @@ def run_federated(data: SequenceData, backbone: str | SequenceModel = "sasrec",
     candidates = np.flatnonzero(data.part == TRAIN)
     result = FederatedResult(model, pd.DataFrame())
     best = server.table.clone()
+    points = np.array([prediction_points(w) for w in data.windows()], dtype=np.int64)
+    vector = FLOAT * server.table.numel()
     for round_ in range(1, rounds + 1):
         started = time.perf_counter()
         sampled = sample_users(candidates, fraction, seed, round_)
         updates = [c.train(server.table, sampled, round_) for c in cohorts]
+        # one message per trained device: the global vector down, its vector and |D_u| up
+        result.traffic.per_device(sampled[points[sampled] > 0], vector, vector + FLOAT)
         train_seconds = time.perf_counter() - started
         learning(round_, updates, train_seconds)
         result.round_seconds.append(time.perf_counter() - started)
