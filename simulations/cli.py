@@ -219,6 +219,36 @@ def _cmd_unlearning_table(args: argparse.Namespace) -> None:
     print(f"saved in {folder}")
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _cmd_cau_table(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import torch
+
+    from fedshare.sequences.unlearning_methods import METHODS, CAUSettings, FedAvgSettings
+    from simulations.cau_table import TableSettings, cau_table
+
+    for name in ("rounds", "unlearn_epochs", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise FedShareError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    torch.set_num_threads(args.threads)
+    fed = FedAvgSettings()
+    if args.rounds is not None:
+        fed = dataclasses.replace(fed, rounds=args.rounds)
+    settings = TableSettings(args.dataset, args.data_path, fed=fed, cau=CAUSettings(
+        epochs=args.unlearn_epochs, batch_size=args.batch_size))
+    folder, _, summary = cau_table(
+        args.backbone, args.seeds, settings, args.methods or METHODS, args.out, args.resume,
+        lambda line: print(line, file=sys.stderr, flush=True))
+    print((folder / "cau_table.md").read_text())
+    print(json.dumps(summary["targets"], indent=2))
+    print(f"saved in {folder}")
+
+
 def _cmd_tune_unlearning(args: argparse.Namespace) -> None:
     from simulations.tuning import GRIDS, load_grids, tune_unlearning
 
@@ -390,6 +420,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_shape_args(unl)
     unl.add_argument("--out", default="runs")
     unl.set_defaults(func=_cmd_unlearning_table)
+
+    cau = commands.add_parser("cau-table", help="sequence models: every unlearning method "
+                              "(CAU variants, ablations, Retrain) over backbones and seeds")
+    cau.add_argument("--backbone", type=_names, default=("sasrec", "gru4rec"),
+                     help="comma-separated: sasrec,gru4rec (default both)")
+    cau.add_argument("--seeds", type=_seeds, default=(0, 1, 2),
+                     help="split and run seeds (default 0,1,2)")
+    cau.add_argument("--methods", type=_names, default=None,
+                     help="comma-separated subset of the methods (default all)")
+    cau.add_argument("--dataset", default="ml-100k")
+    cau.add_argument("--data-path", default=None, help="folder of the dataset's files")
+    cau.add_argument("--rounds", type=int, default=None,
+                     help="federated rounds of the Original and Retrain (default 200)")
+    cau.add_argument("--unlearn-epochs", type=int, default=None,
+                     help="CAU epochs (default the paper's: SASRec 200, GRU4Rec 100)")
+    cau.add_argument("--batch-size", type=int, default=16, help="CAU batch (default 16)")
+    cau.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    cau.add_argument("--resume", metavar="FOLDER", help="finish a stopped cau-table folder")
+    cau.add_argument("--out", default="runs")
+    cau.set_defaults(func=_cmd_cau_table)
 
     tune = commands.add_parser("tune-unlearning", help="choose every unlearning method's "
                                "settings on validation, on tuning plans, same budget each")

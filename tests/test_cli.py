@@ -115,10 +115,15 @@ CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "feds
     ["run", "--config", str(CONFIG), "--set", "unlearn=true", "--set", "unlearning=foo",
      "--out", "unused"],
     ["run", "--config", str(CONFIG), "--set", "replay-interval=abc", "--out", "unused"],
+    ["cau-table", "--backbone", "bert4rec", "--out", "unused"],
+    ["cau-table", "--methods", "original,nope", "--out", "unused"],
+    ["cau-table", "--batch-size", "0", "--out", "unused"],
+    ["cau-table", "--resume", "unused"],
 ], ids=["unknown-dataset", "split-sum", "split-len", "groups-sum", "partial-range",
         "missing-path", "prepare-unknown", "central-unknown", "deploy-no-device",
         "deploy-too-many", "deploy-unknown-key", "resume-no-store", "resume-and-config",
-        "unknown-unlearning-method", "bad-replay-setting"])
+        "unknown-unlearning-method", "bad-replay-setting", "cau-unknown-backbone",
+        "cau-unknown-method", "cau-batch-zero", "cau-resume-not-a-table"])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = _run(capsys, *argv)
