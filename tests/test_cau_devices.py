@@ -15,6 +15,7 @@ from fedshare.sequences.cau_devices import (
     device_forget_sets,
     device_gradient_sums,
     joint_cau,
+    joint_cau_by_devices,
     joint_traffic,
     local_cau,
     server_batch_gradients,
@@ -210,3 +211,26 @@ def test_retrain_is_federated_training_from_scratch_on_the_remaining_sessions(ca
     torch.testing.assert_close(outcome.vector, parameters_to_vector(again.model.parameters()))
     # the Original's training saw the forgotten items, Retrain's did not
     assert not torch.equal(outcome.vector, case.start)
+
+
+@pytest.mark.parametrize("difficulty,sched", [("gradient", "hard"), ("embedding", "soft"),
+                                              ("gradient", "random")])
+def test_joint_cau_message_by_message_equals_the_vectorised_run(difficulty, sched):
+    """Devices that see only their own samples, a server that schedules from their scores and
+    steps from their gradient sums: the same model as centralised CAU on the union (dropout 0,
+    so one batch forward and the devices' forwards compute the same thing). SGD: with Adam, a
+    coordinate whose gradient is 0 in one run and float rounding (~1e-9) in the other moves by
+    0 in one and by ~lr in the other (Adam's step is about lr * sign(g)), which is numerics."""
+    model = _backbone()
+    _, _, forget, owners = _forget()
+    start = parameters_to_vector(model.parameters()).detach().clone()
+    config = CAUConfig(epochs=2, batch_size=4, seed=2, difficulty=difficulty, schedule=sched,
+                       optimizer="sgd", lr=0.5)
+    vectorised = joint_cau(model, start, forget, owners, config)
+    by_devices = joint_cau_by_devices(model, start, forget, owners, config)
+    assert [b.tolist() for b in by_devices.result.batches] == \
+        [b.tolist() for b in vectorised.result.batches]
+    np.testing.assert_allclose(np.array(by_devices.result.weights),
+                               np.array(vectorised.result.weights), atol=1e-5)
+    torch.testing.assert_close(by_devices.vector, vectorised.vector, atol=1e-5, rtol=1e-4)
+    assert by_devices.traffic.to_dict() == vectorised.traffic.to_dict()

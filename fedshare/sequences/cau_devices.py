@@ -51,8 +51,16 @@ from fedshare.federated.traffic import FLOAT, ID, Traffic
 from fedshare.sequences.federated import load_vector
 from fedshare.sequences.models import SequenceModel
 from fedshare.unlearning.cau.losses import reference_log_probs, task_losses
+from fedshare.unlearning.cau.mgda import combine
 from fedshare.unlearning.cau.model import CAUModel, ForgetSet, item_log_probs
-from fedshare.unlearning.cau.unlearn import CAUConfig, CAUResult, cau_unlearn
+from fedshare.unlearning.cau.unlearn import (
+    CAUConfig,
+    CAUResult,
+    cau_unlearn,
+    schedule,
+    score,
+    solve_weights,
+)
 
 
 class LastLogits(nn.Module):
@@ -188,6 +196,72 @@ def local_cau(backbone: SequenceModel, start: Tensor, forget: ForgetSet, owners:
                     vector_bytes(start.numel()) + FLOAT)
     vector = (total / max(weight, 1)).to(start.dtype) if weight else start.clone()
     return FederatedCAU(vector, time.perf_counter() - started, traffic)
+
+
+class JointServer:
+    """The server's side of a joint step: the global vector under a server-side optimiser
+    (Adam, lr 1e-3, as the paper's CAU), the batch gradients from the devices' sums, the
+    MGDA weights (Eq. 10) and the update along sum_i a_i g_i (Eq. 8). Adam is elementwise, so
+    one flat vector steps exactly as the model's separate parameters do."""
+
+    def __init__(self, start: Tensor, config: CAUConfig) -> None:
+        self.config = config
+        self.weights = nn.Parameter(start.detach().clone())
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.Adam([self.weights], lr=config.lr) if config.optimizer == "adam"
+            else torch.optim.SGD([self.weights], lr=config.lr))
+
+    @property
+    def vector(self) -> Tensor:
+        return self.weights.detach()
+
+    def step(self, sums: Sequence[Tensor], counts: Sequence[int]) -> np.ndarray:
+        """Apply one step from the devices' uploads; returns (a_u, a_n, a_KL)."""
+        grads = server_batch_gradients(sums, counts)
+        a = solve_weights(grads, self.config)
+        self.weights.grad = combine(grads, a)
+        self.optimizer.step()
+        return a
+
+
+def joint_cau_by_devices(backbone: SequenceModel, start: Tensor, forget: ForgetSet,
+                         owners: Sequence[int], config: CAUConfig) -> FederatedCAU:
+    """The joint form message by message: each device scores and differentiates only its own
+    samples on its own copy of the broadcast model; the server schedules (:func:`schedule`)
+    and steps (:class:`JointServer`). What a Flower server does; in process it is the
+    reference that :func:`joint_cau`'s vectorised run is tested against."""
+    devices = device_forget_sets(forget, owners)
+    model = copy.deepcopy(backbone)
+    view = cau_view(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    refs = {d.session: reference_for(backbone, start, d.samples) for d in devices}
+    server = JointServer(start, config)
+    result = CAUResult()
+    started = time.perf_counter()
+
+    def scores() -> np.ndarray:
+        load_vector(model, server.vector)
+        out = np.empty(len(forget))
+        for d in devices:
+            out[d.rows] = score(view, d.samples, refs[d.session], config)
+        return out
+
+    torch.manual_seed(config.seed)
+    for batch in schedule(scores, len(forget), config):
+        load_vector(model, server.vector)
+        model.train(config.train_mode)
+        sums, counts = [], []
+        for d in devices:
+            mine = np.flatnonzero(np.isin(d.rows, batch))
+            if len(mine):
+                sums.append(device_gradient_sums(view, d.samples.subset(mine.tolist()),
+                                                 refs[d.session][mine], params))
+                counts.append(len(mine))
+        result.weights.append(server.step(sums, counts))
+        result.batches.append(np.asarray(batch))
+    seconds = time.perf_counter() - started
+    traffic = joint_traffic(result, devices, start.numel(), config)
+    return FederatedCAU(server.vector.clone(), seconds, traffic, result)
 
 
 def reference_for(backbone: SequenceModel, start: Tensor, samples: ForgetSet) -> Tensor:

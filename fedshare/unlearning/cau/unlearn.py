@@ -26,7 +26,7 @@ means so devices can upload them and a server can form the batch's Gram matrix.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -140,9 +140,12 @@ def score(model: CAUModel, forget: ForgetSet, ref: Tensor, config: CAUConfig) ->
     return d.detach().cpu().numpy().astype(np.float64)
 
 
-def _schedule(model: CAUModel, forget: ForgetSet, ref: Tensor, config: CAUConfig):
-    """Yield each step's batch indices (rescoring as the module docstring says)."""
-    n, b = len(forget), config.batch_size
+def schedule(scores: Callable[[], np.ndarray], n: int, config: CAUConfig) -> Iterator[np.ndarray]:
+    """Yield each step's batch indices into D_f (``n`` samples), calling ``scores()`` for the
+    current difficulties when the curriculum rescores (hard: every epoch start; soft: every
+    ceil(|D_f|/B) steps; random: never). A federated server passes a ``scores`` that asks the
+    devices, so it follows exactly this schedule (``fedshare.sequences.cau_devices``)."""
+    b = config.batch_size
     spe = steps_per_epoch(n, b)
     total = config.epochs * spe
     rng = np.random.default_rng(config.seed)
@@ -150,9 +153,9 @@ def _schedule(model: CAUModel, forget: ForgetSet, ref: Tensor, config: CAUConfig
         if config.schedule == "random":
             yield from random_batches(n, b, rng)
         elif config.schedule == "hard":
-            yield from hard_batches(score(model, forget, ref, config), b)
+            yield from hard_batches(scores(), b)
         else:
-            dif = score(model, forget, ref, config)
+            dif = scores()
             for j in range(spe):
                 p = soft_probabilities(dif, epoch * spe + j + 1, total, config.tau, config.zscore)
                 yield soft_batch(p, b, rng)
@@ -175,7 +178,7 @@ def cau_unlearn(model: CAUModel, forget: ForgetSet, config: CAUConfig | None = N
     was_training = model.module.training
     start = time.perf_counter()
     try:
-        for idx in _schedule(model, forget, ref, config):
+        for idx in schedule(lambda: score(model, forget, ref, config), len(forget), config):
             model.module.train(config.train_mode)
             grads, losses = task_gradients(model, forget.subset(idx), ref[idx], params)
             a = solve_weights(grads, config)
