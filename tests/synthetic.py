@@ -1,4 +1,4 @@
-"""A tiny synthetic federated dataset shared by the federated and Flower tests."""
+"""Tiny synthetic federated datasets shared by the federated and Flower tests."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
 from fedshare.data.sharing import SharingConfig, make_plan
 from fedshare.data.split import random_split
+from fedshare.sequences.data import SequenceData, split_sessions
 
 
 def tiny_prepared(num_users: int = 10, num_items: int = 40, seed: int = 0,
@@ -25,3 +26,19 @@ def tiny_prepared(num_users: int = 10, num_items: int = 40, seed: int = 0,
                             unshare_user_fraction=unshare_user_fraction, seed=0)
     plan = make_plan(split.train, sharing)
     return PreparedData("synthetic", split, plan, 0, (0.8, 0.1, 0.1))
+
+
+def tiny_sequences(num_sessions: int = 10, num_items: int = 15, max_len: int = 8,
+                   seed: int = 0) -> SequenceData:
+    """Sessions of 3..16 items along a noisy cycle (something to learn), split 6:2:2 so that
+    validation and test have two devices each."""
+    rng = np.random.default_rng(seed)
+    sessions = []
+    for _ in range(num_sessions):
+        n, start = int(rng.integers(3, 17)), int(rng.integers(num_items))
+        sessions.append([(start + k) % num_items + 1 for k in range(min(n, num_items))])
+    indptr = np.concatenate([[0], np.cumsum([len(s) for s in sessions])]).astype(np.int64)
+    fractions = (0.6, 0.2, 0.2)
+    return SequenceData("toy", indptr, np.concatenate(sessions).astype(np.int64),
+                        split_sessions(num_sessions, fractions, seed), np.arange(num_sessions),
+                        np.arange(num_items), max_len, seed, fractions, 1)
