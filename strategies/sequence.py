@@ -109,24 +109,31 @@ class SequenceStrategy(Strategy):
             return "a device count or weight that does not fit the devices asked"
         return None
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        train_seconds = time.perf_counter() - self.train_started
+    def accepted_updates(self, round_: int, replies: Iterable[Message]
+                         ) -> list[NodeUpdate] | None:
+        """The round's replies that may be averaged (the others are rejected), or ``None``
+        when more than ``max_failed`` of the nodes asked gave none (the round changes
+        nothing)."""
         updates = []
         for node, update in self.inbox.read(
-                "train", server_round, self._received("train", replies),
+                "train", round_, self._received("train", replies),
                 lambda m: protocol.read_sequence_train_reply(m.content)):
             problem = self.problem(node, update)
             if problem is None:
                 updates.append(update)
             else:
-                self.inbox.reject("train", server_round, node, problem)
-        failed = (len(self.sampled) - len(updates)) / max(len(self.sampled), 1)
-        if failed > self.max_failed:
+                self.inbox.reject("train", round_, node, problem)
+        if (len(self.sampled) - len(updates)) / max(len(self.sampled), 1) > self.max_failed:
             log(WARNING, "round %d: %d of %d nodes gave an accepted reply; the round changes "
-                "nothing", server_round, len(updates), len(self.sampled))
-        table = self.learning(server_round, updates if failed <= self.max_failed else None,
-                              train_seconds)
+                "nothing", round_, len(updates), len(self.sampled))
+            return None
+        return updates
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        train_seconds = time.perf_counter() - self.train_started
+        updates = self.accepted_updates(server_round, replies)
+        table = self.learning(server_round, updates, train_seconds)
         row = self.log.rounds[-1]
         return protocol.model_record(table), protocol.train_metrics(row["num-users"],
                                                                     row["num-examples"])

@@ -192,3 +192,51 @@ def test_fedadam_reports_and_returns_the_best_validation_model():
                            server_optimizer="adam", server_lr=0.05)
     valid = torch.from_numpy(data.windows(VALID))
     assert evaluate(result.model, valid) == pytest.approx(result.best_valid, abs=1e-9)
+
+
+# ----------------------------------------------------------------------- the server's checks
+@pytest.fixture
+def strategy():
+    from strategies.inbox import Inbox
+    from strategies.sequence import SequenceStrategy
+
+    directory, _ = build_directory([_report(1, [0, 1, 2], [TRAIN, TRAIN, VALID], [4, 3, 2]),
+                                    _report(2, [3, 4], [TRAIN, TEST], [5, 2])])
+    config = SequenceConfig(backbone="gru4rec", dim=4, rounds=1, server_optimizer="fedavg")
+    return SequenceStrategy(config, directory, Inbox(), max_failed=0.5)
+
+
+def _replies(strategy, changes: dict[int, dict]):
+    """One train reply per asked node: the node's sound update, with ``changes`` by node."""
+    requests = protocol.sequence_train_requests(1, strategy.sampled, strategy.server.table)
+    replies = []
+    for request in requests:
+        node = request.metadata.dst_node_id
+        users, weight = strategy.directory.expected(strategy.sampled[node])
+        values = {"table": strategy.server.table + 1.0, "weight": weight,
+                  "row_weight": torch.tensor([weight]), "num_users": users,
+                  **changes.get(node, {})}
+        replies.append(protocol.sequence_train_reply(request, NodeUpdate(**values)))
+    return replies
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda start: {"weight": 99.0}, "weight"),
+    (lambda start: {"num_users": 3}, "device count"),
+    (lambda start: {"table": start[:-1]}, "wrong size"),
+    (lambda start: {"table": torch.full_like(start, float("nan"))}, "non-finite"),
+], ids=["weight", "count", "size", "nan"])
+def test_forged_train_replies_are_rejected_and_a_round_with_too_many_changes_nothing(
+        strategy, change, words):
+    start = strategy.server.table.clone()
+    strategy.sampled = {1: [0, 1], 2: [3]}
+    updates = strategy.accepted_updates(1, _replies(strategy, {2: change(start)}))
+    assert updates is not None and len(updates) == 1  # 1 of 2 failed: tolerated
+    assert [r["node"] for r in strategy.inbox.rejected] == [2]
+    assert words in strategy.inbox.rejected[0]["reason"]
+    torch.testing.assert_close(strategy.learning(1, updates), start + 1.0)
+    strategy.sampled = {1: [0], 2: [3]}
+    moved = strategy.server.table.clone()
+    failed = _replies(strategy, {1: change(moved), 2: change(moved)})
+    assert strategy.accepted_updates(2, failed) is None  # 2 of 2 failed
+    assert torch.equal(strategy.learning(2, None), moved)
