@@ -8,6 +8,9 @@ nodes would give (Eq. 16). User embeddings never leave the node: they live in th
 ``context.state`` across rounds, and, when the node has a state directory (node config
 ``state-dir``, or run config ``client-state-dir``), in a file there too, tagged with the server
 store's run key, so a device continues where it was when a stopped run is resumed.
+
+The sequence family's handlers (:mod:`clients.sequence`) are registered on the same app under
+their own message types (``query.sequence_devices``, ``train.sequence``, ``evaluate.sequence``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
+from clients import sequence
 from fedshare import protocol
 from fedshare.atomic import write_atomically
 from fedshare.federated.population import ClientPopulation
@@ -279,3 +283,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     return protocol.evaluate_reply(msg, {
         part: population.evaluate(population.users, request.table, part)
         for part in request.parts})
+
+
+# The sequence family (run config ``family = "sequence"``): same app, its own message types.
+def _action(message_type: str) -> str:
+    return message_type.split(".", 1)[1]
+
+
+app.query(_action(protocol.SEQ_DEVICES))(sequence.devices)
+app.train(_action(protocol.SEQ_TRAIN))(sequence.train)
+app.evaluate(_action(protocol.SEQ_EVALUATE))(sequence.evaluate)

@@ -57,6 +57,18 @@ Unlearning by replay (``unlearning=fru|cufru``, :mod:`strategies.replay`) and by
   ``cufru-items``, ``cufru-deltas``: each trained sharer's sparse update, which the server's
   station keeps whole so it can subtract it later.
 
+Sequence models (run config ``family = "sequence"``, :mod:`strategies.sequence`): a device is one
+session and the global model one flat float32 vector (array ``sequence-model``):
+
+- ``query.sequence_devices``: nothing asked; the reply's arrays ``sessions``, ``session-parts``
+  (training, validation or test device) and ``session-weights`` (|D_u|, prediction points),
+  metrics ``num-items`` and ``max-len`` (the catalogue the model is built for).
+- ``train.sequence``: the model, config ``server-round`` and ``sessions`` (the node's sampled
+  devices); the reply's ``sequence-model`` is their |D_u|-weighted mean vector, metrics
+  ``num-examples`` (summed |D_u|) and ``num-users`` (devices trained).
+- ``evaluate.sequence``: the model, config ``parts``; the reply is ``evaluate``'s (metric sums
+  and counts per part, counted in prediction points).
+
 :func:`array_bytes` sizes any message (the traffic of :mod:`fedshare.federated.traffic`).
 
 Every request after the share round carries the server's :class:`RunMark`: the run key of its
@@ -86,6 +98,8 @@ from torch import Tensor
 
 from fedshare.federated.directory import ShareReply
 from fedshare.federated.population import NodeUpdate
+from fedshare.sequences.data import TEST, VALID
+from fedshare.sequences.directory import DeviceReport
 
 # message types
 SHARE, UNSHARE = "query.share", "query.unshare"
@@ -461,3 +475,107 @@ def read_evaluate_reply(content: RecordDict, parts: tuple[str, ...]
             raise ValueError(f"a metric sum outside [0, count] for {part}")
         scores[part] = (sums, int(count))
     return scores
+
+
+# ------------------------------------------------------------- sequence models (issue 17)
+# The second model family of the same app (run config ``family = "sequence"``). A device is one
+# session; the global model travels as one flat float32 vector. Message types are
+# ``<category>.sequence[_<step>]``, so the CAU unlearning messages still to come fit beside them
+# (e.g. ``query.sequence_requests``, ``train.sequence_cau``).
+SEQ_DEVICES = "query.sequence_devices"
+SEQ_TRAIN = f"{MessageType.TRAIN}.sequence"
+SEQ_EVALUATE = f"{MessageType.EVALUATE}.sequence"
+MODEL = "sequence-model"
+SESSIONS, SESSION_PARTS, SESSION_WEIGHTS, MAX_LEN = (
+    "sessions", "session-parts", "session-weights", "max-len")
+SEQ_PARTS = {"valid": VALID, "test": TEST}
+"""Evaluation parts by their wire name (``parts`` config) and the session part they score."""
+
+
+def model_record(vector: Tensor) -> ArrayRecord:
+    """The global sequence model (a flat float32 vector), built once a round and shared by the
+    round's messages."""
+    return ArrayRecord({MODEL: Array(vector.detach().numpy().astype(np.float32))})
+
+
+def _vector(content: RecordDict) -> Tensor:
+    vector = _tensor(content[ARRAYS], MODEL)
+    if vector.ndim != 1 or vector.dtype != torch.float32:
+        raise ValueError("the model is not a flat float32 vector")
+    return vector
+
+
+def sequence_devices_request(node: int) -> Message:
+    return _request(node, SEQ_DEVICES, {})
+
+
+def sequence_devices_reply(request: Message, sessions: np.ndarray, parts: np.ndarray,
+                           weights: np.ndarray, num_items: int, max_len: int) -> Message:
+    """The node's devices (session ids), their parts and |D_u|, and the catalogue."""
+    arrays = ArrayRecord({SESSIONS: _ints(sessions), SESSION_PARTS: _ints(parts),
+                          SESSION_WEIGHTS: _ints(weights)})
+    return _reply(request, arrays, MetricRecord({NUM_ITEMS: num_items, MAX_LEN: max_len}))
+
+
+def read_sequence_devices_reply(reply: Message) -> DeviceReport:
+    """A node's device report; :meth:`DeviceReport.problem` says whether it can be used."""
+    arrays, metrics = reply.content[ARRAYS], reply.content[METRICS]
+    return DeviceReport(reply.metadata.src_node_id, arrays[SESSIONS].numpy(),
+                        arrays[SESSION_PARTS].numpy(), arrays[SESSION_WEIGHTS].numpy(),
+                        int(metrics[NUM_ITEMS]), int(metrics[MAX_LEN]))
+
+
+@dataclass
+class SequenceTrainRequest:
+    """Round ``round``: train the node's ``sessions`` sampled this round from ``vector``."""
+
+    round: int
+    sessions: np.ndarray
+    vector: Tensor
+
+
+def sequence_train_requests(round_: int, node_sessions: Mapping[int, list[int]],
+                            vector: Tensor) -> list[Message]:
+    """One ``train.sequence`` message per node, naming its sampled devices."""
+    model = model_record(vector)
+    return [_request(node, SEQ_TRAIN, {ROUND: round_, SESSIONS: list(sessions)}, model)
+            for node, sessions in node_sessions.items()]
+
+
+def read_sequence_train_request(request: Message) -> SequenceTrainRequest:
+    config = request.content[CONFIG]
+    return SequenceTrainRequest(int(config[ROUND]),
+                                np.asarray(config[SESSIONS], dtype=np.int64),
+                                _vector(request.content))
+
+
+def sequence_train_reply(request: Message, update: NodeUpdate) -> Message:
+    """The weighted mean vector of the node's trained devices, their summed |D_u| and count."""
+    return _reply(request, model_record(update.table),
+                  train_metrics(update.num_users, update.weight))
+
+
+def read_sequence_train_reply(content: RecordDict) -> NodeUpdate:
+    """A node's update (its one "row weight" is its weight); values are checked by the
+    caller against what it asked."""
+    metrics = content[METRICS]
+    weight = float(metrics[WEIGHT])
+    return NodeUpdate(_vector(content), weight, torch.tensor([weight]),
+                      int(metrics[NUM_USERS]))
+
+
+def sequence_evaluate_requests(nodes: Iterable[int], vector: Tensor, parts: tuple[str, ...]
+                               ) -> list[Message]:
+    """Score ``vector`` on every device of ``parts`` the nodes serve; replies are
+    :func:`evaluate_reply`'s sums and counts (counts are prediction points)."""
+    if not set(parts) <= set(SEQ_PARTS):
+        raise ValueError(f"unknown parts {parts}")
+    model = model_record(vector)
+    return [_request(node, SEQ_EVALUATE, {PARTS: ",".join(parts)}, model) for node in nodes]
+
+
+def read_sequence_evaluate_request(request: Message) -> tuple[Tensor, tuple[str, ...]]:
+    parts = tuple(str(request.content[CONFIG][PARTS]).split(","))
+    if not set(parts) <= set(SEQ_PARTS):
+        raise ValueError(f"unknown parts {parts}")
+    return _vector(request.content), parts

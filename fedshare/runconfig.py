@@ -1,8 +1,11 @@
 """Reading a Flower run config: which data, which settings, which users a node serves.
 
 Run-config keys are those of ``[tool.flwr.app.config]`` in ``pyproject.toml``; data keys name the
-dataset and plan, every other key is a :class:`FederatedConfig` field (dashes for underscores).
-Kept Flower-free (plain mappings) so it is tested directly.
+dataset and plan, app keys how the run is served, every other key is a :class:`FederatedConfig`
+field (dashes for underscores). ``family`` picks the model family; the sequence family reads the
+round schedule from the shared keys and the rest from its ``seq-`` keys
+(:class:`fedshare.sequences.config.SequenceConfig`). Kept Flower-free (plain mappings) so it is
+tested directly.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from fedshare.data.prepared import PreparedData, prepare
 from fedshare.data.sharing import SharingConfig
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
+from fedshare.sequences.config import RUN_KEYS as SEQUENCE_RUN_KEYS
+from fedshare.sequences.config import SequenceConfig
 from fedshare.unlearning.config import VARIANTS, UnlearningConfig
 from fedshare.unlearning.remaining import remaining_data
 
 if TYPE_CHECKING:
+    from fedshare.sequences.data import SequenceData
     from fedshare.unlearning.fru_selection import FruSettings
 
 DATA_KEYS = ("dataset", "data-path", "prepared", "split-seed", "plan-seed")
@@ -33,9 +39,12 @@ UNLEARN_KEYS = ("unlearn", "unlearn-rounds", "unlearn-steps", "unlearn-lr", "unl
                 "unlearn-weight", "unlearn-include-self", "unlearn-local-epochs")
 FRU_KEYS = ("fru-alpha", "fru-beta", "fru-pool", "fru-sampling")
 REPLAY_KEYS = ("unlearning", "replay-epoch-fraction", "replay-interval")
+FAMILIES = ("lightgcn", "sequence")
+"""The app's model families: LightGCN (FedShare) and sequence models (issue 17)."""
+SEQUENCE_KEYS = ("family", *SEQUENCE_RUN_KEYS)
 APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", *FRU_KEYS,
             "max-failed-fraction", "client-state-dir", "bind-users", *UNLEARN_KEYS,
-            *REPLAY_KEYS)
+            *REPLAY_KEYS, *SEQUENCE_KEYS)
 UNLEARNING_METHODS = (*VARIANTS, "fru", "cufru", "retrain")
 """What ``unlearning=...`` may name through Flower: FedShare (Algorithm 2), its Table IV
 ablations and its named variant, the FRU / CUFRU baselines, which also change what is
@@ -201,3 +210,46 @@ def node_label(node_config: Mapping[str, Any]) -> str:
     if "user-id" in node_config:
         return f"user-{int(node_config['user-id'])}"
     return f"partition-{int(node_config['partition-id'])}-of-{int(node_config['num-partitions'])}"
+
+
+# ------------------------------------------------------------------ the sequence family
+def model_family(run_config: Mapping[str, Any]) -> str:
+    """``lightgcn`` (the default) or ``sequence``: which model the app trains."""
+    family = run_config.get("family", "lightgcn") or "lightgcn"
+    if family not in FAMILIES:
+        raise FedShareError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
+    return str(family)
+
+
+def sequence_config(run_config: Mapping[str, Any]) -> SequenceConfig:
+    """The sequence family's settings (:class:`SequenceConfig`), checked."""
+    return SequenceConfig.from_run_config(run_config)
+
+
+def sequence_data_key(run_config: Mapping[str, Any]) -> tuple:
+    """What identifies a run's sessions: a prepared folder, else what to prepare them from."""
+    config = sequence_config(run_config)
+    if config.data:
+        return (config.data,)
+    return (str(run_config.get("dataset") or "ml-100k"), str(run_config.get("data-path") or ""),
+            int(run_config.get("split-seed") or 0), config.max_len)
+
+
+@lru_cache(maxsize=4)
+def load_sequences(key: tuple) -> SequenceData:
+    """The sessions named by :func:`sequence_data_key`, loaded once per process."""
+    from fedshare.sequences.data import SequenceData, prepare_sequences
+
+    if len(key) == 1:
+        return SequenceData.load(key[0])
+    dataset, path, split_seed, max_len = key
+    return prepare_sequences(dataset, path or None, max_len=max_len, split_seed=split_seed)
+
+
+def node_sessions(node_config: Mapping[str, Any], num_sessions: int) -> np.ndarray:
+    """The devices (sessions) a node serves, named as :func:`node_users` names users:
+    ``user-id`` (one device per node) or ``partition-id`` / ``num-partitions``."""
+    if DEVICE_FILE in node_config:
+        raise FedShareError("a device file holds LightGCN data; a sequence node takes user-id, "
+                            "or partition-id and num-partitions")
+    return node_users(node_config, num_sessions)

@@ -24,6 +24,8 @@ Prints every figure and checks none of them: timings depend on the machine (the 
   summed resident memory of its process tree (the Flower run's SuperLink, ServerApp, Ray
   workers), sampled every 0.2 s, as RSS (shared pages counted in every process) and PSS
   (shared pages split);
+* the sequence family's Flower round, two cohort nodes against one node per device on ML-100K's
+  sessions (:mod:`simulations.bench_sequence`);
 * peak resident memory after each part.
 
 Data: real ML-1M when ``--path`` (or the download cache) has ``ratings.dat``, else the seeded
@@ -57,6 +59,7 @@ from fedshare.data.synthetic import synthetic_prepared
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import ClientPopulation
 from fedshare.models.embeddings import xavier_table
+from simulations.bench_sequence import sequence_flower_modes
 from simulations.processes import die_with_parent, signal_group, tree_memory
 
 QUICK_SIZE = {"num_users": 600, "num_items": 1500, "num_interactions": 60_000}
@@ -389,7 +392,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["clients", "flower", "propagation", "round", "full-run",
-                                 "ratio", "main-job"])
+                                 "ratio", "main-job", "sequence-flower"])
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
 
 
@@ -403,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Measure and print every figure not skipped."""
     if args.quick:
-        args.skip = [*args.skip, "flower", "ratio", "main-job"]
+        args.skip = [*args.skip, "flower", "ratio", "main-job", "sequence-flower"]
     if args.threads:
         torch.set_num_threads(args.threads)
     config = FederatedConfig(dim=args.dim, seed=args.seed)
@@ -422,6 +425,8 @@ def run(args: argparse.Namespace) -> int:
         "full-run": ("full_run", lambda: full_run(data, config)),
         "ratio": ("unlearning_ratio_ml100k", lambda: unlearning_ratio(config)),
         "main-job": ("main_job_ml100k", _main_job_in_temp),
+        "sequence-flower": ("sequence_flower_cohort_vs_per_device",
+                            lambda: sequence_flower_modes(seed=args.seed)),
     }
     for key, (title, measure) in parts.items():
         if key in args.skip:

@@ -133,8 +133,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
                                   ray_address=args.ray_address, resume=args.resume,
                                   startup=args.startup_timeout)
     test = summary["test"]
-    print(f"{experiment.name}: test HR@20 {test.get('hr@20', nan):.4f}  NDCG@20 "
-          f"{test.get('ndcg@20', nan):.4f}  "
+    k, metric = (10, "Recall") if summary.get("family") == "sequence" else (20, "HR")
+    print(f"{experiment.name}: test {metric}@{k} {test.get(f'{metric.lower()}@{k}', nan):.4f}  "
+          f"NDCG@{k} {test.get(f'ndcg@{k}', nan):.4f}  "
           f"({summary['seconds']:.1f} s) -> {out}")
 
 
@@ -146,6 +147,8 @@ def _cmd_deploy(args: argparse.Namespace) -> None:
     from simulations.experiment import resolve
 
     experiment = resolve(args.config, args.set)  # every setting checked before anything starts
+    if experiment.run.get("family", "lightgcn") != "lightgcn":
+        raise FedShareError("fedshare deploy serves the lightgcn family only")
     data = _load(args)
     work = Path(args.dir).resolve()
     if work.exists() and not work.is_dir():

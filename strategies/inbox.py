@@ -20,7 +20,7 @@ from strategies.audit import MessageAudit
 
 T = TypeVar("T")
 WHAT = {"share": "share reply", "unshare": "unsharing requests", "train": "train reply",
-        "evaluate": "evaluation"}
+        "evaluate": "evaluation", "devices": "device report"}
 """How a rejection names each kind of reply."""
 
 

@@ -1,5 +1,8 @@
 """The FedShare ServerApp: share round, learning rounds, final evaluation, run outputs.
 
+Run config ``family = "sequence"`` trains a sequence model instead (:mod:`strategies.sequence`);
+what follows is the LightGCN family's run.
+
 The server never loads interaction data itself: it learns D_s from the nodes' ``query.share``
 replies (each node uploads only its users' I_share) and scores the model through evaluate
 messages. Outputs go to ``out-dir``: ``config.json``, ``state.db`` (the state database),
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,7 @@ from fedshare.federated.state_db import StateDB, open_store, stored_directory
 from fedshare.federated.summary import RunSummary
 from fedshare.reports import metrics_frame
 from fedshare.run_lease import RunLease
-from fedshare.runconfig import ServerSettings, fru_settings
+from fedshare.runconfig import ServerSettings, fru_settings, model_family
 from fedshare.storage_ledger import FRU_CLIENT
 from fedshare.unlearning.cufru import TransferStation
 from fedshare.unlearning.fru import FruHistory, FruSettings
@@ -37,27 +40,11 @@ from fedshare.unlearning.replay import ReplayConfig
 from strategies.audit import MessageAudit
 from strategies.fedshare import FedShareStrategy
 from strategies.inbox import Inbox
+from strategies.nodes import wait_for_nodes
+from strategies.sequence import serve_sequences
 from strategies.unlearning import run_unlearning
 
 app = ServerApp()
-
-
-def wait_for_nodes(grid: Grid, expected: int, timeout: float, max_failed: float = 0.0
-                   ) -> list[int]:
-    """Block until ``expected`` nodes are connected (simulated nodes register asynchronously);
-    after ``timeout``, go on with at least ``(1 - max_failed) * expected`` of them (a device
-    that died must not keep the others from resuming)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= expected:
-            return nodes
-        if time.monotonic() > deadline:
-            if nodes and len(nodes) >= (1 - max_failed) * expected:
-                log(WARNING, "going on with %d of %d nodes", len(nodes), expected)
-                return nodes
-            raise FedShareError(f"only {len(nodes)} of {expected} nodes connected")
-        time.sleep(0.5)
 
 
 def share_round(grid: Grid, nodes: list[int], inbox: Inbox, stored: Path | None,
@@ -79,7 +66,10 @@ def share_round(grid: Grid, nodes: list[int], inbox: Inbox, stored: Path | None,
 def main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.read(context.run_config)
     with RunLease(settings.out_dir):  # the run folder's only writer while this server lives
-        serve(grid, settings)
+        if model_family(context.run_config) == "sequence":
+            serve_sequences(grid, settings)
+        else:
+            serve(grid, settings)
 
 
 def serve(grid: Grid, settings: ServerSettings) -> None:

@@ -1,4 +1,4 @@
-"""A tiny synthetic federated dataset shared by the federated and Flower tests."""
+"""Tiny synthetic federated datasets shared by the federated and Flower tests."""
 
 from __future__ import annotations
 
@@ -31,17 +31,22 @@ def tiny_prepared(num_users: int = 10, num_items: int = 40, seed: int = 0,
 NUM_ITEMS, MAX_LEN = 15, 8  # toy_sessions' catalogue and window
 
 
-def toy_sessions(num_sessions: int = 30, seed: int = 0) -> SequenceData:
+def toy_sessions(num_sessions: int = 30, seed: int = 0, num_items: int = NUM_ITEMS,
+                 max_len: int = MAX_LEN,
+                 fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> SequenceData:
     """Sessions of 3..16 distinct items following a noisy cycle (so there is something to learn)."""
     rng = np.random.default_rng(seed)
     sessions = []
     for _ in range(num_sessions):
-        n = int(rng.integers(3, 17))
-        start = int(rng.integers(NUM_ITEMS))
-        sessions.append([(start + k) % NUM_ITEMS + 1 for k in range(min(n, NUM_ITEMS))])
-    lengths = np.array([len(s) for s in sessions])
-    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        n, start = int(rng.integers(3, 17)), int(rng.integers(num_items))
+        sessions.append([(start + k) % num_items + 1 for k in range(min(n, num_items))])
+    indptr = np.concatenate([[0], np.cumsum([len(s) for s in sessions])]).astype(np.int64)
     return SequenceData("toy", indptr, np.concatenate(sessions).astype(np.int64),
-                        split_sessions(num_sessions, (0.8, 0.1, 0.1), seed),
-                        np.arange(num_sessions), np.arange(NUM_ITEMS), MAX_LEN, seed,
-                        (0.8, 0.1, 0.1), 1)
+                        split_sessions(num_sessions, fractions, seed), np.arange(num_sessions),
+                        np.arange(num_items), max_len, seed, fractions, 1)
+
+
+def tiny_sequences(num_sessions: int = 10, num_items: int = 15, max_len: int = 8,
+                   seed: int = 0) -> SequenceData:
+    """:func:`toy_sessions` split 6:2:2 so that validation and test have two devices each."""
+    return toy_sessions(num_sessions, seed, num_items, max_len, (0.6, 0.2, 0.2))

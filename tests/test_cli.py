@@ -119,11 +119,21 @@ CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "feds
     ["cau-table", "--methods", "original,nope", "--out", "unused"],
     ["cau-table", "--batch-size", "0", "--out", "unused"],
     ["cau-table", "--resume", "unused"],
+    ["run", "--set", "family=sequence", "--set", "seq-backbone=bert4rec", "--out", "unused"],
+    ["run", "--set", "family=sequence", "--set", "seq-server-lr=0", "--engine", "inprocess",
+     "--out", "unused"],
+    ["run", "--set", "family=sequence", "--set", "seq-data=/nonexistent/sessions", "--out",
+     "unused"],
+    ["run", "--set", "family=gnn", "--out", "unused"],
+    ["run", "--set", "family=sequence", "--set", "unlearn=true", "--out", "unused"],
+    ["deploy", "--set", "family=sequence", "--dir", "unused"],
 ], ids=["unknown-dataset", "split-sum", "split-len", "groups-sum", "partial-range",
         "missing-path", "prepare-unknown", "central-unknown", "deploy-no-device",
         "deploy-too-many", "deploy-unknown-key", "resume-no-store", "resume-and-config",
         "unknown-unlearning-method", "bad-replay-setting", "cau-unknown-backbone",
-        "cau-unknown-method", "cau-batch-zero", "cau-resume-not-a-table"])
+        "cau-unknown-method", "cau-batch-zero", "cau-resume-not-a-table",
+        "sequence-unknown-backbone", "sequence-bad-server-lr", "sequence-missing-data",
+        "unknown-family", "sequence-unlearning", "deploy-sequence"])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = _run(capsys, *argv)

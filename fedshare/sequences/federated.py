@@ -207,6 +207,15 @@ class SequenceServer:
         load_vector(self.model, self.table)
         return self.table
 
+    def restore(self, vector: Tensor) -> None:
+        """Make ``vector`` (a kept global model, e.g. the best-validation one) the model as it
+        is: no server step (FedAdam's :meth:`finish_round` would move it by one more step)."""
+        self.table = vector.detach().clone()
+        if self.adam is not None:
+            with torch.no_grad():
+                self.weights.copy_(self.table)
+        load_vector(self.model, self.table)
+
 
 def add_sums(replies: Sequence[tuple[dict[str, float], int]]) -> dict[str, float]:
     """Metrics from the nodes' sums: sum of sums over sum of counts."""
@@ -283,7 +292,7 @@ def run_federated(data: SequenceData, backbone: str | SequenceModel = "sasrec",
             if not result.best_valid or valid[metric] > result.best_valid[metric]:
                 result.best_round, result.best_valid = round_, valid
                 best = server.table.clone()
-    server.finish_round(best, result.best_round)
+    server.restore(best)
     result.test = add_sums([c.evaluate(server.table, TEST) for c in cohorts])
     result.log = log.frame()
     return result
