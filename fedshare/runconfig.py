@@ -26,6 +26,8 @@ from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
 from fedshare.sequences.config import RUN_KEYS as SEQUENCE_RUN_KEYS
 from fedshare.sequences.config import SequenceConfig
+from fedshare.sequences.unlearning_config import RUN_KEYS as SEQUENCE_UNLEARNING_KEYS
+from fedshare.sequences.unlearning_config import SequenceUnlearning
 from fedshare.unlearning.config import VARIANTS, UnlearningConfig
 from fedshare.unlearning.remaining import remaining_data
 
@@ -41,7 +43,7 @@ FRU_KEYS = ("fru-alpha", "fru-beta", "fru-pool", "fru-sampling")
 REPLAY_KEYS = ("unlearning", "replay-epoch-fraction", "replay-interval")
 FAMILIES = ("lightgcn", "sequence")
 """The app's model families: LightGCN (FedShare) and sequence models (issue 17)."""
-SEQUENCE_KEYS = ("family", *SEQUENCE_RUN_KEYS)
+SEQUENCE_KEYS = ("family", *SEQUENCE_RUN_KEYS, *SEQUENCE_UNLEARNING_KEYS)
 APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", *FRU_KEYS,
             "max-failed-fraction", "client-state-dir", "bind-users", *UNLEARN_KEYS,
             *REPLAY_KEYS, *SEQUENCE_KEYS)
@@ -224,6 +226,13 @@ def model_family(run_config: Mapping[str, Any]) -> str:
 def sequence_config(run_config: Mapping[str, Any]) -> SequenceConfig:
     """The sequence family's settings (:class:`SequenceConfig`), checked."""
     return SequenceConfig.from_run_config(run_config)
+
+
+def sequence_unlearning(run_config: Mapping[str, Any]) -> SequenceUnlearning | None:
+    """The sequence family's unlearning settings (checked), or ``None`` without ``unlearn``."""
+    if not bool(run_config.get("unlearn", False)):
+        return None
+    return SequenceUnlearning.from_run_config(run_config)
 
 
 def sequence_data_key(run_config: Mapping[str, Any]) -> tuple:

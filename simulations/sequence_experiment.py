@@ -81,7 +81,7 @@ def run_inprocess(data: SequenceData, config: SequenceConfig, out: Path, nodes: 
                            config.local_epochs, config.lr, config.seed, config.eval_every,
                            dim=config.dim, nodes=nodes, optimizer=config.optimizer,
                            progress=report, server_optimizer=config.server_optimizer,
-                           server_lr=config.server_lr)
+                           server_lr=config.server_lr, dropout=config.dropout)
     vector = parameters_to_vector(result.model.parameters()).detach().numpy()
     summary = SequenceSummary("inprocess", config.backbone, config.rounds, result.best_round,
                               result.best_valid, result.test, time.perf_counter() - started,

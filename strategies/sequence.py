@@ -53,7 +53,7 @@ class SequenceStrategy(Strategy):
         self.max_failed = max_failed
         torch.manual_seed(config.seed)  # the initial model run_federated starts from
         model = make_backbone(config.backbone, directory.num_items, directory.max_len,
-                              config.dim)
+                              config.dim, config.dropout)
         self.server = SequenceServer(model, config.server_optimizer, config.server_lr)
         self.log = RunLog(lambda row: log(INFO, "%s %s", PROGRESS, progress_line(
             row["round"], row["seconds"], {k.removeprefix("valid_"): v

@@ -25,7 +25,7 @@ SHARED_KEYS = {"rounds": "rounds", "fraction": "fraction", "eval-every": "eval_e
 RUN_KEYS = {"seq-data": "data", "seq-backbone": "backbone", "seq-dim": "dim",
             "seq-max-len": "max_len", "seq-local-epochs": "local_epochs", "seq-lr": "lr",
             "seq-optimizer": "optimizer", "seq-server-optimizer": "server_optimizer",
-            "seq-server-lr": "server_lr"}
+            "seq-server-lr": "server_lr", "seq-dropout": "dropout"}
 """The sequence family's own run-config keys, by field name."""
 
 
@@ -40,6 +40,8 @@ class SequenceConfig:
         max_len: the model's input length when the sessions are prepared here.
         local_epochs, lr, optimizer: each device's local training (a fresh optimiser a round).
         server_optimizer, server_lr: ``fedavg`` (the average itself) or ``adam`` (FedAdam).
+        dropout: the backbone's dropout (0 makes every forward deterministic, which the tests
+            use to compare runs whose random streams are drawn in different processes).
         rounds, fraction, eval_every, seed: the schedule (shared with LightGCN).
     """
 
@@ -52,6 +54,7 @@ class SequenceConfig:
     optimizer: str = "sgd"
     server_optimizer: str = "adam"
     server_lr: float = 0.005
+    dropout: float = 0.2
     rounds: int = 100
     fraction: float = 0.1
     eval_every: int = 10
@@ -69,6 +72,8 @@ class SequenceConfig:
         for name in ("lr", "server_lr"):
             if not getattr(self, name) > 0:
                 raise FedShareError(f"{_key(name)} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FedShareError(f"seq-dropout must lie in [0, 1), got {self.dropout}")
         if not 0.0 < self.fraction <= 1.0:
             raise FedShareError(f"fraction must lie in (0, 1], got {self.fraction}")
 
@@ -92,7 +97,7 @@ class SequenceConfig:
         values: dict[str, Any] = {}
         for key, name in {**SHARED_KEYS, **RUN_KEYS}.items():
             if key in run_config:
-                values[name] = _typed(key, run_config[key], kinds[name])
+                values[name] = typed_value(key, run_config[key], kinds[name])
         return cls(**values)
 
 
@@ -102,7 +107,7 @@ def _key(name: str) -> str:
     return inverse[name]
 
 
-def _typed(key: str, value: Any, kind: type) -> Any:
+def typed_value(key: str, value: Any, kind: type) -> Any:
     """``value`` as ``kind``: ints stay whole, strings stay strings, no bools for numbers."""
     wrong = isinstance(value, bool) or (kind is str) != isinstance(value, str) or (
         kind is int and isinstance(value, float) and not value.is_integer())

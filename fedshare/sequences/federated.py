@@ -249,8 +249,8 @@ def run_federated(data: SequenceData, backbone: str | SequenceModel = "sasrec",
                   lr: float = 1e-3, seed: int = 0, eval_every: int = 10, *, dim: int = 64,
                   nodes: int = 1, optimizer: str = "adam", metric: str = "recall@10",
                   progress: Callable[[dict], None] | None = None,
-                  server_optimizer: str = "fedavg", server_lr: float = 1e-2
-                  ) -> FederatedResult:
+                  server_optimizer: str = "fedavg", server_lr: float = 1e-2,
+                  dropout: float = 0.2) -> FederatedResult:
     """FedAvg over the training devices for ``rounds`` rounds (see the module docstring).
 
     Validation every ``eval_every`` rounds and after the last; the returned model holds the
@@ -260,7 +260,7 @@ def run_federated(data: SequenceData, backbone: str | SequenceModel = "sasrec",
     (:mod:`fedshare.federated.traffic`); validation and test messages are not counted.
     """
     torch.manual_seed(seed)
-    model = (make_backbone(backbone, data.num_items, data.max_len, dim)
+    model = (make_backbone(backbone, data.num_items, data.max_len, dim, dropout)
              if isinstance(backbone, str) else backbone)
     local = LocalConfig(local_epochs, lr, optimizer)
     cohorts = [SequenceCohort(data, part, model, local, seed)

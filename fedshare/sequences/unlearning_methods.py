@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from fedshare.federated.traffic import Traffic
-from fedshare.sequences.cau_devices import cau_view, joint_cau, local_cau
+from fedshare.sequences.cau_devices import joint_cau, local_cau
 from fedshare.sequences.data import TEST, SequenceData
 from fedshare.sequences.evaluate import evaluate
 from fedshare.sequences.federated import (
@@ -55,15 +55,14 @@ from fedshare.sequences.federated import (
     load_vector,
     run_federated,
 )
+from fedshare.sequences.forget_metrics import (
+    forget_hits,
+    mean_hits,
+    request_negatives,
+    with_u_score,
+)
 from fedshare.sequences.models import SequenceModel
 from fedshare.sequences.requests import forget_set, remaining_data
-from fedshare.unlearning.cau.metrics import (
-    forget_scores,
-    hit_u_full,
-    hit_u_sampled,
-    sample_negatives,
-    u_score,
-)
 from fedshare.unlearning.cau.model import ForgetSet
 from fedshare.unlearning.cau.unlearn import CAUConfig
 
@@ -72,7 +71,6 @@ CAU_VARIANTS = ("cau-gradient-hard", "cau-gradient-soft", "cau-embedding-hard",
 ABLATIONS = ("ga", "wo-ps", "wo-cu")
 METHODS = ("original", "retrain", "fedavg-remaining", *ABLATIONS, *CAU_VARIANTS, "cau-local")
 PAPER_EPOCHS = {"sasrec": 200, "gru4rec": 100}
-NEGATIVES = 500
 
 
 @dataclass(frozen=True)
@@ -103,18 +101,21 @@ class FedAvgSettings:
 @dataclass(frozen=True)
 class CAUSettings:
     """The unlearning side: CAU's settings (see the module docstring) and continued FedAvg's
-    rounds. ``epochs`` None = the paper's for the backbone."""
+    rounds. ``epochs`` None = the paper's for the backbone; ``optimizer`` the paper's Adam
+    (SGD where a test compares runs whose float rounding differs)."""
 
     epochs: int | None = None
     batch_size: int = 16
     lr: float = 1e-3
     tau: float = 2.0
     continued_rounds: int = 20
+    optimizer: str = "adam"
 
     def base(self, backbone: str, seed: int) -> CAUConfig:
         """The base variant: gradient difficulty (output layer), hard sampling, MGDA."""
         epochs = self.epochs if self.epochs is not None else PAPER_EPOCHS.get(backbone, 100)
         return CAUConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, tau=self.tau,
+                         optimizer=self.optimizer,  # type: ignore[arg-type]
                          difficulty="gradient", gradient_scope="last", schedule="hard",
                          weights="mgda", seed=seed)
 
@@ -149,7 +150,8 @@ class Outcome:
 @dataclass
 class UnlearningCase:
     """What every method of one (backbone, seed) shares: the data, the requests, the
-    Original and the fixed Hit_u negatives."""
+    Original and the fixed Hit_u negatives (per sample, seeded by its session and position,
+    :func:`request_negatives`: what the devices draw through Flower)."""
 
     data: SequenceData
     requests: dict[int, list[int]]
@@ -163,9 +165,7 @@ class UnlearningCase:
 
     def __post_init__(self) -> None:
         self.forget, self.owners = forget_set(self.data, self.requests)
-        rng = np.random.default_rng([self.seed, 0x417])
-        self.negatives = sample_negatives(
-            self.data.num_items, [self.data.session(s) for s in self.owners], NEGATIVES, rng)
+        self.negatives = request_negatives(self.data, self.requests, self.seed)
 
     @property
     def start(self) -> Tensor:
@@ -207,13 +207,8 @@ def score(case: UnlearningCase, vector: Tensor) -> dict[str, float]:
     Recall@10 and sampled Hit_u@1."""
     model = case.model(vector)
     metrics = evaluate(model, torch.from_numpy(case.data.windows(TEST)))
-    scores = forget_scores(cau_view(model), case.forget.prefixes)
-    forget = case.forget.forget.numpy()
-    for k in (1, 5):
-        metrics[f"hit_u@{k}"] = hit_u_sampled(scores, forget, case.negatives, k)
-        metrics[f"hit_u_full@{k}"] = hit_u_full(scores, forget, k)
-    metrics["u_score"] = u_score(metrics["recall@10"], metrics["hit_u@1"])
-    return metrics
+    return with_u_score({**metrics, **mean_hits(forget_hits(model, case.forget,
+                                                            case.negatives))})
 
 
 def run_case(case: UnlearningCase, methods: tuple[str, ...] = METHODS,

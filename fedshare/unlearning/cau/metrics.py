@@ -23,14 +23,20 @@ def _as_np(scores: Tensor | np.ndarray) -> np.ndarray:
     return scores.detach().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores)
 
 
-def hit_u_full(scores: Tensor | np.ndarray, forget: Sequence[int] | np.ndarray, k: int) -> float:
-    """Full-ranking Hit_u@k: ``scores [N, n_items + 1]`` (column = item id; column 0, the pad,
-    is excluded)."""
+def full_hits(scores: Tensor | np.ndarray, forget: Sequence[int] | np.ndarray, k: int
+              ) -> np.ndarray:
+    """Per sample, 1 if f ranks in the top ``k`` of every item (``scores [N, n_items + 1]``,
+    column = item id; column 0, the pad, is excluded), else 0: what a device reports."""
     s = _as_np(scores)[:, 1:].astype(np.float64)
     f = np.asarray(forget, dtype=np.int64) - 1
     own = s[np.arange(s.shape[0]), f]
-    rank = (s > own[:, None]).sum(axis=1)
-    return float((rank < k).mean()) if s.shape[0] else 0.0
+    return ((s > own[:, None]).sum(axis=1) < k).astype(np.int64)
+
+
+def hit_u_full(scores: Tensor | np.ndarray, forget: Sequence[int] | np.ndarray, k: int) -> float:
+    """Full-ranking Hit_u@k: the mean of :func:`full_hits`."""
+    hits = full_hits(scores, forget, k)
+    return float(hits.mean()) if len(hits) else 0.0
 
 
 def sample_negatives(
@@ -47,19 +53,32 @@ def sample_negatives(
     return out
 
 
+def sampled_hits(
+    scores: Tensor | np.ndarray,
+    forget: Sequence[int] | np.ndarray,
+    negatives: Sequence[np.ndarray],
+    k: int,
+) -> np.ndarray:
+    """Per sample, 1 if f ranks in the top ``k`` among f plus its sample's negatives."""
+    s = _as_np(scores).astype(np.float64)
+    return np.array(
+        [
+            int((s[i, neg] > s[i, int(f)]).sum() < k)
+            for i, (f, neg) in enumerate(zip(np.asarray(forget), negatives, strict=True))
+        ],
+        dtype=np.int64,
+    )
+
+
 def hit_u_sampled(
     scores: Tensor | np.ndarray,
     forget: Sequence[int] | np.ndarray,
     negatives: Sequence[np.ndarray],
     k: int,
 ) -> float:
-    """Sampled Hit_u@k: f ranked among f plus its sample's negatives."""
-    s = _as_np(scores).astype(np.float64)
-    hits = [
-        int((s[i, neg] > s[i, int(f)]).sum() < k)
-        for i, (f, neg) in enumerate(zip(np.asarray(forget), negatives, strict=True))
-    ]
-    return float(np.mean(hits)) if hits else 0.0
+    """Sampled Hit_u@k: the mean of :func:`sampled_hits`."""
+    hits = sampled_hits(scores, forget, negatives, k)
+    return float(hits.mean()) if len(hits) else 0.0
 
 
 def u_score(recall: float, hit_u: float, beta: float = 3.0) -> float:
