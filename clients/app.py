@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from clients import sequence
+from clients import sequence, sequence_unlearning
 from fedshare import protocol
 from fedshare.atomic import write_atomically
 from fedshare.federated.population import ClientPopulation
@@ -293,3 +293,8 @@ def _action(message_type: str) -> str:
 app.query(_action(protocol.SEQ_DEVICES))(sequence.devices)
 app.train(_action(protocol.SEQ_TRAIN))(sequence.train)
 app.evaluate(_action(protocol.SEQ_EVALUATE))(sequence.evaluate)
+app.query(_action(protocol.SEQ_REQUESTS))(sequence_unlearning.requests)
+app.query(_action(protocol.SEQ_CAU_SCORES))(sequence_unlearning.scores)
+app.train(_action(protocol.SEQ_CAU_STEP))(sequence_unlearning.step)
+app.train(_action(protocol.SEQ_CAU_LOCAL))(sequence_unlearning.local)
+app.evaluate(_action(protocol.SEQ_FORGET))(sequence_unlearning.forget)

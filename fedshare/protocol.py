@@ -69,6 +69,24 @@ session and the global model one flat float32 vector (array ``sequence-model``):
 - ``evaluate.sequence``: the model, config ``parts``; the reply is ``evaluate``'s (metric sums
   and counts per part, counted in prediction points).
 
+Sequence unlearning (run config ``unlearn = true``, :mod:`strategies.sequence_unlearning`); a
+node's forget samples are numbered in its own order (sessions ascending, positions ascending):
+
+- ``query.sequence_requests``: the global model at request time (each requesting device keeps
+  its frozen reference P_ref from it); the reply's arrays ``sessions``, ``request-counts``,
+  ``positions`` and ``session-lengths`` (:class:`RequestReport`). From then on the node's
+  requesting devices train on their remaining session only.
+- ``query.sequence_cau_scores``: the model; the reply's ``cau-scores`` hold one difficulty per
+  forget sample of the node (Eq. 11 or 12).
+- ``train.sequence_cau_step``: the model, config ``step`` and ``samples`` (the node's samples in
+  the step's batch); the reply's ``task-gradients`` ``[3, P]`` are the sums over them of the
+  gradients of l_u, l_n, l_KL (Eq. 9 times the count), metric ``num-examples`` the count.
+- ``train.sequence_cau_local``: the model; the reply is ``train.sequence``'s: the
+  |D_f,u|-weighted mean of the node's devices' unlearned vectors, ``num-examples`` = their
+  forget samples, ``num-users`` = the devices.
+- ``evaluate.sequence_forget``: the model; the reply's arrays ``hit_u@1`` ... (one 0/1 per forget
+  sample of the node and metric of :data:`HIT_METRICS`).
+
 :func:`array_bytes` sizes any message (the traffic of :mod:`fedshare.federated.traffic`).
 
 Every request after the share round carries the server's :class:`RunMark`: the run key of its
@@ -100,6 +118,8 @@ from fedshare.federated.directory import ShareReply
 from fedshare.federated.population import NodeUpdate
 from fedshare.sequences.data import TEST, VALID
 from fedshare.sequences.directory import DeviceReport
+from fedshare.sequences.forget_metrics import HIT_METRICS
+from fedshare.sequences.request_log import RequestReport
 
 # message types
 SHARE, UNSHARE = "query.share", "query.unshare"
@@ -480,8 +500,7 @@ def read_evaluate_reply(content: RecordDict, parts: tuple[str, ...]
 # ------------------------------------------------------------- sequence models (issue 17)
 # The second model family of the same app (run config ``family = "sequence"``). A device is one
 # session; the global model travels as one flat float32 vector. Message types are
-# ``<category>.sequence[_<step>]``, so the CAU unlearning messages still to come fit beside them
-# (e.g. ``query.sequence_requests``, ``train.sequence_cau``).
+# ``<category>.sequence[_<step>]``.
 SEQ_DEVICES = "query.sequence_devices"
 SEQ_TRAIN = f"{MessageType.TRAIN}.sequence"
 SEQ_EVALUATE = f"{MessageType.EVALUATE}.sequence"
@@ -579,3 +598,101 @@ def read_sequence_evaluate_request(request: Message) -> tuple[Tensor, tuple[str,
     if not set(parts) <= set(SEQ_PARTS):
         raise ValueError(f"unknown parts {parts}")
     return _vector(request.content), parts
+
+
+# ---------------------------------------------------------------- sequence unlearning (CAU)
+SEQ_REQUESTS = "query.sequence_requests"
+SEQ_CAU_SCORES = "query.sequence_cau_scores"
+SEQ_CAU_STEP = f"{MessageType.TRAIN}.sequence_cau_step"
+SEQ_CAU_LOCAL = f"{MessageType.TRAIN}.sequence_cau_local"
+SEQ_FORGET = f"{MessageType.EVALUATE}.sequence_forget"
+REQUEST_COUNTS, POSITIONS, SESSION_LENGTHS = "request-counts", "positions", "session-lengths"
+CAU_SCORES, TASK_GRADIENTS, STEP, SAMPLES = "cau-scores", "task-gradients", "step", "samples"
+
+
+def model_requests(message_type: str, nodes: Iterable[int], vector: Tensor) -> list[Message]:
+    """One message of ``message_type`` per node, carrying only the model (built once)."""
+    model = model_record(vector)
+    return [_request(node, message_type, {}, model) for node in nodes]
+
+
+def read_model_request(request: Message) -> Tensor:
+    return _vector(request.content)
+
+
+def sequence_requests_reply(request: Message, requests: Mapping[int, list[int]],
+                            lengths: Mapping[int, int]) -> Message:
+    """The node's requesting devices, their forgotten positions and session lengths."""
+    sessions = sorted(requests)
+    return _reply(request, ArrayRecord({
+        SESSIONS: _ints(sessions), REQUEST_COUNTS: _ints([len(requests[s]) for s in sessions]),
+        POSITIONS: _ints([t for s in sessions for t in sorted(requests[s])]),
+        SESSION_LENGTHS: _ints([lengths[s] for s in sessions])}))
+
+
+def read_sequence_requests_reply(reply: Message) -> RequestReport:
+    """A node's requests; :meth:`RequestReport.problem` says whether they can be served."""
+    arrays = reply.content[ARRAYS]
+    return RequestReport(reply.metadata.src_node_id, arrays[SESSIONS].numpy(),
+                         arrays[REQUEST_COUNTS].numpy(), arrays[POSITIONS].numpy(),
+                         arrays[SESSION_LENGTHS].numpy())
+
+
+def sequence_scores_reply(request: Message, scores: np.ndarray) -> Message:
+    return _reply(request, ArrayRecord({CAU_SCORES: Array(np.asarray(scores, np.float64))}))
+
+
+def read_sequence_scores_reply(content: RecordDict, expected: int) -> np.ndarray:
+    """One finite difficulty per forget sample the node holds (``expected`` of them)."""
+    scores = content[ARRAYS][CAU_SCORES].numpy()
+    if scores.shape != (expected,) or scores.dtype != np.float64 or not np.isfinite(
+            scores).all():
+        raise ValueError(f"not {expected} finite difficulties")
+    return scores
+
+
+def sequence_cau_step_requests(step: int, node_samples: Mapping[int, list[int]],
+                               vector: Tensor) -> list[Message]:
+    """A joint CAU step: each node gets the model and its samples in the batch."""
+    model = model_record(vector)
+    return [_request(node, SEQ_CAU_STEP, {STEP: step, SAMPLES: list(samples)}, model)
+            for node, samples in node_samples.items()]
+
+
+def read_sequence_cau_step_request(request: Message) -> tuple[int, np.ndarray, Tensor]:
+    """(step, the node's sample indices, model)."""
+    config = request.content[CONFIG]
+    return (int(config[STEP]), np.asarray(config[SAMPLES], dtype=np.int64),
+            _vector(request.content))
+
+
+def sequence_cau_step_reply(request: Message, sums: Tensor, count: int) -> Message:
+    return _reply(request, ArrayRecord({TASK_GRADIENTS: _table(sums)}),
+                  MetricRecord({WEIGHT: count}))
+
+
+def read_sequence_cau_step_reply(content: RecordDict, size: int, expected: int
+                                 ) -> tuple[Tensor, int]:
+    """The ``[3, size]`` finite gradient sums over the ``expected`` samples asked."""
+    sums = _tensor(content[ARRAYS], TASK_GRADIENTS)
+    count = int(content[METRICS][WEIGHT])
+    if sums.shape != (3, size) or sums.dtype != torch.float32 or not bool(
+            torch.isfinite(sums).all()) or count != expected:
+        raise ValueError(f"not three finite gradient sums over the {expected} samples asked")
+    return sums, count
+
+
+def sequence_forget_reply(request: Message, hits: Mapping[str, np.ndarray]) -> Message:
+    return _reply(request, ArrayRecord({name: _ints(hits[name]) for name in HIT_METRICS}))
+
+
+def read_sequence_forget_reply(content: RecordDict, expected: int) -> dict[str, np.ndarray]:
+    """Per metric of :data:`HIT_METRICS`, one 0/1 per forget sample the node holds."""
+    arrays = content[ARRAYS]
+    if set(arrays) != set(HIT_METRICS):
+        raise ValueError("not the Hit_u metrics asked")
+    hits = {name: arrays[name].numpy() for name in HIT_METRICS}
+    if any(h.shape != (expected,) or h.dtype.kind != "i" or not np.isin(h, (0, 1)).all()
+           for h in hits.values()):
+        raise ValueError(f"not {expected} hit indicators per metric")
+    return hits
