@@ -38,6 +38,7 @@ from fedshare.runconfig import (
     model_family,
     replay_settings,
     sequence_config,
+    sequence_unlearning,
     unlearning_config,
     unlearning_method,
 )
@@ -121,9 +122,7 @@ def resolve(path: str | Path | None, sets: Sequence[str] = (), name: str | None 
     fru_settings(run)  # FRU's settings: FruSettings validates them
     if model_family(run) == "sequence":
         sequence_config(run)  # the sequence family's settings: SequenceConfig validates them
-        if bool(run.get("unlearn", False)):
-            raise FedShareError("unlearning of sequence models does not run on Flower yet; "
-                                "drop unlearn=true or use family=lightgcn")
+        sequence_unlearning(run)  # and, with unlearn=true, SequenceUnlearning
     experiment = Experiment(name or (Path(path).stem if path else "default"), run,
                             num_supernodes)
     experiment.config  # noqa: B018 - validates every federated setting now, before any work

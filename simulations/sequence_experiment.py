@@ -7,7 +7,9 @@ data are checked before the folder is made, so a bad one leaves nothing behind. 
 engine runs the app's sequence family (:mod:`strategies.sequence`); ``inprocess`` runs
 :func:`fedshare.sequences.federated.run_federated` with ``num-supernodes`` cohorts, which
 gives the same model. Both write ``config.toml``, ``config.json``, ``metrics.csv``,
-``model.npy`` (the best-validation vector) and ``summary.json``.
+``model.npy`` (the best-validation vector) and ``summary.json``. With ``unlearn=true`` (flower
+engine only) the app then serves the devices' unlearning requests
+(:mod:`strategies.sequence_unlearning`): ``requests.json`` and ``unlearned_model.npy`` too.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ import numpy as np
 
 from fedshare.atomic import write_atomically, write_json
 from fedshare.errors import FedShareError
-from fedshare.runconfig import load_sequences, sequence_config, sequence_data_key
+from fedshare.runconfig import (
+    load_sequences,
+    sequence_config,
+    sequence_data_key,
+    sequence_unlearning,
+)
 from fedshare.sequences.config import SequenceConfig
 from fedshare.sequences.data import SequenceData
 from fedshare.sequences.directory import count_parts
+from fedshare.sequences.requests import sequence_requests
 from fedshare.sequences.summary import SequenceSummary, progress_line
 from simulations.experiment import Experiment, new_folder, record_settings
 from simulations.flower_runner import STARTUP, check_ray_address, run_flower
@@ -42,7 +50,16 @@ def run_sequence_experiment(experiment: Experiment, out_root: str | Path = "runs
                             "it afresh")
     run = dict(experiment.run)
     config = sequence_config(run)
+    unlearning = sequence_unlearning(run)
+    if unlearning is not None and engine != "flower":
+        raise FedShareError("sequence unlearning runs on the flower engine; in process use "
+                            "fedshare cau-table")
     data = load_sequences(sequence_data_key(run))  # bad data fail here, before any folder
+    if unlearning is not None:
+        try:  # too few sessions with a forgettable position for the asked requests
+            sequence_requests(data, unlearning.request_fraction, config.seed)
+        except ValueError as exc:
+            raise FedShareError(str(exc)) from None
     if engine == "flower":
         check_ray_address(ray_address or os.environ.get("RAY_ADDRESS") or "local")
     if progress is not None:

@@ -20,7 +20,9 @@ from strategies.audit import MessageAudit
 
 T = TypeVar("T")
 WHAT = {"share": "share reply", "unshare": "unsharing requests", "train": "train reply",
-        "evaluate": "evaluation", "devices": "device report"}
+        "evaluate": "evaluation", "devices": "device report",
+        "requests": "unlearning requests", "scores": "CAU difficulties",
+        "cau": "CAU update", "forget": "Hit_u indicators"}
 """How a rejection names each kind of reply."""
 
 

@@ -1,15 +1,14 @@
 """The sequence family's server (run config ``family = "sequence"``): FedAvg over devices.
 
-A run: ask every node for its devices (``query.sequence_devices``: the server loads no data),
-then ``rounds`` rounds on Flower's strategy loop. Each round samples training devices with
+A run (:func:`strategies.sequence_run.serve_sequences`): ask every node for its devices
+(``query.sequence_devices``: the server loads no data), then ``rounds`` rounds on Flower's
+strategy loop. Each round samples training devices with
 :func:`fedshare.federated.rounds.sample_users` exactly as the in-process
 :func:`fedshare.sequences.federated.run_federated` does, sends the global vector to the nodes
 serving them (``configure_train``), and averages the accepted replies through the same
 :class:`LearningRound` and :class:`SequenceServer` (FedAvg, or FedAdam) in ``aggregate_train``.
 Validation devices score the model every ``eval-every`` rounds and after the last; the
-best-validation model is kept, then scored by the test devices. Outputs in ``out-dir``:
-``config.json``, ``metrics.csv``, ``model.npy`` (the best-validation vector) and
-``summary.json`` (:class:`SequenceSummary`), each written whole.
+best-validation model is kept, then scored by the test devices.
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
@@ -27,18 +24,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedshare import protocol
-from fedshare.atomic import write_atomically, write_json
 from fedshare.federated.population import NodeUpdate
 from fedshare.federated.rounds import PROGRESS, LearningRound, RunLog, sample_users
 from fedshare.federated.traffic import Traffic
-from fedshare.runconfig import ServerSettings, sequence_config
 from fedshare.sequences.config import SequenceConfig
-from fedshare.sequences.directory import SequenceDirectory, build_directory
+from fedshare.sequences.directory import SequenceDirectory
 from fedshare.sequences.federated import SequenceServer, add_sums, make_backbone
-from fedshare.sequences.summary import SequenceSummary, progress_line
-from strategies.audit import MessageAudit
+from fedshare.sequences.summary import progress_line
 from strategies.inbox import Inbox
-from strategies.nodes import wait_for_nodes
 
 METRIC = "recall@10"
 """The validation metric that picks the kept model (as ``run_federated``)."""
@@ -177,51 +170,3 @@ class SequenceStrategy(Strategy):
         self.server.restore(self.best)
         replies = grid.send_and_receive(self.evaluate_messages("test", grid), timeout=timeout)
         return self.scores(self.config.rounds, replies, "test")
-
-
-def describe_devices(grid: Grid, nodes: list[int], inbox: Inbox, timeout: float
-                     ) -> SequenceDirectory:
-    """Ask every node for its devices; a node whose report is refused takes no part."""
-    replies = grid.send_and_receive([protocol.sequence_devices_request(n) for n in nodes],
-                                    timeout=timeout)
-    reports = [r for _, r in inbox.read("devices", 0, replies,
-                                        protocol.read_sequence_devices_reply)]
-    directory, refused = build_directory(reports)
-    for node, reason in refused:
-        inbox.reject("devices", 0, node, reason)
-    return directory
-
-
-def serve_sequences(grid: Grid, settings: ServerSettings) -> None:
-    """The whole sequence run: nodes, devices, rounds, test of the best model, outputs."""
-    started = time.perf_counter()
-    config = sequence_config(settings.run_config)
-    inbox = Inbox(MessageAudit(settings.audit_dir) if settings.audit_dir else None)
-    nodes = wait_for_nodes(grid, settings.num_nodes, settings.node_timeout, settings.max_failed)
-    log(INFO, "%s sequence devices round: %d nodes", PROGRESS, len(nodes))
-    directory = describe_devices(grid, nodes, inbox, settings.round_timeout)
-    strategy = SequenceStrategy(config, directory, inbox, settings.max_failed)
-    out = settings.out_dir
-    write_json(out / "config.json", recorded(config, settings))
-    strategy.start(grid, protocol.model_record(strategy.server.table),
-                   num_rounds=config.rounds, timeout=settings.round_timeout)
-    test = strategy.test_best(grid, settings.round_timeout)
-    summary = SequenceSummary(
-        "flower", config.backbone, config.rounds, strategy.best_round, strategy.best_valid,
-        test, time.perf_counter() - started, directory.counts(), len(strategy.server.table),
-        len(directory.nodes()), {k: t.to_dict() for k, t in strategy.traffic.items()},
-        inbox.rejected)
-    metrics = strategy.log.frame()
-    write_atomically(out / "metrics.csv", lambda fh: metrics.to_csv(fh, index=False), "w")
-    write_atomically(out / "model.npy", lambda fh: np.save(fh, strategy.best.numpy()))
-    write_json(out / "summary.json", summary.to_dict())
-    log(INFO, "%s done  test Recall@10 %.4f  NDCG@10 %.4f  -> %s", PROGRESS,
-        test.get("recall@10", float("nan")), test.get("ndcg@10", float("nan")), out)
-
-
-def recorded(config: SequenceConfig, settings: ServerSettings) -> dict[str, Any]:
-    """``config.json``: the family, its settings and how the run was served."""
-    return {"family": "sequence", **config.to_dict(), "num_nodes": settings.num_nodes,
-            "out_dir": str(settings.out_dir), "node_timeout": settings.node_timeout,
-            "round_timeout": settings.round_timeout, "max_failed": settings.max_failed}
-

@@ -1,6 +1,6 @@
 """The FedShare ServerApp: share round, learning rounds, final evaluation, run outputs.
 
-Run config ``family = "sequence"`` trains a sequence model instead (:mod:`strategies.sequence`);
+Run config ``family = "sequence"`` trains a sequence model instead (:mod:`strategies.sequence_run`);
 what follows is the LightGCN family's run.
 
 The server never loads interaction data itself: it learns D_s from the nodes' ``query.share``
@@ -41,7 +41,7 @@ from strategies.audit import MessageAudit
 from strategies.fedshare import FedShareStrategy
 from strategies.inbox import Inbox
 from strategies.nodes import wait_for_nodes
-from strategies.sequence import serve_sequences
+from strategies.sequence_run import serve_sequences
 from strategies.unlearning import run_unlearning
 
 app = ServerApp()

@@ -18,6 +18,9 @@ class SequenceSummary:
     ``devices``: training, validation and test devices (sessions) by part. ``traffic``: per
     message kind (``train``, ``evaluate``), client messages and array bytes each way
     (:class:`fedshare.federated.traffic.Traffic`); Flower runs only (``None`` in process).
+    ``unlearning``: with ``unlearn = true``, the method, the requests received and served,
+    the forget samples, the unlearning's seconds and traffic, and the scores (test
+    Recall/NDCG, Hit_u, U-score) of the learned (``original``) and ``unlearned`` models.
     """
 
     engine: str
@@ -33,6 +36,7 @@ class SequenceSummary:
     traffic: dict[str, dict[str, int]] | None = None
     rejected_replies: list[dict] = field(default_factory=list)
     family: str = "sequence"
+    unlearning: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
