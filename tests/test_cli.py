@@ -125,7 +125,12 @@ CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "feds
     ["run", "--set", "family=sequence", "--set", "seq-data=/nonexistent/sessions", "--out",
      "unused"],
     ["run", "--set", "family=gnn", "--out", "unused"],
-    ["run", "--set", "family=sequence", "--set", "unlearn=true", "--out", "unused"],
+    ["run", "--set", "family=sequence", "--set", "unlearn=true", "--set",
+     "seq-unlearning=nope", "--out", "unused"],
+    ["run", "--set", "family=sequence", "--set", "unlearn=true", "--set",
+     "seq-cau-batch-size=0", "--out", "unused"],
+    ["run", "--set", "family=sequence", "--set", "unlearn=true", "--engine", "inprocess",
+     "--out", "unused"],
     ["deploy", "--set", "family=sequence", "--dir", "unused"],
 ], ids=["unknown-dataset", "split-sum", "split-len", "groups-sum", "partial-range",
         "missing-path", "prepare-unknown", "central-unknown", "deploy-no-device",
@@ -133,7 +138,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "feds
         "unknown-unlearning-method", "bad-replay-setting", "cau-unknown-backbone",
         "cau-unknown-method", "cau-batch-zero", "cau-resume-not-a-table",
         "sequence-unknown-backbone", "sequence-bad-server-lr", "sequence-missing-data",
-        "unknown-family", "sequence-unlearning", "deploy-sequence"])
+        "unknown-family", "sequence-unknown-unlearning", "sequence-unlearning-batch-zero",
+        "sequence-unlearning-inprocess", "deploy-sequence"])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = _run(capsys, *argv)

@@ -1,32 +1,64 @@
 """The sequence family through the real Flower app, on a tiny synthetic SequenceData.
 
-Two Flower simulations shared by every test of this module:
+Two Flower simulations shared by every test of this module, each learning then unlearning:
 
-- ``cohorts``: 2 SuperNodes, each serving a contiguous range of devices (sessions);
+- ``cohorts``: 2 SuperNodes, each serving a contiguous range of devices (sessions); backbone
+  dropout 0, then joint CAU (``cau-gradient-hard``) with SGD;
 - ``per-device``: one SuperNode per device (``num-partitions`` = the number of sessions);
+  the default dropout, then ``cau-local`` with the default Adam;
 
-plus the in-process engine (:func:`fedshare.sequences.federated.run_federated`) with the same
-settings. All three must give the same best-validation model and test metrics: a device trains
-the same whoever serves it, and FedAvg over node means is FedAvg over devices. FedAdam (the
-default server optimizer) is on, so the kept model is restored without a further server step.
+plus the in-process engine (:func:`fedshare.sequences.federated.run_federated`) with each
+run's settings. The learning phases must give the same best-validation model and test metrics:
+a device trains the same whoever serves it, and FedAvg over node means is FedAvg over devices.
+FedAdam (the default server optimizer) is on, so the kept model is restored without a further
+server step. The unlearning phases must give the in-process forms' models
+(:func:`joint_cau_by_devices`, :func:`local_cau`) from the learned model, and the Hit_u the
+devices report must be :func:`score`'s.
+
+Why dropout 0 and SGD for the joint run: each device's dropout stream is drawn in its node's
+process in Flower but from one stream in process, so only a dropout-free forward is the same
+computation in both; and with Adam a coordinate whose gradient is exactly 0 in one run and
+~1e-9 of float rounding (the nodes' sums are added in another order) in the other moves by 0
+in one and by about lr in the other (Adam's step is ~lr * sign(g)): numerics, not logic. The
+local form seeds each device's own CAU run, so it is compared with dropout and Adam on.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from synthetic import tiny_sequences
 from test_flower_app import _stop_orphans, _superlinks
 
 from fedshare.federated.rounds import sample_users
+from fedshare.runconfig import sequence_unlearning
+from fedshare.sequences.cau_devices import joint_cau_by_devices, local_cau
 from fedshare.sequences.data import SequenceData
-from fedshare.sequences.federated import prediction_points
+from fedshare.sequences.federated import FederatedResult, make_backbone, prediction_points
+from fedshare.sequences.requests import forget_set, sequence_requests
+from fedshare.sequences.unlearning_methods import (
+    CAUSettings,
+    FedAvgSettings,
+    UnlearningCase,
+    score,
+)
 from simulations.experiment import resolve, run_experiment
 
-SESSIONS, ROUNDS, FRACTION, SEED = 10, 2, 0.5, 0
+SESSIONS, ROUNDS, FRACTION, SEED, DIM = 10, 2, 0.5, 0, 8
+UNLEARN = ["unlearn=true", "seq-request-fraction=0.5", "seq-cau-epochs=2",
+           "seq-cau-batch-size=2"]
+RUNS = {  # name: nodes, engine, settings of its own
+    "cohorts": (2, "flower", ["seq-dropout=0", *UNLEARN, "seq-unlearning=cau-gradient-hard",
+                              "seq-cau-optimizer=sgd", "seq-cau-lr=0.5"]),
+    "per-device": (SESSIONS, "flower", [*UNLEARN, "seq-unlearning=cau-local"]),
+    "inprocess": (2, "inprocess", ["seq-dropout=0"]),
+    "inprocess-dropout": (2, "inprocess", []),
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +72,12 @@ def runs(tmp_path_factory, data):
     before = _superlinks()
     root = tmp_path_factory.mktemp("sequence-flower")
     folder = data.save(root / "toy")
-    settings = ["family=sequence", f"seq-data={folder}", "seq-dim=8", f"rounds={ROUNDS}",
+    settings = ["family=sequence", f"seq-data={folder}", f"seq-dim={DIM}", f"rounds={ROUNDS}",
                 "eval-every=1", f"fraction={FRACTION}", f"seed={SEED}"]
     try:
-        yield {name: run_experiment(resolve(None, [*settings, f"num-supernodes={nodes}"],
+        yield {name: run_experiment(resolve(None, [*settings, *own, f"num-supernodes={nodes}"],
                                             name=name), root / "runs", engine)
-               for name, nodes, engine in (("cohorts", 2, "flower"),
-                                           ("per-device", SESSIONS, "flower"),
-                                           ("inprocess", 2, "inprocess"))}
+               for name, (nodes, engine, own) in RUNS.items()}
     finally:
         deadline = time.monotonic() + 20
         while set(_superlinks()) - set(before) and time.monotonic() < deadline:
@@ -75,8 +105,8 @@ def test_flower_cohorts_equal_the_inprocess_engine(runs):
     _same_run(runs, "cohorts", "inprocess")
 
 
-def test_one_node_per_device_equals_cohorts(runs):
-    _same_run(runs, "per-device", "cohorts")
+def test_one_node_per_device_equals_the_inprocess_engine_with_dropout(runs):
+    _same_run(runs, "per-device", "inprocess-dropout")
 
 
 def test_sequence_run_folder_and_traffic(runs, data):
@@ -86,7 +116,8 @@ def test_sequence_run_folder_and_traffic(runs, data):
     for name, nodes in (("cohorts", 2), ("per-device", SESSIONS)):
         out, summary = runs[name]
         assert {"config.toml", "config.json", "metrics.csv", "model.npy", "summary.json",
-                "flower.log"} <= {p.name for p in out.iterdir()}
+                "flower.log", "requests.json", "unlearned_model.npy"} <= {
+                    p.name for p in out.iterdir()}
         assert summary["family"] == "sequence" and summary["engine"] == "flower"
         assert summary["nodes"] == nodes and summary["rejected_replies"] == []
         assert summary["devices"] == {"train": 6, "valid": 2, "test": 2}
@@ -109,3 +140,77 @@ def test_sequence_run_folder_and_traffic(runs, data):
     per_device = runs["per-device"][1]["traffic"]["train"]["client_messages"]
     assert per_device == sum(len(sample_users(train, FRACTION, SEED, r))
                              for r in range(1, ROUNDS + 1))
+
+
+# ------------------------------------------------------------------------------ unlearning
+def _settings(name: str):
+    return sequence_unlearning(resolve(None, ["family=sequence", *RUNS[name][2]]).run)
+
+
+def _learned_and_unlearned(runs, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out = runs[name][0]
+    return (torch.from_numpy(np.load(out / "model.npy")),
+            torch.from_numpy(np.load(out / "unlearned_model.npy")))
+
+
+def test_flower_joint_cau_equals_joint_cau_by_devices(runs, data):
+    """The cohorts run's unlearned model is the in-process message-by-message joint CAU from
+    its learned model (dropout 0, SGD: see the module docstring)."""
+    learned, unlearned = _learned_and_unlearned(runs, "cohorts")
+    forget, owners = forget_set(data, sequence_requests(data, 0.5, SEED))
+    config = _settings("cohorts").cau_config("sasrec", SEED)
+    assert (config.optimizer, config.epochs, config.batch_size) == ("sgd", 2, 2)
+    backbone = make_backbone("sasrec", data.num_items, data.max_len, DIM, dropout=0.0)
+    reference = joint_cau_by_devices(backbone, learned, forget, owners, config)
+    torch.testing.assert_close(unlearned, reference.vector, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(unlearned, learned)
+    phase = runs["cohorts"][1]["unlearning"]
+    assert phase["steps"] == len(reference.result.batches)
+
+
+def test_flower_cau_local_equals_local_cau(runs, data):
+    learned, unlearned = _learned_and_unlearned(runs, "per-device")
+    forget, owners = forget_set(data, sequence_requests(data, 0.5, SEED))
+    config = _settings("per-device").cau_config("sasrec", SEED)
+    backbone = make_backbone("sasrec", data.num_items, data.max_len, DIM)  # dropout 0.2
+    reference = local_cau(backbone, learned, forget, owners, config)
+    torch.testing.assert_close(unlearned, reference.vector, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(unlearned, learned)
+
+
+def test_requests_are_logged_once_and_served(runs, data):
+    requests = sequence_requests(data, 0.5, SEED)
+    for name, method in (("cohorts", "cau-gradient-hard"), ("per-device", "cau-local")):
+        out, summary = runs[name]
+        log = json.loads((out / "requests.json").read_text())
+        assert {e["session"]: e["positions"] for e in log["requests"]} == requests
+        assert len(log["requests"]) == len(requests)
+        assert all(e["served_by"] == method and e["served_at"] for e in log["requests"])
+        phase = summary["unlearning"]
+        assert phase["requests"] == {"received": len(requests), "served": len(requests)}
+        assert phase["forget_samples"] == len(requests) and phase["seconds"] > 0
+        traffic = phase["traffic"]
+        assert traffic["unlearning"]["devices_online"] == len(requests)
+        assert traffic["unlearning"]["client_messages"] > 0
+        assert traffic["unlearning"]["bytes_up"] > 0 and traffic["unlearning"]["bytes_down"] > 0
+    # cau-local: one message per node with requesting devices (one device per node here)
+    assert runs["per-device"][1]["unlearning"]["traffic"]["unlearning"][
+        "client_messages"] == len(requests)
+
+
+def test_hit_u_from_the_devices_equals_score(runs, data):
+    """Both phases: the original's scores are the learning phase's test plus the devices'
+    Hit_u; the unlearned model's are those :func:`score` gives in process."""
+    requests = sequence_requests(data, 0.5, SEED)
+    for name in ("cohorts", "per-device"):
+        learned, unlearned = _learned_and_unlearned(runs, name)
+        dropout = 0.0 if name == "cohorts" else 0.2
+        model = make_backbone("sasrec", data.num_items, data.max_len, DIM, dropout)
+        case = UnlearningCase(data, requests, FederatedResult(model, pd.DataFrame()),
+                              FedAvgSettings(dim=DIM), CAUSettings(), SEED)
+        phase = runs[name][1]["unlearning"]
+        assert phase["original"]["recall@10"] == pytest.approx(runs[name][1]["test"]["recall@10"])
+        for key, vector in (("original", learned), ("unlearned", unlearned)):
+            expected = score(case, vector)
+            assert set(phase[key]) == set(expected)
+            assert phase[key] == pytest.approx(expected, abs=1e-6), (name, key)
