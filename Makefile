@@ -29,7 +29,8 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	# the layers of pyproject.toml's [tool.importlinter] contracts
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	# two workers: the tests that start processes on one, in order (tests/conftest.py)
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
