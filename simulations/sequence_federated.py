@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--server-optimizer", default="fedavg", help="fedavg or adam (FedAdam)")
     parser.add_argument("--server-lr", type=float, default=1e-2)
+    parser.add_argument("--server-betas", type=float, nargs=2, default=(0.9, 0.99),
+                        metavar=("BETA1", "BETA2"), help="FedAdam's betas")
+    parser.add_argument("--server-eps", type=float, default=1e-3, help="FedAdam's eps")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -55,12 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     result = run_federated(data, args.backbone, args.rounds, args.fraction, args.local_epochs,
                            args.lr, args.seed, args.eval_every, dim=args.dim, nodes=args.nodes,
                            optimizer=args.optimizer, progress=progress,
-                           server_optimizer=args.server_optimizer, server_lr=args.server_lr)
+                           server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+                           server_betas=tuple(args.server_betas), server_eps=args.server_eps)
     per_round = statistics.median(result.round_seconds)
     devices = float(result.log["num-users"].median())
     row = {"backbone": args.backbone, "rounds": args.rounds, "fraction": args.fraction,
            "local_epochs": args.local_epochs, "lr": args.lr, "optimizer": args.optimizer,
            "server_optimizer": args.server_optimizer, "server_lr": args.server_lr,
+           "server_betas": list(args.server_betas), "server_eps": args.server_eps,
            "best_round": result.best_round, "valid": result.best_valid, "test": result.test,
            "seconds_per_round": per_round, "devices_per_round": devices,
            "devices_per_second": devices / per_round,

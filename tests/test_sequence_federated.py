@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -148,3 +149,30 @@ def test_fedadam_first_step_is_adams_by_hand():
 def test_an_unknown_server_optimizer_is_refused():
     with pytest.raises(FedShareError, match="server optimizer"):
         SequenceServer(torch.nn.Linear(3, 2), "sgd-momentum")
+
+
+def test_fedsgd_with_fedadam_betas_and_eps_is_centralised_adam_on_the_sampled_batch():
+    """One local SGD step of lr 1, |D_u|-weighted, is the minibatch gradient of the sampled
+    windows; with betas (0.9, 0.999) and eps 1e-8 the server's Adam is then torch's Adam on that
+    minibatch (no dropout; float64 so that eps 1e-8 is far above rounding)."""
+    data = _data()
+    torch.manual_seed(0)
+    model = make_backbone("sasrec", NUM_ITEMS, MAX_LEN, dim=8, dropout=0.0).double()
+    reference = copy.deepcopy(model)
+    server = SequenceServer(model, "adam", server_lr=0.01, server_betas=(0.9, 0.999),
+                            server_eps=1e-8)
+    cohort = SequenceCohort(data, np.arange(data.num_sessions), model,
+                            LocalConfig(epochs=1, lr=1.0, optimizer="sgd"), seed=0)
+    adam = torch.optim.Adam(reference.parameters(), lr=0.01)
+    start = server.table.clone()
+    train = np.flatnonzero(data.part == TRAIN)
+    for round_, sampled in enumerate((train[::2], train[1::2], train[::3]), start=1):
+        reply = cohort.train(server.table, sampled, round_)
+        server.finish_round(server.aggregate([reply]), round_)
+        batch = torch.from_numpy(data.windows()[np.sort(sampled)])
+        adam.zero_grad()
+        next_item_loss(reference, batch).backward()
+        adam.step()
+    expected = torch.nn.utils.parameters_to_vector(reference.parameters()).detach()
+    assert (server.table - start).abs().max() > 1e-2  # three real steps
+    torch.testing.assert_close(server.table, expected, rtol=0, atol=1e-9)
