@@ -98,7 +98,9 @@ def run_inprocess(data: SequenceData, config: SequenceConfig, out: Path, nodes: 
                            config.local_epochs, config.lr, config.seed, config.eval_every,
                            dim=config.dim, nodes=nodes, optimizer=config.optimizer,
                            progress=report, server_optimizer=config.server_optimizer,
-                           server_lr=config.server_lr, dropout=config.dropout)
+                           server_lr=config.server_lr, dropout=config.dropout,
+                           server_betas=(config.server_beta1, config.server_beta2),
+                           server_eps=config.server_eps)
     vector = parameters_to_vector(result.model.parameters()).detach().numpy()
     summary = SequenceSummary("inprocess", config.backbone, config.rounds, result.best_round,
                               result.best_valid, result.test, time.perf_counter() - started,

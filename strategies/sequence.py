@@ -47,7 +47,9 @@ class SequenceStrategy(Strategy):
         torch.manual_seed(config.seed)  # the initial model run_federated starts from
         model = make_backbone(config.backbone, directory.num_items, directory.max_len,
                               config.dim, config.dropout)
-        self.server = SequenceServer(model, config.server_optimizer, config.server_lr)
+        self.server = SequenceServer(model, config.server_optimizer, config.server_lr,
+                                     (config.server_beta1, config.server_beta2),
+                                     config.server_eps)
         self.log = RunLog(lambda row: log(INFO, "%s %s", PROGRESS, progress_line(
             row["round"], row["seconds"], {k.removeprefix("valid_"): v
                                            for k, v in row.items()})))

@@ -149,7 +149,7 @@ def test_the_schedule_is_shared_and_the_rest_is_the_familys_own():
     config = sequence_config({"rounds": 7, "fraction": 0.5, "eval-every": 2, "seed": 3,
                               "local-epochs": 9, "dim": 4, "seq-dim": 16, "seq-lr": 0.1})
     assert (config.rounds, config.fraction, config.eval_every, config.seed) == (7, 0.5, 2, 3)
-    assert (config.local_epochs, config.dim, config.lr) == (2, 16, 0.1)  # LightGCN's ignored
+    assert (config.local_epochs, config.dim, config.lr) == (1, 16, 0.1)  # LightGCN's ignored
     assert [r for r in range(1, 8) if config.is_eval_round(r)] == [2, 4, 6, 7]
     assert sequence_data_key({"seq-data": "x"}) == ("x",)
     assert sequence_data_key({"split-seed": 2, "seq-max-len": 20}) == ("ml-100k", "", 2, 20)
@@ -161,11 +161,14 @@ def test_the_schedule_is_shared_and_the_rest_is_the_familys_own():
     ({"seq-server-optimizer": "yogi"}, "unknown seq-server-optimizer"),
     ({"seq-dim": 0}, "seq-dim must be >= 1"),
     ({"seq-lr": 0.0}, "seq-lr must be > 0"),
+    ({"seq-server-eps": 0.0}, "seq-server-eps must be > 0"),
+    ({"seq-server-beta2": 1.0}, "seq-server-beta2 must lie in"),
     ({"seq-local-epochs": 1.5}, "expects int"),
     ({"seq-dim": True}, "expects int"),
     ({"seq-backbone": 3}, "expects str"),
     ({"fraction": 0.0}, "fraction"),
-], ids=["backbone", "optimizer", "server-optimizer", "dim", "lr", "epochs", "bool", "str",
+], ids=["backbone", "optimizer", "server-optimizer", "dim", "lr", "eps", "beta2", "epochs",
+        "bool", "str",
         "fraction"])
 def test_bad_sequence_settings_are_one_error(setting, message):
     with pytest.raises(FedShareError, match=message):

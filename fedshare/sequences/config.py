@@ -25,7 +25,9 @@ SHARED_KEYS = {"rounds": "rounds", "fraction": "fraction", "eval-every": "eval_e
 RUN_KEYS = {"seq-data": "data", "seq-backbone": "backbone", "seq-dim": "dim",
             "seq-max-len": "max_len", "seq-local-epochs": "local_epochs", "seq-lr": "lr",
             "seq-optimizer": "optimizer", "seq-server-optimizer": "server_optimizer",
-            "seq-server-lr": "server_lr", "seq-dropout": "dropout"}
+            "seq-server-lr": "server_lr", "seq-server-beta1": "server_beta1",
+            "seq-server-beta2": "server_beta2", "seq-server-eps": "server_eps",
+            "seq-dropout": "dropout"}
 """The sequence family's own run-config keys, by field name."""
 
 
@@ -40,6 +42,8 @@ class SequenceConfig:
         max_len: the model's input length when the sessions are prepared here.
         local_epochs, lr, optimizer: each device's local training (a fresh optimiser a round).
         server_optimizer, server_lr: ``fedavg`` (the average itself) or ``adam`` (FedAdam).
+        server_beta1, server_beta2, server_eps: FedAdam's Adam; the defaults make it the
+            centralised Adam on the round's sampled batch (README "Sequence models").
         dropout: the backbone's dropout (0 makes every forward deterministic, which the tests
             use to compare runs whose random streams are drawn in different processes).
         rounds, fraction, eval_every, seed: the schedule (shared with LightGCN).
@@ -49,11 +53,14 @@ class SequenceConfig:
     backbone: str = "sasrec"
     dim: int = 64
     max_len: int = 50
-    local_epochs: int = 2
+    local_epochs: int = 1
     lr: float = 1.0
     optimizer: str = "sgd"
     server_optimizer: str = "adam"
     server_lr: float = 0.005
+    server_beta1: float = 0.9
+    server_beta2: float = 0.999
+    server_eps: float = 1e-8
     dropout: float = 0.2
     rounds: int = 100
     fraction: float = 0.1
@@ -69,9 +76,13 @@ class SequenceConfig:
         for name in ("dim", "max_len", "local_epochs", "rounds", "eval_every"):
             if getattr(self, name) < 1:
                 raise FedShareError(f"{_key(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "server_lr"):
+        for name in ("lr", "server_lr", "server_eps"):
             if not getattr(self, name) > 0:
                 raise FedShareError(f"{_key(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("server_beta1", "server_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise FedShareError(f"{_key(name)} must lie in [0, 1), got "
+                                    f"{getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise FedShareError(f"seq-dropout must lie in [0, 1), got {self.dropout}")
         if not 0.0 < self.fraction <= 1.0:
