@@ -30,7 +30,7 @@ test: $(STAMP)
 	# the layers of pyproject.toml's [tool.importlinter] contracts
 	$(VENV)/bin/lint-imports
 	# two workers: the tests that start processes on one, in order (tests/conftest.py)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

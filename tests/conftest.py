@@ -20,9 +20,9 @@ def offline(tmp_path, monkeypatch):
 
 
 # Tests that start real processes (Flower SuperLinks and SuperNodes, Ray, deployments): under
-# `pytest -n 2 --dist loadgroup` (`make test`) they run one after another on one worker, so
-# two never compete for ports, Ray or the cores' time-outs, while the other worker runs the
-# in-process tests. Every other module is one group, so a module fixture is built once.
+# `pytest -n 2` (`make test`) they run one after another on one worker, so two never compete for
+# ports, Ray or the cores' time-outs (and a test's check for leftover processes sees only its
+# own), while the other worker runs the in-process tests, a module at a time.
 PROCESS_MODULES = {
     "test_bench", "test_cli", "test_deployment", "test_experiment_config", "test_flower_app",
     "test_flower_replay", "test_flower_startup", "test_flower_unlearning", "test_kill_and_resume",
@@ -30,8 +30,17 @@ PROCESS_MODULES = {
 }
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        group = "processes" if module in PROCESS_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling with one scope for every process-starting module and one per
+    other module. (Its ``loadgroup`` mode would do this from markers, but xdist 3.8 renames
+    nodes through ``item._nodeid``, which pytest 9.2 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ProcessesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            name = module.rpartition("/")[2].removesuffix(".py")
+            return "processes" if name in PROCESS_MODULES else module
+
+    return ProcessesTogether(config, log)
