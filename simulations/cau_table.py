@@ -27,15 +27,16 @@ import torch
 from fedshare.atomic import write_atomically, write_json
 from fedshare.errors import FedShareError
 from fedshare.run_lease import RunLease
+from fedshare.sequences.config import SequenceConfig
 from fedshare.sequences.data import SequenceData, prepare_sequences
 from fedshare.sequences.federated import FederatedResult, make_backbone
 from fedshare.sequences.requests import sequence_requests
 from fedshare.sequences.unlearning_methods import (
     ABLATIONS,
     CAU_VARIANTS,
+    LEARNING,
     METHODS,
     CAUSettings,
-    FedAvgSettings,
     UnlearningCase,
     original_model,
     run_case,
@@ -56,7 +57,7 @@ class TableSettings:
     data_path: str | None = None
     max_len: int = 50
     request_fraction: float = 0.1
-    fed: FedAvgSettings = dataclasses.field(default_factory=FedAvgSettings)
+    fed: SequenceConfig = LEARNING
     cau: CAUSettings = dataclasses.field(default_factory=CAUSettings)
 
     def record(self) -> dict:
@@ -94,7 +95,7 @@ def open_folder(out: str | Path, resume: str | Path | None, settings: TableSetti
     return folder
 
 
-def original(folder: Path, data: SequenceData, fed: FedAvgSettings, seed: int,
+def original(folder: Path, data: SequenceData, fed: SequenceConfig, seed: int,
              progress: Callable[[str], None]) -> FederatedResult:
     """The Original of (backbone, seed), trained once and kept in ``models/``."""
     path = folder / "models" / f"{fed.backbone}-s{seed}.pt"

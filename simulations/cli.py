@@ -231,7 +231,7 @@ def _cmd_cau_table(args: argparse.Namespace) -> None:
 
     import torch
 
-    from fedshare.sequences.unlearning_methods import METHODS, CAUSettings, FedAvgSettings
+    from fedshare.sequences.unlearning_methods import LEARNING, METHODS, CAUSettings
     from simulations.cau_table import TableSettings, cau_table
 
     for name in ("rounds", "unlearn_epochs", "batch_size", "threads"):
@@ -239,7 +239,7 @@ def _cmd_cau_table(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise FedShareError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
-    fed = FedAvgSettings()
+    fed = LEARNING
     if args.rounds is not None:
         fed = dataclasses.replace(fed, rounds=args.rounds)
     settings = TableSettings(args.dataset, args.data_path, fed=fed, cau=CAUSettings(

@@ -86,7 +86,7 @@ def run_inprocess(data: SequenceData, config: SequenceConfig, out: Path, nodes: 
     """:func:`run_federated` with the run's settings and ``nodes`` cohorts; its outputs."""
     from torch.nn.utils import parameters_to_vector
 
-    from fedshare.sequences.federated import run_federated
+    from fedshare.sequences.federated import train_with
 
     started = time.perf_counter()
 
@@ -94,13 +94,7 @@ def run_inprocess(data: SequenceData, config: SequenceConfig, out: Path, nodes: 
         if progress is not None:
             progress(progress_line(row["round"], time.perf_counter() - started, row))
 
-    result = run_federated(data, config.backbone, config.rounds, config.fraction,
-                           config.local_epochs, config.lr, config.seed, config.eval_every,
-                           dim=config.dim, nodes=nodes, optimizer=config.optimizer,
-                           progress=report, server_optimizer=config.server_optimizer,
-                           server_lr=config.server_lr, dropout=config.dropout,
-                           server_betas=(config.server_beta1, config.server_beta2),
-                           server_eps=config.server_eps)
+    result = train_with(config, data, nodes=nodes, progress=report)
     vector = parameters_to_vector(result.model.parameters()).detach().numpy()
     summary = SequenceSummary("inprocess", config.backbone, config.rounds, result.best_round,
                               result.best_valid, result.test, time.perf_counter() - started,

@@ -20,14 +20,14 @@ from fedshare.sequences.cau_devices import (
     local_cau,
     server_batch_gradients,
 )
+from fedshare.sequences.config import SequenceConfig
 from fedshare.sequences.data import TRAIN
-from fedshare.sequences.federated import load_vector, make_backbone, run_federated
+from fedshare.sequences.federated import load_vector, make_backbone, run_federated, train_with
 from fedshare.sequences.requests import forget_set, remaining_data, sequence_requests
 from fedshare.sequences.unlearning_methods import (
     CAU_VARIANTS,
     METHODS,
     CAUSettings,
-    FedAvgSettings,
     UnlearningCase,
     method_config,
     original_model,
@@ -185,7 +185,7 @@ def test_federated_traffic_counts_one_message_per_trained_device():
 @pytest.fixture(scope="module")
 def case() -> UnlearningCase:
     data = toy_sessions(60)
-    fed = FedAvgSettings(rounds=4, fraction=0.5, eval_every=2, dim=8, local_epochs=1, lr=0.5,
+    fed = SequenceConfig(rounds=4, fraction=0.5, eval_every=2, dim=8, local_epochs=1, lr=0.5,
                          server_lr=0.05)
     return UnlearningCase(data, sequence_requests(data, 0.2, 0), original_model(data, fed, 0),
                           fed, CAUSettings(epochs=2, batch_size=4, continued_rounds=2), 0)
@@ -207,7 +207,7 @@ def test_every_method_runs_and_reports_consistent_metrics(case):
 
 def test_retrain_is_federated_training_from_scratch_on_the_remaining_sessions(case):
     outcome = run_method(case, "retrain")
-    again = case.fed.train(remaining_data(case.data, case.requests), case.seed)
+    again = train_with(case.fed, remaining_data(case.data, case.requests), seed=case.seed)
     torch.testing.assert_close(outcome.vector, parameters_to_vector(again.model.parameters()))
     # the Original's training saw the forgotten items, Retrain's did not
     assert not torch.equal(outcome.vector, case.start)

@@ -10,14 +10,15 @@ import torch
 from synthetic import toy_sessions
 
 from fedshare.errors import FedShareError
-from fedshare.sequences.unlearning_methods import METHODS, CAUSettings, FedAvgSettings
+from fedshare.sequences.config import SequenceConfig
+from fedshare.sequences.unlearning_methods import METHODS, CAUSettings
 from simulations import cau_table as table
 
 torch.set_num_threads(1)
 
 SETTINGS = table.TableSettings(
     "toy", request_fraction=0.2,
-    fed=FedAvgSettings(rounds=2, fraction=0.5, eval_every=1, dim=8, local_epochs=1, lr=0.5,
+    fed=SequenceConfig(rounds=2, fraction=0.5, eval_every=1, dim=8, local_epochs=1, lr=0.5,
                        server_lr=0.05),
     cau=CAUSettings(epochs=1, batch_size=4, continued_rounds=1))
 

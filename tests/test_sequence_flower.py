@@ -38,12 +38,12 @@ from test_flower_app import _stop_orphans, _superlinks
 from fedshare.federated.rounds import sample_users
 from fedshare.runconfig import sequence_unlearning
 from fedshare.sequences.cau_devices import joint_cau_by_devices, local_cau
+from fedshare.sequences.config import SequenceConfig
 from fedshare.sequences.data import SequenceData
 from fedshare.sequences.federated import FederatedResult, make_backbone, prediction_points
 from fedshare.sequences.requests import forget_set, sequence_requests
 from fedshare.sequences.unlearning_methods import (
     CAUSettings,
-    FedAvgSettings,
     UnlearningCase,
     score,
 )
@@ -207,7 +207,7 @@ def test_hit_u_from_the_devices_equals_score(runs, data):
         dropout = 0.0 if name == "cohorts" else 0.2
         model = make_backbone("sasrec", data.num_items, data.max_len, DIM, dropout)
         case = UnlearningCase(data, requests, FederatedResult(model, pd.DataFrame()),
-                              FedAvgSettings(dim=DIM), CAUSettings(), SEED)
+                              SequenceConfig(dim=DIM), CAUSettings(), SEED)
         phase = runs[name][1]["unlearning"]
         assert phase["original"]["recall@10"] == pytest.approx(runs[name][1]["test"]["recall@10"])
         for key, vector in (("original", learned), ("unlearned", unlearned)):

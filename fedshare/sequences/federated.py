@@ -47,6 +47,7 @@ from fedshare.federated.aggregation import aggregate
 from fedshare.federated.population import NodeUpdate
 from fedshare.federated.rounds import LearningRound, RunLog, sample_users
 from fedshare.federated.traffic import FLOAT, Traffic
+from fedshare.sequences.config import SequenceConfig
 from fedshare.sequences.data import PAD, TEST, TRAIN, VALID, SequenceData, pad_sessions
 from fedshare.sequences.evaluate import KS, metric_sums
 from fedshare.sequences.models import GRU4Rec, SASRec, SequenceModel
@@ -304,3 +305,19 @@ def run_federated(data: SequenceData, backbone: str | SequenceModel = "sasrec",
     result.test = add_sums([c.evaluate(server.table, TEST) for c in cohorts])
     result.log = log.frame()
     return result
+
+
+def train_with(config: SequenceConfig, data: SequenceData, *, seed: int | None = None,
+               start: SequenceModel | None = None, rounds: int | None = None, nodes: int = 1,
+               progress: Callable[[dict], None] | None = None) -> FederatedResult:
+    """:func:`run_federated` with a run's :class:`SequenceConfig` (the one settings type of
+    the family: Flower runs, in-process runs and ``fedshare cau-table`` all use it); ``seed``,
+    ``start`` (default: the seed's initial model) and ``rounds`` override the config's."""
+    return run_federated(
+        data, config.backbone if start is None else start, rounds or config.rounds,
+        config.fraction, config.local_epochs, config.lr,
+        config.seed if seed is None else seed, config.eval_every, dim=config.dim, nodes=nodes,
+        optimizer=config.optimizer, progress=progress,
+        server_optimizer=config.server_optimizer, server_lr=config.server_lr,
+        dropout=config.dropout, server_betas=(config.server_beta1, config.server_beta2),
+        server_eps=config.server_eps)

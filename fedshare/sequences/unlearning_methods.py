@@ -48,13 +48,10 @@ from torch import Tensor
 
 from fedshare.federated.traffic import Traffic
 from fedshare.sequences.cau_devices import joint_cau, local_cau
+from fedshare.sequences.config import SequenceConfig
 from fedshare.sequences.data import TEST, SequenceData
 from fedshare.sequences.evaluate import evaluate
-from fedshare.sequences.federated import (
-    FederatedResult,
-    load_vector,
-    run_federated,
-)
+from fedshare.sequences.federated import FederatedResult, load_vector, train_with
 from fedshare.sequences.forget_metrics import (
     forget_hits,
     mean_hits,
@@ -73,34 +70,10 @@ METHODS = ("original", "retrain", "fedavg-remaining", *ABLATIONS, *CAU_VARIANTS,
 PAPER_EPOCHS = {"sasrec": 200, "gru4rec": 100}
 
 
-@dataclass(frozen=True)
-class FedAvgSettings:
-    """The federated training of the Original, also Retrain's and continued FedAvg's: the
-    FedAdam setting chosen on validation of split seeds 100 and 101 (README "Sequence models":
-    109% of centralised SASRec's test Recall@10 over seeds 0-2)."""
-
-    backbone: str = "sasrec"
-    rounds: int = 300
-    fraction: float = 0.1
-    local_epochs: int = 1
-    lr: float = 1.0
-    optimizer: str = "sgd"
-    server_optimizer: str = "adam"
-    server_lr: float = 0.005
-    server_betas: tuple[float, float] = (0.9, 0.999)
-    server_eps: float = 1e-8
-    eval_every: int = 25
-    dim: int = 64
-
-    def train(self, data: SequenceData, seed: int, start: SequenceModel | None = None,
-              rounds: int | None = None) -> FederatedResult:
-        """Train from ``start`` (default: the seed's initial model) for ``rounds``."""
-        return run_federated(
-            data, self.backbone if start is None else start, rounds or self.rounds,
-            self.fraction, self.local_epochs, self.lr, seed, self.eval_every, dim=self.dim,
-            optimizer=self.optimizer, server_optimizer=self.server_optimizer,
-            server_lr=self.server_lr, server_betas=self.server_betas,
-            server_eps=self.server_eps)
+LEARNING = SequenceConfig(rounds=300, eval_every=25)
+"""The federated training of the Original, also Retrain's and continued FedAvg's: the FedAdam
+setting chosen on validation of split seeds 100 and 101 (docs/sequences.md: 109% of
+centralised SASRec's test Recall@10 over seeds 0-2)."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +134,7 @@ class UnlearningCase:
     data: SequenceData
     requests: dict[int, list[int]]
     original: FederatedResult
-    fed: FedAvgSettings
+    fed: SequenceConfig
     cau: CAUSettings
     seed: int
     forget: ForgetSet = field(init=False)
@@ -190,10 +163,10 @@ def run_method(case: UnlearningCase, method: str) -> Outcome:
     if method in ("retrain", "fedavg-remaining"):
         remaining = remaining_data(case.data, case.requests)
         if method == "retrain":
-            result = case.fed.train(remaining, case.seed)
+            result = train_with(case.fed, remaining, seed=case.seed)
         else:
-            result = case.fed.train(remaining, case.seed, case.model(case.start),
-                                    case.cau.continued_rounds)
+            result = train_with(case.fed, remaining, seed=case.seed,
+                                start=case.model(case.start), rounds=case.cau.continued_rounds)
         vector = torch.nn.utils.parameters_to_vector(result.model.parameters()).detach()
         return Outcome(method, vector.clone(), float(sum(result.round_seconds)),
                        result.traffic, {"best_round": result.best_round})
@@ -232,7 +205,7 @@ def run_case(case: UnlearningCase, methods: tuple[str, ...] = METHODS,
     return rows
 
 
-def original_model(data: SequenceData, fed: FedAvgSettings, seed: int) -> FederatedResult:
+def original_model(data: SequenceData, fed: SequenceConfig, seed: int) -> FederatedResult:
     """The Original: federated training on all sessions from the seed's initial model (the
     same one Retrain starts from)."""
-    return fed.train(data, seed)
+    return train_with(fed, data, seed=seed)
