@@ -9,7 +9,8 @@ the issue's targets checked) and ``cau_plane.png`` (Recall@10 against Hit_u@1 pe
 
 Resumable: each finished cell (backbone, seed, method) is kept in ``cells/`` and each Original
 in ``models/``; ``--resume FOLDER`` recomputes nothing finished, and refuses a folder made with
-other settings. Ctrl-C leaves such a folder.
+other settings. Ctrl-C leaves such a folder; ``--resume FOLDER --report-only`` writes the outputs
+from the cells it has (each row says over how many seeds it averages).
 """
 
 from __future__ import annotations
@@ -117,8 +118,12 @@ def original(folder: Path, data: SequenceData, fed: SequenceConfig, seed: int,
 def cau_table(backbones: Sequence[str] = BACKBONES, seeds: Sequence[int] = (0, 1, 2),
               settings: TableSettings | None = None, methods: Sequence[str] = METHODS,
               out: str | Path = "runs", resume: str | Path | None = None,
-              progress: Callable[[str], None] = print) -> tuple[Path, pd.DataFrame, dict]:
-    """Run (or finish) every cell; write the table, summary and plot (module docstring)."""
+              progress: Callable[[str], None] = print, report_only: bool = False
+              ) -> tuple[Path, pd.DataFrame, dict]:
+    """Run (or finish) every cell; write the table, summary and plot (module docstring).
+    ``report_only`` (with ``resume``): compute nothing, report the cells the folder has."""
+    if report_only and resume is None:
+        raise FedShareError("--report-only reports a folder: give it with --resume")
     settings = settings or TableSettings()
     backbones, methods = check_backbones(backbones), check_methods(methods)
     datas = {seed: prepare_sequences(settings.dataset, settings.data_path,
@@ -126,13 +131,15 @@ def cau_table(backbones: Sequence[str] = BACKBONES, seeds: Sequence[int] = (0, 1
              for seed in seeds}  # bad data fail before a folder is made
     folder = open_folder(out, resume, settings)
     with RunLease(folder):  # the folder's only writer while this command runs
-        return fill(folder, backbones, seeds, settings, methods, datas, progress)
+        return fill(folder, backbones, seeds, settings, methods, datas, progress, report_only)
 
 
 def fill(folder: Path, backbones: tuple[str, ...], seeds: Sequence[int],
          settings: TableSettings, methods: tuple[str, ...], datas: dict[int, SequenceData],
-         progress: Callable[[str], None]) -> tuple[Path, pd.DataFrame, dict]:
-    """The cells not yet in ``folder``, then the outputs from all of them."""
+         progress: Callable[[str], None], report_only: bool = False
+         ) -> tuple[Path, pd.DataFrame, dict]:
+    """The cells not yet in ``folder`` (none with ``report_only``), then the outputs from the
+    cells there are; a row says over how many seeds it is averaged."""
     (folder / "cells").mkdir(exist_ok=True)
     total, done, started = len(backbones) * len(seeds) * len(methods), 0, time.perf_counter()
     rows: list[dict] = []
@@ -141,7 +148,7 @@ def fill(folder: Path, backbones: tuple[str, ...], seeds: Sequence[int],
         for seed in seeds:
             cells = {m: folder / "cells" / f"{backbone}-s{seed}-{m}.json" for m in methods}
             kept = {m: json.loads(p.read_text()) for m, p in cells.items() if p.is_file()}
-            todo = tuple(m for m in methods if m not in kept)
+            todo = () if report_only else tuple(m for m in methods if m not in kept)
             if todo:
                 data = datas[seed]
                 case = UnlearningCase(
@@ -159,7 +166,10 @@ def fill(folder: Path, backbones: tuple[str, ...], seeds: Sequence[int],
 
                 run_case(case, todo, save)
             done += len(methods) - len(todo)
-            rows += [kept[m] for m in methods]
+            rows += [kept[m] for m in methods if m in kept]
+    if not rows:
+        raise FedShareError(f"{folder} has no finished cell of these backbones, seeds and "
+                            "methods")
     frame = pd.DataFrame(rows)
     stats = summarise(frame)
     frame.to_csv(folder / "cau_table.csv", index=False)
@@ -184,7 +194,11 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds per (backbone, method), methods in the table's order (std is
     NaN for one seed, and then left out of the markdown)."""
     numeric = [c for c in COLUMNS if c in frame.columns]
-    return frame.groupby(["backbone", "method"], sort=False)[numeric].agg(["mean", "std"])
+    groups = frame.groupby(["backbone", "method"], sort=False)
+    stats = groups[numeric].agg(["mean", "std"])
+    stats[("seeds", "mean")] = groups["seed"].nunique()
+    stats[("seeds", "std")] = float("nan")
+    return stats
 
 
 def means_record(stats: pd.DataFrame) -> dict:
@@ -230,9 +244,9 @@ def to_markdown(stats: pd.DataFrame, settings: TableSettings) -> str:
              "(lower is better; sampled = among 500 negatives, full = all items); U-score "
              "beta 3 from Recall@10 and sampled Hit_u@1; seconds = the unlearning's compute.",
              "",
-             "| backbone | method | R@10 | N@10 | R@20 | N@20 | Hit_u@1 | Hit_u@5 | "
+             "| backbone | method | seeds | R@10 | N@10 | R@20 | N@20 | Hit_u@1 | Hit_u@5 | "
              "full Hit_u@1 | U | seconds | messages | MB down | MB up | devices |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(b: str, m: str, name: str, digits: int = 4) -> str:
         mean, std = stats.loc[(b, m), (name, "mean")], stats.loc[(b, m), (name, "std")]
@@ -241,7 +255,8 @@ def to_markdown(stats: pd.DataFrame, settings: TableSettings) -> str:
     for b, m in stats.index:
         mb = {k: stats.loc[(b, m), (k, "mean")] / 1e6 for k in ("bytes_down", "bytes_up")}
         lines.append(
-            f"| {b} | {m} | " + " | ".join(cell(b, m, n) for n in (
+            f"| {b} | {m} | {stats.loc[(b, m), ('seeds', 'mean')]:.0f} | "
+            + " | ".join(cell(b, m, n) for n in (
                 "recall@10", "ndcg@10", "recall@20", "ndcg@20", "hit_u@1", "hit_u@5",
                 "hit_u_full@1", "u_score"))
             + f" | {cell(b, m, 'seconds', 1)} | "

@@ -246,7 +246,7 @@ def _cmd_cau_table(args: argparse.Namespace) -> None:
         epochs=args.unlearn_epochs, batch_size=args.batch_size))
     folder, _, summary = cau_table(
         args.backbone, args.seeds, settings, args.methods or METHODS, args.out, args.resume,
-        lambda line: print(line, file=sys.stderr, flush=True))
+        lambda line: print(line, file=sys.stderr, flush=True), args.report_only)
     print((folder / "cau_table.md").read_text())
     print(json.dumps(summary["targets"], indent=2))
     print(f"saved in {folder}")
@@ -441,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     cau.add_argument("--batch-size", type=int, default=16, help="CAU batch (default 16)")
     cau.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     cau.add_argument("--resume", metavar="FOLDER", help="finish a stopped cau-table folder")
+    cau.add_argument("--report-only", action="store_true",
+                     help="with --resume: report the finished cells, compute nothing")
     cau.add_argument("--out", default="runs")
     cau.set_defaults(func=_cmd_cau_table)
 

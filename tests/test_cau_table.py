@@ -103,3 +103,23 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     with pytest.raises(FedShareError, match="other settings"):
         table.open_folder(tmp_path, folder, other)
     assert table.open_folder(tmp_path, folder, SETTINGS) == folder
+
+
+def test_report_only_reports_the_finished_cells_and_computes_nothing(filled, tmp_path):
+    folder, _ = filled
+    copy = tmp_path / "partial"
+    (copy / "cells").mkdir(parents=True)
+    for path in (folder / "cells").iterdir():
+        if "cau-local" not in path.name or "gru4rec" in path.name:
+            (copy / "cells" / path.name).write_text(path.read_text())
+    lines: list[str] = []
+    datas = {0: toy_sessions(50, seed=0)}
+    table.fill(copy, ("sasrec", "gru4rec"), (0,), SETTINGS, METHODS, datas, lines.append,
+               report_only=True)
+    assert not lines and not (copy / "models").exists()
+    frame = pd.read_csv(copy / "cau_table.csv")
+    assert len(frame) == 2 * len(METHODS) - 1
+    assert "| sasrec | cau-local |" not in (copy / "cau_table.md").read_text()
+    assert "| gru4rec | cau-local | 1 |" in (copy / "cau_table.md").read_text()
+    with pytest.raises(FedShareError, match="give it with --resume"):
+        table.cau_table(("sasrec",), (0,), SETTINGS, report_only=True)
