@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fedshare.data import loaders
+
+# One torch thread in every test process, as every ClientApp runs (clients/app.py), whichever
+# modules a `pytest -n 2` worker happens to import: two workers on two cores, and reductions
+# that add in one order whatever the machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
