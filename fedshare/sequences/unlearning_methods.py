@@ -72,7 +72,7 @@ PAPER_EPOCHS = {"sasrec": 200, "gru4rec": 100}
 
 LEARNING = SequenceConfig(rounds=300, eval_every=25)
 """The federated training of the Original, also Retrain's and continued FedAvg's: the FedAdam
-setting chosen on validation of split seeds 100 and 101 (docs/sequences.md: 109% of
+setting chosen on validation of split seeds 100 and 101 (docs/sequences.md: 110% of
 centralised SASRec's test Recall@10 over seeds 0-2)."""
 
 
