@@ -252,6 +252,20 @@ def _cmd_cau_table(args: argparse.Namespace) -> None:
     print(f"saved in {folder}")
 
 
+def _cmd_privacy_audit(args: argparse.Namespace) -> None:
+    from simulations.experiment import resolve
+    from simulations.privacy_audit import SETTINGS, privacy_audit
+
+    experiment = resolve(args.config, args.set)
+    folder, summary = privacy_audit(
+        experiment.config, experiment.run, args.seeds, args.settings or tuple(SETTINGS),
+        args.users, args.out, args.resume, lambda line: print(line, file=sys.stderr,
+                                                              flush=True))
+    print((folder / "privacy_table.md").read_text())
+    print(json.dumps(summary["targets"], indent=2))
+    print(f"saved in {folder}")
+
+
 def _cmd_tune_unlearning(args: argparse.Namespace) -> None:
     from simulations.tuning import GRIDS, load_grids, tune_unlearning
 
@@ -464,6 +478,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_unlearning_args(tune)
     tune.add_argument("--out", default="runs")
     tune.set_defaults(func=_cmd_tune_unlearning)
+
+    privacy = commands.add_parser("privacy-audit", help="what the server can read of local "
+                                  "interactions per deployment and defence, and each defence's "
+                                  "cost")
+    privacy.add_argument("--config", help="a config file, e.g. simulations/configs/fedshare.toml")
+    privacy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a learning setting (repeatable), e.g. --set rounds=50")
+    privacy.add_argument("--users", type=int, default=200,
+                         help="audited users per seed (default 200)")
+    privacy.add_argument("--seeds", type=_seeds, default=(0, 1, 2),
+                         help="split, plan and run seeds (default 0,1,2)")
+    privacy.add_argument("--settings", type=_names, default=None,
+                         help="comma-separated subset of the settings (default all)")
+    privacy.add_argument("--resume", metavar="FOLDER", help="finish a stopped audit folder")
+    privacy.add_argument("--out", default="runs")
+    privacy.set_defaults(func=_cmd_privacy_audit)
 
     store = commands.add_parser("storage", help="storage and time of every unlearning method")
     store.add_argument("--seeds", type=_seeds, default=(0,))

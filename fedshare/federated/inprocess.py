@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fedshare.data.prepared import PreparedData
+from fedshare.defences import UploadDefence, self_sampled
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.population import ClientPopulation, NodeUpdate
 from fedshare.federated.recording import RoundRecorder
@@ -53,13 +54,17 @@ class InProcessFederation:
         progress: called with each validation row.
         traffic: where client messages are counted, one per trained user and round (an
             unlearning method's cost, :mod:`fedshare.federated.traffic`); ``None``: not counted.
+        defence: the devices' upload defence (:mod:`fedshare.defences`); ``None`` is the
+            undefended research fast path. ``secagg`` changes nothing here: the engine sums
+            the round's uploads in one step, which is what a secure sum reveals.
     """
 
     def __init__(self, data: PreparedData, config: FederatedConfig,
                  recorders: tuple[RoundRecorder, ...] = (),
                  progress: Callable[[dict], None] | None = None,
-                 traffic: Traffic | None = None) -> None:
+                 traffic: Traffic | None = None, defence: UploadDefence | None = None) -> None:
         self.data = data
+        self.defence = defence
         self.traffic = traffic
         self.config = config
         shared = data.plan.shared_data(data.split.train)
@@ -84,7 +89,7 @@ class InProcessFederation:
         call (``epochs``: other than the configured local epochs)."""
         cfg = self.config
         local = cfg.local if epochs is None else replace(cfg.local, epochs=epochs)
-        users = sample_users(self.candidates, cfg.fraction, cfg.seed, round_)
+        users = self.round_users(round_)
         start = self.server.table
 
         def observe(update: LocalUpdate, weights: torch.Tensor) -> None:
@@ -94,12 +99,21 @@ class InProcessFederation:
         observer = observe if self.recorders else None
         return [self.fresh_update(users, start, local, round_, observer)]
 
+    def round_users(self, round_: int) -> np.ndarray:
+        """Who trains in ``round_``: the server's sample (Sec. IV-B1), or with the ``hidden``
+        defence the devices' own draws."""
+        cfg = self.config
+        if self.defence is not None and self.defence.hidden:
+            return self_sampled(self.candidates, cfg.fraction, cfg.seed, round_)
+        return sample_users(self.candidates, cfg.fraction, cfg.seed, round_)
+
     def fresh_update(self, users: np.ndarray, table: torch.Tensor, local: LocalTrainConfig,
                      round_: int, observe: Callable[[LocalUpdate, torch.Tensor], None] | None
                      = None) -> NodeUpdate:
         """``users`` train from ``table``, each answering one train message (counted in
         :attr:`traffic`)."""
-        update = self.population.train(users, table, local, self.config.seed, round_, observe)
+        update = self.population.train(users, table, local, self.config.seed, round_, observe,
+                                       self.defence)
         if self.traffic is not None:
             num_items, dim = table.shape
             self.traffic.per_device(users, table_bytes(num_items, dim),
@@ -131,7 +145,8 @@ class InProcessFederation:
 def run_inprocess(data: PreparedData, config: FederatedConfig,
                   progress: Callable[[dict], None] | None = None,
                   recorders: tuple[RoundRecorder, ...] = (), validate: bool = True,
-                  traffic: Traffic | None = None) -> RunResult:
+                  traffic: Traffic | None = None, defence: UploadDefence | None = None
+                  ) -> RunResult:
     """Run ``config.rounds`` rounds of Algorithm 1, validating on the schedule the Flower app
     follows (:func:`fedshare.federated.rounds.is_eval_round`) and scoring the final table.
 
@@ -140,7 +155,7 @@ def run_inprocess(data: PreparedData, config: FederatedConfig,
     of work as every other method's timed region.
     """
     start_time = time.perf_counter()
-    federation = InProcessFederation(data, config, recorders, progress, traffic)
+    federation = InProcessFederation(data, config, recorders, progress, traffic, defence)
     for round_ in range(1, config.rounds + 1):
         federation.round(round_)
         if validate and is_eval_round(round_, config):

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
+from fedshare.defences import UploadDefence, defend_upload, device_generator
 from fedshare.metrics import Scorer, topk_sums
 from fedshare.models.local import (
     LocalTrainConfig,
@@ -143,12 +144,14 @@ class ClientPopulation:
                 [self._items(self._all_ptr, self._all_items, u) for u in users])
 
     def train(self, users: np.ndarray, table: Tensor, config: LocalTrainConfig, seed: int,
-              round_: int, observe: Callable[[LocalUpdate, Tensor], None] | None = None
-              ) -> NodeUpdate:
+              round_: int, observe: Callable[[LocalUpdate, Tensor], None] | None = None,
+              defence: UploadDefence | None = None) -> NodeUpdate:
         """Train ``users`` from the global ``table`` (Eq. 12-15) and aggregate their uploads.
 
         ``observe(update, weights)`` sees the per-user rows before they are averaged (the
-        client-side stores of unlearning baselines).
+        client-side stores of unlearning baselines). ``defence`` rewrites each user's upload
+        before it is averaged (:func:`fedshare.defences.defend_upload`: non-marking or LDP
+        uploads; the other defences do not change what a user uploads).
         """
         users = np.asarray(users, dtype=np.int64)
         users = users[self.local_count(users) > 0]
@@ -166,10 +169,29 @@ class ClientPopulation:
             weights = torch.from_numpy(batch.sizes).float()
             if observe is not None:
                 observe(update, weights)
-            weighted += update.weighted_sum(table, weights)
-            row_weight.index_add_(0, update.row_item, weights[update.row_user])
+            if defence is not None and defence.rewrites_rows:
+                weighted += table * weights.sum() + self._defended(
+                    update, table, weights, defence, seed, round_, row_weight)
+            else:
+                weighted += update.weighted_sum(table, weights)
+                row_weight.index_add_(0, update.row_item, weights[update.row_user])
             total += float(weights.sum())
         return NodeUpdate(weighted / total, total, row_weight, len(users))
+
+    def _defended(self, update: LocalUpdate, table: Tensor, weights: Tensor,
+                  defence: UploadDefence, seed: int, round_: int, row_weight: Tensor) -> Tensor:
+        """``sum_u w_u delta_u`` of the defended uploads (adding their row weights to
+        ``row_weight``), one user at a time on the user's own device stream."""
+        total = torch.zeros_like(table)
+        for b, user in enumerate(update.users.tolist()):
+            mine = update.row_user == b
+            items = update.row_item[mine]
+            deltas = update.row_value[mine].to(table.dtype) - table[items]
+            rows, values = defend_upload(items, deltas, self.num_items, defence,
+                                         device_generator(seed, round_, int(user)))
+            total.index_add_(0, rows, weights[b] * values)
+            row_weight.index_add_(0, rows, weights[b].expand(len(rows)))
+        return total
 
     def held_count(self, users: np.ndarray) -> np.ndarray:
         """Training interactions each user holds (local and shared)."""
