@@ -214,6 +214,36 @@ def test_a_node_out_of_step_is_refused():
         secagg.masked_train(message, Context(1, 1, {}, RecordDict(), {}), lambda r: None)
 
 
+def _reply(config: dict | None = None, arrays: dict | None = None) -> RecordDict:
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    content = RecordDict({"config": ConfigRecord(config or {})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return content
+
+
+@pytest.mark.parametrize(("read", "content"), [
+    (lambda c: protocol.read_secagg_setup_reply(c),
+     _reply({"mask-key": b"k", "share-key": "not bytes"})),
+    (lambda c: protocol.read_secagg_share_keys_reply(c, [2, 3]),
+     _reply({"destinations": [2, 4], "ciphertexts": [b"a", b"b"]})),  # 4 is no neighbour
+    (lambda c: protocol.read_secagg_share_keys_reply(c, [2, 3]),
+     _reply({"destinations": [2, 2], "ciphertexts": [b"a", b"b"]})),
+    (lambda c: protocol.read_secagg_train_reply(c, 3, 2**62),
+     _reply(arrays={"masked-vector": np.array([1, 2, 2**62])})),  # outside the modulus
+    (lambda c: protocol.read_secagg_train_reply(c, 3, 2**62),
+     _reply(arrays={"masked-vector": np.array([1.0, 2.0, 3.0])})),
+    (lambda c: protocol.read_secagg_unmask_reply(c, [2, 3]),
+     _reply({"owners": [2, 5], "shares": [b"a", b"b"]})),  # 5 was not asked for
+    (lambda c: protocol.read_secagg_unmask_reply(c, [2, 3]),
+     _reply({"owners": [2, 3], "shares": [b"a"]})),
+])
+def test_readers_refuse_malformed_replies(read, content):
+    with pytest.raises(ValueError):
+        read(content)
+
+
 # ------------------------------------------------------------------------ run config
 def test_defaults_match_pyproject():
     table = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
@@ -264,7 +294,8 @@ def test_the_cli_refuses_in_one_line_before_a_flower_run(sets, tmp_path, capsys)
 # ---------------------------------------------------------------------- Flower simulation
 def test_a_flower_run_with_secagg_equals_the_inprocess_engine(tmp_path):
     """Five SuperNodes of two users each (a round's nodes sit on a ring of neighbourhoods of
-    3); the final table equals the in-process engine's within the quantisation bound, the
+    3), learning and then unlearning (its remaining-data rounds are summed securely too): the
+    final table equals the in-process engine's within the quantisation bound, the learning
     rounds' rows show SecAgg's bytes, and no train reply carried anything but a masked
     vector."""
     from simulations.experiment import resolve, run_experiment
@@ -272,7 +303,8 @@ def test_a_flower_run_with_secagg_equals_the_inprocess_engine(tmp_path):
     folder = tiny_prepared().save(tmp_path / "tiny")
     audit = tmp_path / "audit"
     settings = [f"prepared={folder}", "rounds=2", "eval-every=2", "fraction=0.5", "dim=8",
-                "server-steps=2", "local-epochs=2", "seed=0", "num-supernodes=5"]
+                "server-steps=2", "local-epochs=2", "seed=0", "num-supernodes=5", "snapshots=2",
+                "unlearn=true", "unlearn-rounds=2", "unlearn-steps=2"]
     out, summary = run_experiment(resolve(None, [*settings, "defence=secagg",
                                                  f"audit-dir={audit}"], name="secagg"),
                                   tmp_path / "runs", "flower")
@@ -287,8 +319,9 @@ def test_a_flower_run_with_secagg_equals_the_inprocess_engine(tmp_path):
     assert (metrics["secagg-bytes-down"] > 0).all() and (metrics["secagg-bytes-up"] > 0).all()
     assert (metrics["secagg-seconds"] > 0).all()
     costs = json.loads((out / "secagg.json").read_text())
-    assert [r["round"] for r in costs["rounds"]] == [1, 2]
+    assert [r["round"] for r in costs["rounds"]] == [1, 2, 3, 4]  # learning, then unlearning
     assert all(r["survivors"] == r["nodes"] >= 3 and r["dropped"] == 0 for r in costs["rounds"])
+    assert summary["unshare_requests"] > 0
     print("\nSecAgg+ per round:", metrics[["round", "num-users", "train-seconds",
                                           "secagg-bytes-down", "secagg-bytes-up",
                                           "secagg-seconds"]].to_string(index=False))
