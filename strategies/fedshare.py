@@ -169,6 +169,7 @@ class FedShareStrategy(Strategy):
         is masked, and a sum outside what the survivors' encodings can add up to is refused
         (:func:`fedshare.secure_sum.decode`). A refused sum fails the whole round.
         """
+        assert self.secure is not None
         self.accepted = []
         update, survivors = self.secure.finish(round_, replies, self.server.table)
         if update is None:
