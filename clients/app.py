@@ -9,8 +9,11 @@ nodes would give (Eq. 16). User embeddings never leave the node: they live in th
 ``state-dir``, or run config ``client-state-dir``), in a file there too, tagged with the server
 store's run key, so a device continues where it was when a stopped run is resumed.
 
-The sequence family's handlers (:mod:`clients.sequence`) are registered on the same app under
-their own message types (``query.sequence_devices``, ``train.sequence``, ``evaluate.sequence``).
+With run config ``defence`` naming ``secagg``, a learning round's train message arrives as
+``train.secagg`` between SecAgg+'s other stages (:mod:`clients.secagg`): the node trains the same
+way and sends its update masked, so the server learns only the round's sum. The sequence
+family's handlers (:mod:`clients.sequence`) are registered on the same app under their own
+message types (``query.sequence_devices``, ``train.sequence``, ``evaluate.sequence``).
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from clients import sequence, sequence_unlearning
+from clients import secagg, sequence, sequence_unlearning
 from fedshare import protocol
 from fedshare.atomic import write_atomically
-from fedshare.federated.population import ClientPopulation
+from fedshare.federated.population import ClientPopulation, NodeUpdate
 from fedshare.models.local import LocalUpdate
 from fedshare.runconfig import (
     data_key,
@@ -186,7 +189,19 @@ def restart(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of the round's sampled users of this node (Eq. 12-15)."""
-    request = protocol.read_train_request(msg)
+    return protocol.train_reply(msg, *_train(protocol.read_train_request(msg), context))
+
+
+def secagg_train(msg: Message, context: Context) -> Message:
+    """A SecAgg+ round's train message: the same training, its update sent masked
+    (:func:`clients.secagg.masked_train`)."""
+    return secagg.masked_train(msg, context, lambda request: _train(request, context)[0])
+
+
+def _train(request: protocol.TrainRequest, context: Context
+           ) -> tuple[NodeUpdate, dict[int, int], ArrayRecord | None]:
+    """Train the request's users; the update, the FRU store sizes and the extra arrays of
+    the reply (FRU's stored rows in a replay, CUFRU's sparse updates)."""
     population = _population(context, request.mark)
     previous = population.embeddings.numpy().copy()
     config = federated_config(context.run_config)
@@ -226,7 +241,7 @@ def train(msg: Message, context: Context) -> Message:
     if request.replay is not None:  # FRU's calibration round: the stored rows come along
         extra = protocol.stored_rows_record(*_stored_rows(context, request.replay,
                                                           request.table.shape[1]))
-    return protocol.train_reply(msg, update, kept, extra)
+    return update, kept, extra
 
 
 @app.query("fru_rows")
@@ -285,11 +300,16 @@ def evaluate(msg: Message, context: Context) -> Message:
         for part in request.parts})
 
 
-# The sequence family (run config ``family = "sequence"``): same app, its own message types.
+# SecAgg+'s stages, then the sequence family (run config ``family = "sequence"``): same app,
+# their own message types.
 def _action(message_type: str) -> str:
     return message_type.split(".", 1)[1]
 
 
+app.train(_action(protocol.SECAGG_TRAIN))(secagg_train)
+app.query(_action(protocol.SECAGG_SETUP))(secagg.setup)
+app.query(_action(protocol.SECAGG_SHARE_KEYS))(secagg.share_keys)
+app.query(_action(protocol.SECAGG_UNMASK))(secagg.unmask)
 app.query(_action(protocol.SEQ_DEVICES))(sequence.devices)
 app.train(_action(protocol.SEQ_TRAIN))(sequence.train)
 app.evaluate(_action(protocol.SEQ_EVALUATE))(sequence.evaluate)

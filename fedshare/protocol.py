@@ -6,7 +6,7 @@ This is the one module of the core that imports Flower (an import-linter contrac
 Readers of replies treat them as untrusted: they raise ``ValueError`` (or the error of a missing
 key) on anything malformed, and the caller rejects the reply.
 
-Four messages, each a request from the server and one reply per node:
+Four messages, each a request from the server and one reply per node (SecAgg+'s are below):
 
 ========================  ==================================  =====================================
 message type              request                             reply
@@ -56,6 +56,27 @@ Unlearning by replay (``unlearning=fru|cufru``, :mod:`strategies.replay`) and by
 - ``train`` replies of a CUFRU run's learning rounds add ``cufru-users``, ``cufru-counts``,
   ``cufru-items``, ``cufru-deltas``: each trained sharer's sparse update, which the server's
   station keeps whole so it can subtract it later.
+
+Secure aggregation (run config ``defence`` naming ``secagg``; SecAgg+ on the Message API, stages
+in :mod:`strategies.secagg` and :mod:`clients.secagg`, computations in
+:mod:`fedshare.secure_sum`) replaces each ``train`` exchange of the learning rounds and of the
+unlearning phase's remaining-data rounds with four; keys, ciphertexts and shares are bytes in
+config records:
+
+- ``query.secagg_setup``: config ``server-round`` and the ``secagg-*`` settings; the reply's
+  config ``mask-key``, ``share-key`` (the node's two public keys of the round).
+- ``query.secagg_share_keys``: config ``nodes`` (the node's neighbourhood, itself included) and
+  their ``mask-keys``, ``share-keys``; the reply's config ``destinations``, ``ciphertexts`` (its
+  Shamir shares, sealed to each neighbour).
+- ``train.secagg``: ``train``'s request plus config ``sources``, ``ciphertexts`` (the shares
+  sealed to this node) and ``secagg-scale`` (W, the round's weight bound); the reply's one
+  array ``masked-vector`` (int64, modulo ``2**secagg-modulus-bits``): nothing else of the
+  update leaves the node.
+- ``query.secagg_unmask``: config ``active``, ``dropped`` (neighbours that did and did not send
+  a masked vector); the reply's config ``owners``, ``shares`` (shares of the active ones'
+  self-mask seeds and of the dropped ones' mask keys).
+
+:func:`message_bytes` sizes these (arrays and config payloads).
 
 Sequence models (run config ``family = "sequence"``, :mod:`strategies.sequence`): a device is one
 session and the global model one flat float32 vector (array ``sequence-model``):
@@ -114,8 +135,10 @@ from flwr.app import (
 )
 from torch import Tensor
 
+from fedshare.errors import FedShareError
 from fedshare.federated.directory import ShareReply
 from fedshare.federated.population import NodeUpdate
+from fedshare.runconfig import SecAggSettings
 from fedshare.sequences.data import TEST, VALID
 from fedshare.sequences.directory import DeviceReport
 from fedshare.sequences.forget_metrics import HIT_METRICS
@@ -495,6 +518,189 @@ def read_evaluate_reply(content: RecordDict, parts: tuple[str, ...]
             raise ValueError(f"a metric sum outside [0, count] for {part}")
         scores[part] = (sums, int(count))
     return scores
+
+
+# ------------------------------------------------------- secure aggregation (SecAgg+, issue 20)
+# A SecAgg+ round (run config ``defence`` naming ``secagg``; the stages: strategies.secagg, the
+# shared computations: fedshare.secure_sum) replaces one ``train`` exchange with four. Keys,
+# ciphertexts and shares travel as bytes in config records.
+SECAGG_SETUP = "query.secagg_setup"
+SECAGG_SHARE_KEYS = "query.secagg_share_keys"
+SECAGG_TRAIN = f"{MessageType.TRAIN}.secagg"
+SECAGG_UNMASK = "query.secagg_unmask"
+MASK_KEY, SHARE_KEY, NODES, MASK_KEYS, SHARE_KEYS = (
+    "mask-key", "share-key", "nodes", "mask-keys", "share-keys")
+SOURCES, DESTINATIONS, CIPHERTEXTS, SCALE, MASKED = (
+    "sources", "destinations", "ciphertexts", "secagg-scale", "masked-vector")
+ACTIVE, DROPPED, OWNERS, SHARES = "active", "dropped", "owners", "shares"
+MAX_SECRET_BYTES = 1 << 16
+"""The largest key, ciphertext or share a reader accepts."""
+
+
+def message_bytes(content: RecordDict) -> int:
+    """:func:`array_bytes` plus the payload of config and metric records: bytes and strings at
+    their length, 8 bytes per number (SecAgg+'s keys, ciphertexts, shares and node lists)."""
+
+    def size(value: object) -> int:
+        if isinstance(value, list):
+            return sum(size(v) for v in value)
+        return len(value) if isinstance(value, bytes | str) else 8
+
+    records = [*content.config_records.values(), *content.metric_records.values()]
+    return array_bytes(content) + sum(size(v) for r in records for v in r.values())
+
+
+def _config_reply(request: Message, config: Mapping) -> Message:
+    return Message(RecordDict({CONFIG: ConfigRecord(dict(config))}), reply_to=request)
+
+
+def _secrets(values: object, count: int | None = None) -> list[bytes]:
+    """``values`` as a list of non-empty bytes of bounded size (``count`` of them)."""
+    if not isinstance(values, list) or any(
+            not isinstance(v, bytes) or not 0 < len(v) <= MAX_SECRET_BYTES for v in values) \
+            or (count is not None and len(values) != count):
+        raise ValueError("malformed keys, ciphertexts or shares")
+    return values
+
+
+def _node_ids(values: object) -> list[int]:
+    if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, int)
+                                           for v in values) or len(set(values)) != len(values):
+        raise ValueError("malformed node ids")
+    return values
+
+
+def secagg_setup_requests(round_: int, nodes: Iterable[int], settings: SecAggSettings
+                          ) -> list[Message]:
+    """Stage 1: each node makes the round's two key pairs (the settings come along)."""
+    config = {ROUND: round_, **settings.to_run_config()}
+    return [_request(node, SECAGG_SETUP, config) for node in nodes]
+
+
+def read_secagg_setup_request(request: Message) -> tuple[int, SecAggSettings]:
+    config = request.content[CONFIG]
+    try:
+        settings = SecAggSettings.from_run_config(config)
+    except FedShareError as exc:
+        raise ValueError(str(exc)) from None
+    return int(config[ROUND]), settings
+
+
+def secagg_setup_reply(request: Message, mask_public: bytes, share_public: bytes) -> Message:
+    return _config_reply(request, {MASK_KEY: mask_public, SHARE_KEY: share_public})
+
+
+def read_secagg_setup_reply(content: RecordDict) -> tuple[bytes, bytes]:
+    """A node's (mask, share) public keys."""
+    config = content[CONFIG]
+    mask, share = _secrets([config[MASK_KEY], config[SHARE_KEY]], 2)
+    return mask, share
+
+
+def secagg_share_keys_requests(round_: int, neighbourhoods: Mapping[int, list[int]],
+                               keys: Mapping[int, tuple[bytes, bytes]]) -> list[Message]:
+    """Stage 2: each node gets its neighbourhood's public keys (its own included) and seals
+    shares of its two secrets to them."""
+    return [_request(node, SECAGG_SHARE_KEYS, {
+        ROUND: round_, NODES: list(nodes), MASK_KEYS: [keys[n][0] for n in nodes],
+        SHARE_KEYS: [keys[n][1] for n in nodes]}) for node, nodes in neighbourhoods.items()]
+
+
+def read_secagg_share_keys_request(request: Message
+                                   ) -> tuple[int, list[int], list[bytes], list[bytes]]:
+    """(round, neighbourhood, their mask keys, their share keys)."""
+    config = request.content[CONFIG]
+    nodes = _node_ids(config[NODES])
+    return (int(config[ROUND]), nodes, _secrets(config[MASK_KEYS], len(nodes)),
+            _secrets(config[SHARE_KEYS], len(nodes)))
+
+
+def secagg_share_keys_reply(request: Message, sealed: Mapping[int, bytes]) -> Message:
+    return _config_reply(request, {DESTINATIONS: list(sealed),
+                                   CIPHERTEXTS: list(sealed.values())})
+
+
+def read_secagg_share_keys_reply(content: RecordDict, neighbours: Iterable[int]
+                                 ) -> dict[int, bytes]:
+    """The sealed share pairs of a node, by receiver; each receiver one of ``neighbours``."""
+    config = content[CONFIG]
+    destinations = _node_ids(config[DESTINATIONS])
+    ciphertexts = _secrets(config[CIPHERTEXTS], len(destinations))
+    if not set(destinations) <= set(neighbours):
+        raise ValueError("shares sealed to nodes that are no neighbours")
+    return dict(zip(destinations, ciphertexts, strict=True))
+
+
+def secagg_train_requests(round_: int, node_users: Mapping[int, list[int]], table: Tensor,
+                          mark: RunMark, local_epochs: int | None,
+                          sealed: Mapping[int, Mapping[int, bytes]], scale: float
+                          ) -> list[Message]:
+    """Stage 3: what :func:`train_requests` asks, as ``train.secagg``, with the share pairs
+    sealed to each node, by sender, and the round's scale W."""
+    model = table_record(table)
+    config: dict = {ROUND: round_, **mark.config(), SCALE: float(scale)}
+    if local_epochs is not None:
+        config[LOCAL_EPOCHS] = local_epochs
+    return [_request(node, SECAGG_TRAIN, {
+        **config, USERS: users, SOURCES: list(sealed.get(node, {})),
+        CIPHERTEXTS: list(sealed.get(node, {}).values())}, model)
+        for node, users in node_users.items()]
+
+
+def read_secagg_train_request(request: Message
+                              ) -> tuple[TrainRequest, dict[int, bytes], float]:
+    """(the train request, the share pairs sealed to this node by sender, the scale)."""
+    config = request.content[CONFIG]
+    sources = _node_ids(config[SOURCES])
+    scale = float(config[SCALE])
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale {scale}")
+    return (read_train_request(request),
+            dict(zip(sources, _secrets(config[CIPHERTEXTS], len(sources)), strict=True)), scale)
+
+
+def secagg_train_reply(request: Message, masked: np.ndarray) -> Message:
+    """The masked vector: nothing else of the update leaves the node."""
+    return _reply(request, ArrayRecord({MASKED: _ints(masked)}))
+
+
+def read_secagg_train_reply(content: RecordDict, length: int, modulus: int) -> np.ndarray:
+    masked = content[ARRAYS][MASKED].numpy()
+    if masked.shape != (length,) or masked.dtype != np.int64 or (masked < 0).any() or (
+            masked >= modulus).any():
+        raise ValueError(f"not {length} integers modulo {modulus}")
+    return masked
+
+
+def secagg_unmask_requests(round_: int, lists: Mapping[int, tuple[list[int], list[int]]]
+                           ) -> list[Message]:
+    """Stage 4: each survivor is named its neighbours that survived (send shares of their
+    self-mask seeds) and those that dropped (send shares of their mask keys)."""
+    return [_request(node, SECAGG_UNMASK, {ROUND: round_, ACTIVE: list(active),
+                                           DROPPED: list(dropped)})
+            for node, (active, dropped) in lists.items()]
+
+
+def read_secagg_unmask_request(request: Message) -> tuple[int, list[int], list[int]]:
+    config = request.content[CONFIG]
+    active, dropped = _node_ids(config[ACTIVE]), _node_ids(config[DROPPED])
+    if set(active) & set(dropped):
+        raise ValueError("a node named both active and dropped")
+    return int(config[ROUND]), active, dropped
+
+
+def secagg_unmask_reply(request: Message, shares: Mapping[int, bytes]) -> Message:
+    return _config_reply(request, {OWNERS: list(shares), SHARES: list(shares.values())})
+
+
+def read_secagg_unmask_reply(content: RecordDict, asked: Iterable[int]) -> dict[int, bytes]:
+    """The shares a survivor sent, by owner; each owner one of those it was ``asked`` for."""
+    config = content[CONFIG]
+    owners = _node_ids(config[OWNERS])
+    shares = _secrets(config[SHARES], len(owners))
+    if not set(owners) <= set(asked):
+        raise ValueError("shares of nodes that were not asked for")
+    return dict(zip(owners, shares, strict=True))
 
 
 # ------------------------------------------------------------- sequence models (issue 17)

@@ -4,12 +4,15 @@ Run-config keys are those of ``[tool.flwr.app.config]`` in ``pyproject.toml``; d
 dataset and plan, app keys how the run is served, every other key is a :class:`FederatedConfig`
 field (dashes for underscores). ``family`` picks the model family; the sequence family reads the
 round schedule from the shared keys and the rest from its ``seq-`` keys
-(:class:`fedshare.sequences.config.SequenceConfig`). Kept Flower-free (plain mappings) so it is
+(:class:`fedshare.sequences.config.SequenceConfig`). ``defence`` names the upload defences, joined
+with ``+`` (:func:`parse_defences`); ``secagg`` reads the ``secagg-`` keys
+(:class:`SecAggSettings`, :func:`secagg_settings`). Kept Flower-free (plain mappings) so it is
 tested directly.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,9 +47,12 @@ REPLAY_KEYS = ("unlearning", "replay-epoch-fraction", "replay-interval")
 FAMILIES = ("lightgcn", "sequence")
 """The app's model families: LightGCN (FedShare) and sequence models (issue 17)."""
 SEQUENCE_KEYS = ("family", *SEQUENCE_RUN_KEYS, *SEQUENCE_UNLEARNING_KEYS)
+SECAGG_KEYS = ("secagg-num-shares", "secagg-threshold", "secagg-clip",
+               "secagg-quantization-bits", "secagg-modulus-bits")
+DEFENCE_KEYS = ("defence", *SECAGG_KEYS)
 APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", *FRU_KEYS,
             "max-failed-fraction", "client-state-dir", "bind-users", *UNLEARN_KEYS,
-            *REPLAY_KEYS, *SEQUENCE_KEYS)
+            *REPLAY_KEYS, *SEQUENCE_KEYS, *DEFENCE_KEYS)
 UNLEARNING_METHODS = (*VARIANTS, "fru", "cufru", "retrain")
 """What ``unlearning=...`` may name through Flower: FedShare (Algorithm 2), its Table IV
 ablations and its named variant, the FRU / CUFRU baselines, which also change what is
@@ -112,6 +118,120 @@ def replay_settings(run_config: Mapping[str, Any]) -> dict[str, float]:
                             "whole number") from None
 
 
+DEFENCES = ("secagg",)
+"""What ``defence`` may combine with ``+`` (``none``: no defence). ``secagg``: the server learns
+only the sum of each learning round's train replies (SecAgg+: :mod:`fedshare.secure_sum`,
+:mod:`strategies.secagg`, :mod:`clients.secagg`)."""
+DEFAULT_DEFENCE = "secagg"
+"""``defence`` in ``pyproject.toml`` (a test keeps them equal): a Flower run, simulated or
+deployed, sums securely unless told not to. The in-process engine has no wire and ignores it:
+it computes the plain sums, which SecAgg+ reproduces up to its quantisation."""
+
+
+def parse_defences(text: Any) -> tuple[str, ...]:
+    """``"secagg"`` -> ``("secagg",)``; ``"a+b"`` -> ``("a", "b")``; ``"none"`` or ``""``
+    -> ``()``. Unknown or repeated names are an error."""
+    names = tuple(name.strip() for name in str(text).split("+") if name.strip())
+    if names in ((), ("none",)):
+        return ()
+    unknown = [name for name in names if name not in DEFENCES]
+    if unknown:
+        raise FedShareError(f"unknown defence {unknown[0]!r}; combine with '+' any of "
+                            f"{', '.join(DEFENCES)}, or give 'none'")
+    if len(set(names)) != len(names):
+        raise FedShareError(f"defence {text!r} names one defence twice")
+    return names
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """SecAgg+ settings (run-config keys ``secagg-num-shares``, ``secagg-threshold``,
+    ``secagg-clip``, ``secagg-quantization-bits``, ``secagg-modulus-bits``).
+
+    Args:
+        num_shares: how many nodes hold shares of each node's two secrets, the node itself
+            included: its neighbours on a ring of the round's nodes, as many on either side,
+            so the number is odd (a round with fewer nodes shares among all of them).
+        threshold: shares that reconstruct a secret; more than half of ``num_shares``, so a
+            server that tells some neighbours a node dropped and others that it did not still
+            cannot get both secrets of one node, and at most ``num_shares``. A round in which
+            fewer nodes answer changes nothing.
+        clip: the bound of one coordinate of a node's normalised upload (its users' summed
+            ``|D_u| (V_u - V_s)`` over the round's total weight): how far one round may move a
+            coordinate of the weighted-mean update; beyond it values are clipped.
+        quantization_bits: the clipped range ``[-clip, clip]`` maps onto ``[0, 2**bits]``;
+            the quantum is ``2 clip / 2**bits`` (at most 30: Flower's quantiser rounds into
+            int32).
+        modulus_bits: masks and sums live modulo ``2**bits`` (at most 62: int64 arithmetic);
+            it must exceed a round's node count times ``2**quantization_bits``.
+    """
+
+    num_shares: int = 3
+    threshold: int = 2
+    clip: float = 8.0
+    quantization_bits: int = 30
+    modulus_bits: int = 62
+
+    def __post_init__(self) -> None:
+        ints = (self.num_shares, self.threshold, self.quantization_bits, self.modulus_bits)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in ints) or isinstance(
+                self.clip, bool) or not isinstance(self.clip, int | float):
+            raise FedShareError("secagg-num-shares, -threshold, -quantization-bits and "
+                                "-modulus-bits must be whole numbers and secagg-clip a number")
+        if self.num_shares < 3 or self.num_shares % 2 == 0:
+            raise FedShareError(f"secagg-num-shares must be odd and >= 3, got {self.num_shares}")
+        if not self.num_shares // 2 < self.threshold <= self.num_shares:
+            raise FedShareError(f"secagg-threshold must be more than half of secagg-num-shares "
+                                f"and at most it, got {self.threshold} of {self.num_shares}")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise FedShareError(f"secagg-clip must be a positive number, got {self.clip}")
+        if not 1 <= self.quantization_bits <= 30:
+            raise FedShareError("secagg-quantization-bits must lie in [1, 30], got "
+                                f"{self.quantization_bits}")
+        if not self.quantization_bits < self.modulus_bits <= 62:
+            raise FedShareError("secagg-modulus-bits must exceed secagg-quantization-bits and "
+                                f"be at most 62, got {self.modulus_bits}")
+
+    @property
+    def quantization(self) -> int:
+        return 1 << self.quantization_bits
+
+    @property
+    def modulus(self) -> int:
+        return 1 << self.modulus_bits
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> SecAggSettings:
+        names = {key: key.removeprefix("secagg-").replace("-", "_") for key in SECAGG_KEYS}
+        return cls(**{names[key]: run_config[key] for key in SECAGG_KEYS if key in run_config})
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f"secagg-{name.replace('_', '-')}": value for name, value in vars(self).items()}
+
+
+def secagg_settings(run_config: Mapping[str, Any], default: str = DEFAULT_DEFENCE
+                    ) -> SecAggSettings | None:
+    """The run's SecAgg+ settings, or ``None`` when ``defence`` (``default`` when the key is
+    absent) does not name ``secagg``.
+
+    Refused with ``secagg``: what needs each node's own update, which the server no longer
+    sees. ``unlearning = "cufru"``: CUFRU's transfer station keeps every sharer's sparse update
+    to subtract it later. FRU (``fru-alpha`` > 0, or ``unlearning = "fru"``): its replay asks
+    nodes for their stored rows and reads each reply's store report, per node.
+    """
+    if "secagg" not in parse_defences(run_config.get("defence", default)):
+        return None
+    method = unlearning_method(run_config)
+    if method == "cufru":
+        raise FedShareError("defence=secagg hides each node's update, which unlearning=cufru "
+                            "stores per sharer; set defence=none or choose another method")
+    if fru_settings(run_config) is not None:
+        raise FedShareError("defence=secagg hides each node's update, which FRU's replay "
+                            "(fru-alpha > 0 or unlearning=fru) reads per node; set "
+                            "defence=none or fru-alpha=0")
+    return SecAggSettings.from_run_config(run_config)
+
+
 @dataclass
 class ServerSettings:
     """What the ServerApp reads from its run config, besides the data keys it never uses."""
@@ -128,6 +248,7 @@ class ServerSettings:
     run_config: dict[str, Any]
     method: str = "fedshare"
     replay: dict[str, float] | None = None
+    secagg: SecAggSettings | None = None
 
     @classmethod
     def read(cls, run_config: Mapping[str, Any]) -> ServerSettings:
@@ -140,7 +261,8 @@ class ServerSettings:
                    float(run_config.get("max-failed-fraction", 0.5)),
                    # simulated nodes draw new ids every run: nothing to bind users to
                    bool(run_config.get("bind-users", True)), dict(run_config),
-                   unlearning_method(run_config), replay_settings(run_config))
+                   unlearning_method(run_config), replay_settings(run_config),
+                   secagg_settings(run_config))
 
     def recorded(self) -> dict[str, Any]:
         """``config.json``: every federated setting, then the run config's other keys."""

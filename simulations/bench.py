@@ -231,7 +231,8 @@ def flower_modes(num_users: int = 1_000, seed: int = 0) -> dict[str, Any]:
     are timed over the second round's train phase, from sending the train messages to holding
     every reply (messages, scheduling and local training: what the clients cost); the whole
     round (plus aggregation, the server's refinement and the durable commit, the same work in
-    both modes) is reported beside it."""
+    both modes) is reported beside it. Plain train replies (``defence=none``): SecAgg+'s cost is
+    in a secure run's ``secagg.json`` and metrics columns."""
     import pandas as pd
 
     from simulations.experiment import resolve, run_experiment
@@ -244,7 +245,7 @@ def flower_modes(num_users: int = 1_000, seed: int = 0) -> dict[str, Any]:
         folder = data.save(Path(tmp) / "data")
         for mode, nodes in (("cohort", 2), ("per_user", num_users)):
             settings = [f"prepared={folder}", "rounds=3", "eval-every=3", "fraction=1.0",
-                        f"seed={seed}", f"num-supernodes={nodes}"]
+                        f"seed={seed}", f"num-supernodes={nodes}", "defence=none"]
             out, _ = run_experiment(resolve(None, settings, name=f"bench-{mode}"),
                                     Path(tmp) / "runs", "flower")
             rounds = pd.read_csv(out / "metrics.csv").set_index("round")

@@ -143,12 +143,14 @@ def _cmd_deploy(args: argparse.Namespace) -> None:
     """Device files for ``--devices`` users, then a TLS deployment with one authenticated
     SuperNode per device (:mod:`simulations.deploy`)."""
     from fedshare.data.device import pick_device_users, write_device_files
+    from fedshare.runconfig import secagg_settings
     from simulations.deploy import deploy
     from simulations.experiment import resolve
 
     experiment = resolve(args.config, args.set)  # every setting checked before anything starts
     if experiment.run.get("family", "lightgcn") != "lightgcn":
         raise FedShareError("fedshare deploy serves the lightgcn family only")
+    secagg_settings(experiment.run)  # the default defence too: the deployment applies it
     data = _load(args)
     work = Path(args.dir).resolve()
     if work.exists() and not work.is_dir():

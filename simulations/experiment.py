@@ -31,12 +31,14 @@ from fedshare.run_lease import RunLease, ensure_free
 from fedshare.runconfig import (
     APP_KEYS,
     DATA_KEYS,
+    SecAggSettings,
     data_key,
     federated_config,
     fru_settings,
     load_data,
     model_family,
     replay_settings,
+    secagg_settings,
     sequence_config,
     sequence_unlearning,
     unlearning_config,
@@ -120,6 +122,8 @@ def resolve(path: str | Path | None, sets: Sequence[str] = (), name: str | None 
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             raise FedShareError(f"{key} must be a number in [0, 1], got {value!r}")
     fru_settings(run)  # FRU's settings: FruSettings validates them
+    SecAggSettings.from_run_config(run)  # SecAgg+'s, and a defence named here
+    secagg_settings(run, default="none")  # (the Flower default is checked before a run)
     if model_family(run) == "sequence":
         sequence_config(run)  # the sequence family's settings: SequenceConfig validates them
         sequence_unlearning(run)  # and, with unlearn=true, SequenceUnlearning
@@ -149,6 +153,7 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
     load_data(data_key(experiment.run, {}))  # bad data fail here, before any folder or process
     unlearning_method(experiment.run), replay_settings(experiment.run)  # and bad settings
     if engine == "flower":  # and a Ray cluster named but not there
+        secagg_settings(experiment.run)  # the default defence too: Flower applies it
         check_ray_address(ray_address or os.environ.get("RAY_ADDRESS") or "local")
     if progress is not None:
         config = experiment.config

@@ -6,7 +6,10 @@ Each round (Algorithm 1): sample users (Sec. IV-B1) and send V_s to the nodes se
 engine runs (:class:`fedshare.federated.rounds.LearningRound`: Eq. 16 aggregation, the server's
 refinement of Eq. 17-18, the durable commit, the metrics row) in ``aggregate_train``. Validation
 follows :func:`fedshare.federated.rounds.is_eval_round`. This class only routes messages; the
-wire format is :mod:`fedshare.protocol`.
+wire format is :mod:`fedshare.protocol`. With SecAgg+ (run config ``defence`` naming ``secagg``)
+the train exchange of every round is :class:`strategies.secagg.SecureRounds`': its setup and key
+exchange run in ``configure_train`` on the grid, its unmasking in ``aggregate_train``, and the
+round aggregates the one summed update it yields.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from fedshare.federated.rounds import LearningRound, RunLog, is_eval_round, samp
 from fedshare.federated.server import Server
 from fedshare.federated.state_db import CommitRounds, StateDB, restore_server
 from fedshare.federated.validation import ReplyChecks
+from fedshare.runconfig import SecAggSettings
 from strategies.inbox import Inbox
+from strategies.secagg import SecureRounds
 
 
 class FedShareStrategy(Strategy):
@@ -48,12 +53,16 @@ class FedShareStrategy(Strategy):
         timeout: seconds a round waits for replies.
         recorders: learning-phase histories of an unlearning baseline (FRU's participants and
             server rows, CUFRU's station); they see each learning round's accepted replies.
+        secagg: SecAgg+ settings: every train exchange (learning rounds and the unlearning
+            phase's remaining-data rounds) is summed securely (:mod:`strategies.secagg`); the
+            server then sees one summed update per round, never a node's own.
     """
 
     def __init__(self, config: FederatedConfig, directory: Directory,
                  progress: Callable[[dict], None] | None = None, inbox: Inbox | None = None,
                  max_failed: float = 0.5, store: StateDB | None = None,
-                 timeout: float = 3600.0, recorders: tuple[RoundRecorder, ...] = ()) -> None:
+                 timeout: float = 3600.0, recorders: tuple[RoundRecorder, ...] = (),
+                 secagg: SecAggSettings | None = None) -> None:
         self.config = config
         self.directory = directory
         self.server = Server(directory.shared, config)
@@ -75,6 +84,8 @@ class FedShareStrategy(Strategy):
         self.sampled: dict[int, list[int]] = {}  # node -> users asked to train, this round
         self.accepted: list[tuple[int, NodeUpdate, list]] = []  # node, update, sparse rows
         self.train_started = time.perf_counter()
+        self.secure = None if secagg is None else SecureRounds(secagg, self.inbox, timeout,
+                                                               config.seed)
 
     def mark(self) -> protocol.RunMark:
         """The run key and last committed round every request carries (devices rewind to
@@ -116,21 +127,59 @@ class FedShareStrategy(Strategy):
         for u in users:
             self.sampled.setdefault(self.user_node[int(u)], []).append(int(u))
         online = set(grid.get_node_ids())
-        return protocol.train_requests(
-            round_, {node: us for node, us in self.sampled.items() if node in online},
-            self.server.table, self.mark(), local_epochs)
+        asked = {node: us for node, us in self.sampled.items() if node in online}
+        if self.secure is None:
+            return protocol.train_requests(round_, asked, self.server.table, self.mark(),
+                                           local_epochs)
+        # the weight every asked user may bring (|I_local|, known since the share round)
+        scale = sum(self.directory.local_counts.get(u, 0) for us in asked.values() for u in us)
+        messages = self.secure.prepare(round_, grid, asked, self.server.table, self.mark(),
+                                       local_epochs, max(scale, 1))
+        self.train_started = time.perf_counter()  # train-seconds: the train exchange alone
+        return messages
 
     def accepted_updates(self, round_: int, replies: Iterable[Message]
                          ) -> list[NodeUpdate] | None:
         """The round's updates that may be averaged, or ``None`` when more than
-        ``max_failed`` of the nodes asked gave no accepted one (the round changes nothing)."""
-        read = self.inbox.read("train", round_, replies, lambda m: m.content)
-        updates = self.accept_replies(round_, list(read))
-        if self.checks.too_many_failures(len(self.sampled), len(updates)):
+        ``max_failed`` of the nodes asked gave no accepted one (the round changes nothing).
+        With SecAgg+ the one update is the survivors' sum (:meth:`secure_update`)."""
+        if self.secure is not None:
+            update, answered = self.secure_update(round_, replies)
+            updates, unmasked = ([] if update is None else [update]), update is not None
+        else:
+            read = self.inbox.read("train", round_, replies, lambda m: m.content)
+            updates = self.accept_replies(round_, list(read))
+            answered, unmasked = len(updates), True
+        if not unmasked or self.checks.too_many_failures(len(self.sampled), answered):
             log(WARNING, "round %d: %d of %d nodes gave an accepted reply; the round changes "
-                "nothing", round_, len(updates), len(self.sampled))
+                "nothing", round_, answered, len(self.sampled))
             return None
         return updates
+
+    def secure_update(self, round_: int, replies: Iterable[Message]
+                      ) -> tuple[NodeUpdate | None, int]:
+        """The SecAgg+ round's summed update, if it could be unmasked and passes the checks a
+        sum allows, and how many nodes' masked replies it sums.
+
+        The checks of :meth:`ReplyChecks.train_problem`, applied to the sum instead of each
+        node's update: shape and dtype, finite values, a weight within the |I_local| of the
+        survivors' asked users, no more trained users than they were, no row weight above
+        the weight. A node's own NaN, weight or user count cannot be seen; what bounds a node
+        is the protocol: each coordinate of its update is clipped to ``secagg-clip`` before it
+        is masked, and a sum outside what the survivors' encodings can add up to is refused
+        (:func:`fedshare.secure_sum.decode`). A refused sum fails the whole round.
+        """
+        assert self.secure is not None
+        self.accepted = []
+        update, survivors = self.secure.finish(round_, replies, self.server.table)
+        if update is None:
+            return None, len(survivors)
+        asked = [u for node in survivors for u in self.sampled.get(node, [])]
+        problem = self.checks.train_problem(asked, update, [])
+        if problem is not None:
+            self.inbox.reject("train", round_, -1, f"the sum of nodes {survivors}: {problem}")
+            return None, len(survivors)
+        return update, len(survivors)
 
     def accept_replies(self, round_: int, replies: list[tuple[int, RecordDict]]
                        ) -> list[NodeUpdate]:
@@ -179,7 +228,8 @@ class FedShareStrategy(Strategy):
         train_seconds = time.perf_counter() - self.train_started
         updates = self.accepted_updates(round_, replies)
         self.record(round_, updates)
-        table = self.learning(round_, updates, train_seconds)
+        extra = self.secure.row(round_) if self.secure is not None else None
+        table = self.learning(round_, updates, train_seconds, extra)
         row = self.log.rounds[-1]
         return protocol.table_record(table), protocol.train_metrics(row["num-users"],
                                                                     row["num-examples"])

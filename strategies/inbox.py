@@ -22,7 +22,9 @@ T = TypeVar("T")
 WHAT = {"share": "share reply", "unshare": "unsharing requests", "train": "train reply",
         "evaluate": "evaluation", "devices": "device report",
         "requests": "unlearning requests", "scores": "CAU difficulties",
-        "cau": "CAU update", "forget": "Hit_u indicators"}
+        "cau": "CAU update", "forget": "Hit_u indicators",
+        "secagg-setup": "SecAgg public keys", "secagg-share-keys": "SecAgg sealed shares",
+        "secagg-train": "masked train reply", "secagg-unmask": "SecAgg unmasking shares"}
 """How a rejection names each kind of reply."""
 
 

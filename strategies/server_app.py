@@ -7,14 +7,18 @@ The server never loads interaction data itself: it learns D_s from the nodes' ``
 replies (each node uploads only its users' I_share) and scores the model through evaluate
 messages. Outputs go to ``out-dir``: ``config.json``, ``state.db`` (the state database),
 ``metrics.csv`` (one row per round, validation metrics where validated), ``item_table.npy`` and
-``summary.json`` (:class:`fedshare.federated.summary.RunSummary`).
+``summary.json`` (:class:`fedshare.federated.summary.RunSummary`). With SecAgg+ (run config
+``defence`` naming ``secagg``, :mod:`strategies.secagg`) each round's row adds its
+``secagg-bytes-down``, ``secagg-bytes-up`` and ``secagg-seconds``, and ``secagg.json`` holds the
+settings and every SecAgg+ round's stages (messages, bytes each way, seconds), the unlearning
+phase's remaining-data rounds included.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +71,9 @@ def main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.read(context.run_config)
     with RunLease(settings.out_dir):  # the run folder's only writer while this server lives
         if model_family(context.run_config) == "sequence":
+            if settings.secagg is not None:
+                log(WARNING, "defence=secagg covers the lightgcn family's train rounds; the "
+                    "sequence family's rounds are not summed securely")
             serve_sequences(grid, settings)
         else:
             serve(grid, settings)
@@ -110,7 +117,7 @@ def run(grid: Grid, settings: ServerSettings, directory: Directory, store: State
     strategy = FedShareStrategy(
         config, directory, lambda row: log(INFO, "%s %s", PROGRESS, progress_line(row)), inbox,
         settings.max_failed, store, settings.round_timeout,
-        recorders(settings.method, settings.run_config) if replayed else ())
+        recorders(settings.method, settings.run_config) if replayed else (), settings.secagg)
     strategy.resume(store)
     write_json(settings.out_dir / "config.json", settings.recorded())
     strategy.validate_missed(grid)
@@ -144,9 +151,13 @@ def recorders(method: str, run_config: dict) -> tuple[RoundRecorder, ...]:
 def write_outputs(out_dir: Path, strategy: FedShareStrategy, store: StateDB,
                   summary: RunSummary) -> None:
     """``metrics.csv`` (every round the store kept, a resumed run's earlier ones included),
-    ``item_table.npy`` and ``summary.json``, each written whole."""
+    ``item_table.npy``, ``summary.json`` and, with SecAgg+, ``secagg.json`` (this process's
+    rounds), each written whole."""
     metrics = metrics_frame(store.rows("round"), store.rows("validation"))
     write_atomically(out_dir / "metrics.csv", lambda fh: metrics.to_csv(fh, index=False), "w")
     write_atomically(out_dir / "item_table.npy",
                      lambda fh: np.save(fh, strategy.server.table.numpy()))
     write_json(out_dir / "summary.json", summary.to_dict())
+    if strategy.secure is not None:
+        write_json(out_dir / "secagg.json", {"settings": strategy.secure.settings.to_run_config(),
+                                             "rounds": strategy.secure.history})

@@ -6,7 +6,12 @@ to its :class:`SharedStore` (all-or-nothing per request), rebuilds G_s (Eq. 19-2
 forgotten views from its M snapshots (Eq. 23-24), and runs T_un rounds of remaining-data training
 (the strategy's train messages; nodes now hold only their remaining data) followed by the
 contrastive unlearning update (Eq. 25). The pre-request snapshots and the pending interactions
-are deleted when the phase ends.
+are deleted when the phase ends. With SecAgg+ (``defence`` naming ``secagg``) the remaining-data
+rounds, and Retrain's rounds, are summed securely as the learning rounds are (the strategy's
+``train_messages`` and ``accepted_updates``); the phase's traffic then counts their
+``train.secagg`` messages and masked replies, SecAgg+'s other stages are in ``secagg.json``.
+FRU and CUFRU need each node's update and refuse SecAgg+
+(:func:`fedshare.runconfig.secagg_settings`).
 """
 
 from __future__ import annotations

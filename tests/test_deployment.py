@@ -45,7 +45,7 @@ from simulations.processes import descendants, live
 DEVICES = 4
 RUN = {"num-nodes": DEVICES, "rounds": 2, "fraction": 1.0, "eval-every": 100,
        "local-epochs": 1, "server-steps": 2, "dim": 8, "snapshots": 2, "unlearn": True,
-       "unlearn-rounds": 2, "unlearn-steps": 2, "round-timeout": 30}
+       "unlearn-rounds": 2, "unlearn-steps": 2, "round-timeout": 30, "defence": "none"}
 
 
 @pytest.fixture(scope="module")

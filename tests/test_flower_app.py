@@ -76,7 +76,7 @@ def runs(tmp_path_factory, data):
     audit = root / "audit"
     settings = [f"prepared={folder}", f"rounds={ROUNDS}", "eval-every=2",
                 f"fraction={FRACTION}", f"dim={DIM}", "server-steps=2", "local-epochs=2",
-                f"seed={SEED}"]
+                f"seed={SEED}", "defence=none"]  # plain replies: compared exactly, audited
     try:
         cohorts = resolve(None, [*settings, "num-supernodes=2", f"audit-dir={audit}"],
                           name="cohorts")

@@ -18,7 +18,7 @@ from simulations.experiment import resolve, run_experiment
 
 SETTINGS = ["rounds=2", "eval-every=2", "fraction=0.5", "dim=8", "server-steps=2",
             "local-epochs=2", "seed=0", "snapshots=2", "unlearn=true", "unlearn-rounds=2",
-            "unlearn-steps=3"]
+            "unlearn-steps=3", "defence=none"]
 
 
 @pytest.fixture(scope="module")

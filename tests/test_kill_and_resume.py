@@ -35,7 +35,8 @@ from simulations.kill_moments import (
 
 pytestmark = pytest.mark.slow
 SETTINGS = ["eval-every=2", "fraction=0.5", "dim=8", "server-steps=2", "local-epochs=2",
-            "seed=0", "snapshots=2", "unlearn-rounds=3", "unlearn-steps=3", "num-supernodes=2"]
+            "seed=0", "snapshots=2", "unlearn-rounds=3", "unlearn-steps=3", "num-supernodes=2",
+            "defence=none"]
 
 
 def _sets(settings: list[str]) -> list[str]:

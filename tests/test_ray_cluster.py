@@ -115,7 +115,7 @@ def cluster(tmp_path_factory, ray_env):
 def test_flower_on_a_ray_cluster_equals_a_single_process_run(cluster, tmp_path):
     folder = tiny_prepared().save(tmp_path / "tiny")
     settings = [f"prepared={folder}", "rounds=2", "eval-every=2", "fraction=0.5", "dim=8",
-                "server-steps=2", "local-epochs=2", "seed=3", "num-supernodes=2"]
+                "server-steps=2", "local-epochs=2", "seed=3", "num-supernodes=2", "defence=none"]
     out, summary = run_experiment(resolve(None, settings, name="ray-cluster"),
                                   tmp_path / "runs", "flower", ray_address=cluster)
     ref_out, reference = run_experiment(resolve(None, settings, name="single"),

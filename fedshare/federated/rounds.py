@@ -16,7 +16,7 @@ summary. Which users a round samples (:func:`sample_users`) and which rounds are
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -81,14 +81,15 @@ class RunLog:
         return time.perf_counter() - self.started
 
     def round(self, round_: int, updates: Sequence[NodeUpdate], train_seconds: float,
-              server_seconds: float) -> None:
+              server_seconds: float, extra: Mapping[str, float] | None = None) -> None:
+        """Round ``round_``'s row; ``extra``: columns of the engine's own (SecAgg+'s costs)."""
         self.rounds.append({"round": round_, "seconds": self.elapsed(),
                             "num-users": sum(u.num_users for u in updates),
                             "num-examples": sum(u.weight for u in updates),
                             # sent -> every reply in: messages and local training
                             "train-seconds": train_seconds,
                             # aggregation, the server step (not the durable commit)
-                            "server-seconds": server_seconds})
+                            "server-seconds": server_seconds, **(extra or {})})
 
     def validation(self, round_: int, valid: dict[str, float]) -> None:
         row = {"round": round_, "seconds": self.elapsed(),
@@ -128,9 +129,11 @@ class LearningRound:
         return self.model.aggregate(entered), entered
 
     def __call__(self, round_: int, updates: Sequence[NodeUpdate] | None,
-                 train_seconds: float = 0.0) -> Tensor:
+                 train_seconds: float = 0.0, extra: Mapping[str, float] | None = None
+                 ) -> Tensor:
         """Finish round ``round_``; ``updates`` is ``None`` when the round failed (too many
-        nodes gave no accepted reply): the model stays as it was. Returns the global model."""
+        nodes gave no accepted reply): the model stays as it was. ``extra``: more columns of
+        the round's row. Returns the global model."""
         started = time.perf_counter()
         entered: list[NodeUpdate] = []
         if updates is None:
@@ -141,7 +144,7 @@ class LearningRound:
             for hook in self.hooks:
                 hook.refined(round_, view, table)
         # the row first: the durable commit keeps it with the round
-        self.log.round(round_, entered, train_seconds, time.perf_counter() - started)
+        self.log.round(round_, entered, train_seconds, time.perf_counter() - started, extra)
         for hook in self.hooks:
             hook.committed(round_, table)
         return table
