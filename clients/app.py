@@ -11,7 +11,10 @@ store's run key, so a device continues where it was when a stopped run is resume
 
 With run config ``defence`` naming ``secagg``, a learning round's train message arrives as
 ``train.secagg`` between SecAgg+'s other stages (:mod:`clients.secagg`): the node trains the same
-way and sends its update masked, so the server learns only the round's sum. The sequence
+way and sends its update masked, so the server learns only the round's sum. With ``hidden`` the
+server asks every user of the node and each decides itself whether it trains
+(:func:`fedshare.defences.self_sampled`); ``non-marking`` and ``ldp`` rewrite each user's upload
+before the node averages them (:func:`fedshare.defences.defend_upload`). The sequence
 family's handlers (:mod:`clients.sequence`) are registered on the same app under their own
 message types (``query.sequence_devices``, ``train.sequence``, ``evaluate.sequence``).
 """
@@ -31,6 +34,7 @@ from flwr.common import log
 from clients import secagg, sequence, sequence_unlearning
 from fedshare import protocol
 from fedshare.atomic import write_atomically
+from fedshare.defences import self_sampled
 from fedshare.federated.population import ClientPopulation, NodeUpdate
 from fedshare.models.local import LocalUpdate
 from fedshare.runconfig import (
@@ -42,6 +46,7 @@ from fedshare.runconfig import (
     node_label,
     node_users,
     unlearning_method,
+    upload_defence,
 )
 
 torch.set_num_threads(1)  # one CPU per virtual node on a small machine
@@ -234,8 +239,12 @@ def _train(request: protocol.TrainRequest, context: Context
         observe = keep_fru_rows
     elif learning and unlearning_method(context.run_config) == "cufru":
         observe = send_sharer_updates
-    update = population.train(request.users, request.table, local, config.seed, request.round,
-                              observe)
+    defence = upload_defence(context.run_config)
+    users = request.users
+    if defence.hidden:  # the server asked every user: each device decides for itself
+        users = self_sampled(users, config.fraction, config.seed, request.round)
+    update = population.train(users, request.table, local, config.seed, request.round,
+                              observe, defence)
     _save(population, context, request.mark, request.round, previous)
     extra = protocol.sparse_updates_record(sparse) if sparse else None
     if request.replay is not None:  # FRU's calibration round: the stored rows come along

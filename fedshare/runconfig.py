@@ -4,10 +4,10 @@ Run-config keys are those of ``[tool.flwr.app.config]`` in ``pyproject.toml``; d
 dataset and plan, app keys how the run is served, every other key is a :class:`FederatedConfig`
 field (dashes for underscores). ``family`` picks the model family; the sequence family reads the
 round schedule from the shared keys and the rest from its ``seq-`` keys
-(:class:`fedshare.sequences.config.SequenceConfig`). ``defence`` names the upload defences, joined
-with ``+`` (:func:`parse_defences`); ``secagg`` reads the ``secagg-`` keys
-(:class:`SecAggSettings`, :func:`secagg_settings`). Kept Flower-free (plain mappings) so it is
-tested directly.
+(:class:`fedshare.sequences.config.SequenceConfig`). ``defence`` names the upload defences,
+joined with ``+`` (:func:`fedshare.defences.parse_defences`, :func:`upload_defence`); ``secagg``
+reads the ``secagg-`` keys (:class:`SecAggSettings`, :func:`secagg_settings`). Kept
+Flower-free (plain mappings) so it is tested directly.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 from fedshare.data.device import DeviceData
 from fedshare.data.prepared import PreparedData, prepare
 from fedshare.data.sharing import SharingConfig
+from fedshare.defences import UploadDefence, parse_defences
 from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
 from fedshare.sequences.config import RUN_KEYS as SEQUENCE_RUN_KEYS
@@ -49,7 +50,7 @@ FAMILIES = ("lightgcn", "sequence")
 SEQUENCE_KEYS = ("family", *SEQUENCE_RUN_KEYS, *SEQUENCE_UNLEARNING_KEYS)
 SECAGG_KEYS = ("secagg-num-shares", "secagg-threshold", "secagg-clip",
                "secagg-quantization-bits", "secagg-modulus-bits")
-DEFENCE_KEYS = ("defence", *SECAGG_KEYS)
+DEFENCE_KEYS = ("defence", "decoy-rows", "ldp-clip", "ldp-noise", "ldp-delta", *SECAGG_KEYS)
 APP_KEYS = ("num-nodes", "out-dir", "audit-dir", "node-timeout", "round-timeout", *FRU_KEYS,
             "max-failed-fraction", "client-state-dir", "bind-users", *UNLEARN_KEYS,
             *REPLAY_KEYS, *SEQUENCE_KEYS, *DEFENCE_KEYS)
@@ -118,29 +119,37 @@ def replay_settings(run_config: Mapping[str, Any]) -> dict[str, float]:
                             "whole number") from None
 
 
-DEFENCES = ("secagg",)
-"""What ``defence`` may combine with ``+`` (``none``: no defence). ``secagg``: the server learns
-only the sum of each learning round's train replies (SecAgg+: :mod:`fedshare.secure_sum`,
-:mod:`strategies.secagg`, :mod:`clients.secagg`)."""
-DEFAULT_DEFENCE = "secagg"
+DEFAULT_DEFENCE = "secagg+hidden"
 """``defence`` in ``pyproject.toml`` (a test keeps them equal): a Flower run, simulated or
-deployed, sums securely unless told not to. The in-process engine has no wire and ignores it:
-it computes the plain sums, which SecAgg+ reproduces up to its quantisation."""
+deployed, sums securely (SecAgg+: :mod:`fedshare.secure_sum`, :mod:`strategies.secagg`,
+:mod:`clients.secagg`) and devices choose themselves whether they train (``hidden``), unless
+told otherwise: the default that ``fedshare privacy-audit`` found to hide local items
+(:mod:`fedshare.defences`). The in-process engine is the undefended research fast path: it
+applies a defence only when the run's settings name one."""
 
 
-def parse_defences(text: Any) -> tuple[str, ...]:
-    """``"secagg"`` -> ``("secagg",)``; ``"a+b"`` -> ``("a", "b")``; ``"none"`` or ``""``
-    -> ``()``. Unknown or repeated names are an error."""
-    names = tuple(name.strip() for name in str(text).split("+") if name.strip())
-    if names in ((), ("none",)):
-        return ()
-    unknown = [name for name in names if name not in DEFENCES]
-    if unknown:
-        raise FedShareError(f"unknown defence {unknown[0]!r}; combine with '+' any of "
-                            f"{', '.join(DEFENCES)}, or give 'none'")
-    if len(set(names)) != len(names):
-        raise FedShareError(f"defence {text!r} names one defence twice")
-    return names
+def upload_defence(run_config: Mapping[str, Any], default: str = DEFAULT_DEFENCE
+                   ) -> UploadDefence:
+    """The devices' upload defence (``defence``, ``decoy-rows``, ``ldp-clip``, ``ldp-noise``,
+    ``ldp-delta``; ``default`` when ``defence`` is absent).
+
+    ``hidden`` participation is refused with FRU and CUFRU: their histories record who
+    trained in each round, which the server no longer knows.
+    """
+    names = parse_defences(run_config.get("defence", default))
+    try:
+        defence = UploadDefence(names, int(run_config.get("decoy-rows", 0)),
+                                float(run_config.get("ldp-clip", 1.0)),
+                                float(run_config.get("ldp-noise", 1.0)),
+                                float(run_config.get("ldp-delta", 1e-5)))
+    except (TypeError, ValueError):
+        raise FedShareError("decoy-rows must be a whole number and ldp-clip, ldp-noise, "
+                            "ldp-delta numbers") from None
+    if defence.hidden and (unlearning_method(run_config) in ("fru", "cufru")
+                           or fru_settings(run_config) is not None):
+        raise FedShareError("defence=hidden keeps who trained from the server, which FRU's and "
+                            "CUFRU's histories record; drop hidden or choose another method")
+    return defence
 
 
 @dataclass(frozen=True)
@@ -249,6 +258,7 @@ class ServerSettings:
     method: str = "fedshare"
     replay: dict[str, float] | None = None
     secagg: SecAggSettings | None = None
+    defence: UploadDefence | None = None
 
     @classmethod
     def read(cls, run_config: Mapping[str, Any]) -> ServerSettings:
@@ -262,7 +272,7 @@ class ServerSettings:
                    # simulated nodes draw new ids every run: nothing to bind users to
                    bool(run_config.get("bind-users", True)), dict(run_config),
                    unlearning_method(run_config), replay_settings(run_config),
-                   secagg_settings(run_config))
+                   secagg_settings(run_config), upload_defence(run_config))
 
     def recorded(self) -> dict[str, Any]:
         """``config.json``: every federated setting, then the run config's other keys."""

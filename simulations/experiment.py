@@ -43,6 +43,7 @@ from fedshare.runconfig import (
     sequence_unlearning,
     unlearning_config,
     unlearning_method,
+    upload_defence,
 )
 from simulations.flower_runner import (
     STARTUP,
@@ -124,6 +125,7 @@ def resolve(path: str | Path | None, sets: Sequence[str] = (), name: str | None 
     fru_settings(run)  # FRU's settings: FruSettings validates them
     SecAggSettings.from_run_config(run)  # SecAgg+'s, and a defence named here
     secagg_settings(run, default="none")  # (the Flower default is checked before a run)
+    upload_defence(run, default="none")
     if model_family(run) == "sequence":
         sequence_config(run)  # the sequence family's settings: SequenceConfig validates them
         sequence_unlearning(run)  # and, with unlearn=true, SequenceUnlearning
@@ -154,6 +156,7 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
     unlearning_method(experiment.run), replay_settings(experiment.run)  # and bad settings
     if engine == "flower":  # and a Ray cluster named but not there
         secagg_settings(experiment.run)  # the default defence too: Flower applies it
+        upload_defence(experiment.run)
         check_ray_address(ray_address or os.environ.get("RAY_ADDRESS") or "local")
     if progress is not None:
         config = experiment.config
@@ -259,7 +262,10 @@ def _run_inprocess(run: dict[str, Any], out: Path,
     if replayed:
         recorders = (FruHistory(fru_settings(run) or FruSettings()),) if method == "fru" \
             else (TransferStation(),)
-    result = run_inprocess(data, config, report, recorders)
+    # the undefended fast path unless the run's settings name a defence (secagg changes
+    # nothing here: the engine sums in one step, which is all a secure sum reveals)
+    result = run_inprocess(data, config, report, recorders,
+                           defence=upload_defence(run, default="none"))
     assert result.federation is not None
     federation, valid, test, phase = result.federation, result.valid, result.test, None
     if unlearning is not None:  # the same method the Flower strategy runs

@@ -37,11 +37,9 @@ from fedshare.errors import FedShareError
 from fedshare.federated.config import FederatedConfig
 from fedshare.federated.traffic import table_bytes, update_bytes
 from fedshare.privacy.audit import AuditSetting, audit_setting, record_run, training_key
-from fedshare.runconfig import data_key, load_data
+from fedshare.runconfig import DEFAULT_DEFENCE, data_key, load_data
 from simulations.experiment import new_folder
 
-DEFAULT_DEFENCE = "secagg+hidden"
-"""The deployment and Flower simulation default (``defence`` in pyproject's run config)."""
 UNDEFENDED = "device"
 
 

@@ -56,13 +56,16 @@ class FedShareStrategy(Strategy):
         secagg: SecAgg+ settings: every train exchange (learning rounds and the unlearning
             phase's remaining-data rounds) is summed securely (:mod:`strategies.secagg`); the
             server then sees one summed update per round, never a node's own.
+        hidden: the ``hidden`` defence: every round asks every trainable user, and each
+            device decides itself whether it trains (:func:`fedshare.defences.self_sampled`),
+            so the server does not know whose update a sum holds.
     """
 
     def __init__(self, config: FederatedConfig, directory: Directory,
                  progress: Callable[[dict], None] | None = None, inbox: Inbox | None = None,
                  max_failed: float = 0.5, store: StateDB | None = None,
                  timeout: float = 3600.0, recorders: tuple[RoundRecorder, ...] = (),
-                 secagg: SecAggSettings | None = None) -> None:
+                 secagg: SecAggSettings | None = None, hidden: bool = False) -> None:
         self.config = config
         self.directory = directory
         self.server = Server(directory.shared, config)
@@ -84,6 +87,7 @@ class FedShareStrategy(Strategy):
         self.sampled: dict[int, list[int]] = {}  # node -> users asked to train, this round
         self.accepted: list[tuple[int, NodeUpdate, list]] = []  # node, update, sparse rows
         self.train_started = time.perf_counter()
+        self.hidden = hidden
         self.secure = None if secagg is None else SecureRounds(secagg, self.inbox, timeout,
                                                                config.seed)
 
@@ -116,13 +120,15 @@ class FedShareStrategy(Strategy):
 
     def train_messages(self, round_: int, grid: Grid, local_epochs: int | None = None
                        ) -> list[Message]:
-        """Sample round ``round_``'s users (Sec. IV-B1) and ask their nodes to train them.
+        """Sample round ``round_``'s users (Sec. IV-B1) and ask their nodes to train them
+        (with ``hidden``, ask every trainable user: the devices sample themselves).
 
         Nodes the SuperLink no longer lists as connected are not sent anything; they count
         as failed nodes of the round.
         """
         self.train_started = time.perf_counter()
-        users = sample_users(self.candidates, self.config.fraction, self.config.seed, round_)
+        users = self.candidates if self.hidden else sample_users(
+            self.candidates, self.config.fraction, self.config.seed, round_)
         self.sampled = {}
         for u in users:
             self.sampled.setdefault(self.user_node[int(u)], []).append(int(u))

@@ -117,7 +117,8 @@ def run(grid: Grid, settings: ServerSettings, directory: Directory, store: State
     strategy = FedShareStrategy(
         config, directory, lambda row: log(INFO, "%s %s", PROGRESS, progress_line(row)), inbox,
         settings.max_failed, store, settings.round_timeout,
-        recorders(settings.method, settings.run_config) if replayed else (), settings.secagg)
+        recorders(settings.method, settings.run_config) if replayed else (), settings.secagg,
+        settings.defence is not None and settings.defence.hidden)
     strategy.resume(store)
     write_json(settings.out_dir / "config.json", settings.recorded())
     strategy.validate_missed(grid)

@@ -26,6 +26,7 @@ from synthetic import tiny_prepared
 
 from clients import secagg
 from fedshare import protocol
+from fedshare.defences import UploadDefence, parse_defences
 from fedshare.errors import FedShareError
 from fedshare.federated.aggregation import aggregate
 from fedshare.federated.config import FederatedConfig
@@ -35,8 +36,8 @@ from fedshare.runconfig import (
     DEFAULT_DEFENCE,
     SECAGG_KEYS,
     SecAggSettings,
-    parse_defences,
     secagg_settings,
+    upload_defence,
 )
 from strategies.fedshare import FedShareStrategy
 
@@ -247,9 +248,10 @@ def test_readers_refuse_malformed_replies(read, content):
 # ------------------------------------------------------------------------ run config
 def test_defaults_match_pyproject():
     table = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
-    assert table["defence"] == DEFAULT_DEFENCE == "secagg"
+    assert table["defence"] == DEFAULT_DEFENCE == "secagg+hidden"
     assert {k: table[k] for k in SECAGG_KEYS} == SecAggSettings().to_run_config()
     assert secagg_settings(table) == SecAggSettings()
+    assert upload_defence(table) == UploadDefence(("secagg", "hidden"))
 
 
 def test_defence_parsing():
@@ -257,6 +259,11 @@ def test_defence_parsing():
     assert parse_defences(" secagg ") == ("secagg",)
     assert secagg_settings({"defence": "none", "unlearning": "cufru"}) is None
     assert secagg_settings({"unlearning": "cufru"}, default="none") is None
+    assert upload_defence({"defence": "non-marking", "decoy-rows": 64}).decoy_rows == 64
+    for bad in ({"defence": "hidden", "unlearning": "cufru"},
+                {"defence": "hidden", "fru-alpha": 0.5}, {"defence": "ldp", "ldp-clip": "x"}):
+        with pytest.raises(FedShareError):
+            upload_defence(bad)
 
 
 @pytest.mark.parametrize(("run_config", "match"), [
@@ -305,11 +312,14 @@ def test_a_flower_run_with_secagg_equals_the_inprocess_engine(tmp_path):
     settings = [f"prepared={folder}", "rounds=2", "eval-every=2", "fraction=0.5", "dim=8",
                 "server-steps=2", "local-epochs=2", "seed=0", "num-supernodes=5", "snapshots=2",
                 "unlearn=true", "unlearn-rounds=2", "unlearn-steps=2"]
-    out, summary = run_experiment(resolve(None, [*settings, "defence=secagg",
-                                                 f"audit-dir={audit}"], name="secagg"),
-                                  tmp_path / "runs", "flower")
-    ref, reference = run_experiment(resolve(None, settings, name="plain"), tmp_path / "runs",
-                                    "inprocess")
+    # every client-side defence path at once: devices sample themselves (hidden) and add LDP
+    # noise on their private streams, then the node's update is summed securely; the
+    # in-process engine applies the same defence and sums in the clear
+    defence = ["defence=secagg+hidden+ldp", "ldp-noise=0.01"]
+    out, summary = run_experiment(resolve(None, [*settings, *defence, f"audit-dir={audit}"],
+                                          name="secagg"), tmp_path / "runs", "flower")
+    ref, reference = run_experiment(resolve(None, [*settings, *defence], name="plain"),
+                                    tmp_path / "runs", "inprocess")
     table, expected = np.load(out / "item_table.npy"), np.load(ref / "item_table.npy")
     np.testing.assert_allclose(table, expected, atol=1e-5, rtol=0)
     for part in ("valid", "test"):
