@@ -62,6 +62,7 @@ SETTINGS: dict[str, SettingSpec] = {
     "non-marking": SettingSpec("non-marking", 1, note="full table, Gaussian decoy deltas"),
     "non-marking-256": SettingSpec("non-marking", 1, decoy_rows=256,
                                    note="256 rows, Gaussian decoy deltas"),
+    "ldp-0.03": SettingSpec("ldp", 1, ldp_noise=0.03, note="clip 1, noise std 0.06"),
     "ldp-0.1": SettingSpec("ldp", 1, ldp_noise=0.1, note="clip 1, noise std 0.2"),
     "ldp-1": SettingSpec("ldp", 1, ldp_noise=1.0, note="clip 1, noise std 2"),
 }

@@ -24,7 +24,13 @@ from fedshare.federated.config import FederatedConfig
 from fedshare.federated.inprocess import InProcessFederation, run_inprocess
 from fedshare.federated.population import ClientPopulation
 from fedshare.models.local import LocalTrainConfig
-from fedshare.privacy.attacks import LearnedAttack, disaggregation, features, single_scores
+from fedshare.privacy.attacks import (
+    LearnedAttack,
+    correlation,
+    disaggregation,
+    features,
+    single_scores,
+)
 from fedshare.privacy.audit import AuditSetting, audit_setting, training_key
 from fedshare.privacy.observations import single_replies
 from fedshare.privacy.scoring import auc, matched_negatives, popularity_bins, score_user
@@ -137,6 +143,21 @@ def test_disaggregation_isolates_a_consistent_contribution() -> None:
     assert all((s == 0).all() for s in none.values())
 
 
+def test_correlation_finds_a_heavy_contribution_without_participation() -> None:
+    """Hidden participation: the target's weight 50 lifts the round total and rows 0-2 in
+    the rounds it trains; the covariance with the total ranks those rows first."""
+    rng = np.random.default_rng(1)
+    rounds, items = 200, 30
+    took = torch.from_numpy(rng.random(rounds) < 0.3)
+    weights = torch.from_numpy(rng.poisson(20, (rounds, items))).float()
+    weights[took, :3] += 50
+    totals = torch.from_numpy(rng.normal(1000, 5, rounds)).float() + 50 * took
+    deltas = torch.from_numpy(rng.normal(size=(rounds, items, 4))).float()
+    deltas[took, :3] *= 4
+    for score in correlation(weights, deltas, totals).values():
+        assert set(torch.topk(score, 3).indices.tolist()) == {0, 1, 2}
+
+
 # ----------------------------------------------------------------------------- defences
 def test_parse_defences() -> None:
     assert parse_defences("none") == ()
@@ -226,6 +247,9 @@ def test_audit_fails_an_undefended_device_and_passes_a_secure_sum() -> None:
     s = secure.scores.groupby("attack")["auc"].mean()
     assert d.max() > 0.9, d
     assert {"disaggregation-weight", "disaggregation-delta"} <= set(s.index)
+    hidden = audit_setting(data, config, AuditSetting(
+        "secagg+hidden", UploadDefence(("secagg", "hidden")), 0), users=15)
+    assert {"correlation-weight", "correlation-delta"} <= set(hidden.scores["attack"])
     assert s[["touched", "row-weight", "delta-norm", "projection"]].max() < d.max()
     assert device.utility["test-hr@20"] == secure.utility["test-hr@20"]  # same training
     assert training_key(UploadDefence(("secagg",))) == training_key(UploadDefence())

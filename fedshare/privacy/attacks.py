@@ -17,7 +17,10 @@ Single-observation attacks read one reply or one secure sum (``delta`` ``[I, d]`
 ``disaggregation`` attacks a run of secure sums when the server knows who took part in each
 round: a row's mean over the rounds the target trained in minus its mean over the others
 isolates the target's (consistent) contribution: its local rows are in every one of its
-uploads.
+uploads. When participation is ``hidden`` the server has only the sums; ``correlation`` then
+looks for the target's rows through each round's total weight (which rises by the target's
+|D_u| in the rounds it trains): the covariance over rounds of the total weight with a row's
+weight, and with the norm of the row's delta.
 """
 
 from __future__ import annotations
@@ -103,3 +106,17 @@ def disaggregation(row_weights: Tensor, deltas: Tensor, took_part: np.ndarray
     weight = row_weights[mask].mean(0) - row_weights[~mask].mean(0)
     delta = (deltas[mask].mean(0) - deltas[~mask].mean(0)).norm(dim=1)
     return {"disaggregation-weight": weight, "disaggregation-delta": delta}
+
+
+def correlation(row_weights: Tensor, deltas: Tensor, totals: Tensor) -> dict[str, Tensor]:
+    """Covariance over rounds of each round's total weight ``[R]`` with every row's weight
+    ``[R, I]`` and delta norm (from ``[R, I, d]``): the multi-round attack without knowing
+    who took part."""
+    total = (totals - totals.mean()).double()
+
+    def cov(values: Tensor) -> Tensor:
+        centred = values.double() - values.double().mean(0)
+        return (total[:, None] * centred).mean(0).float()
+
+    return {"correlation-weight": cov(row_weights),
+            "correlation-delta": cov(deltas.norm(dim=2))}

@@ -15,7 +15,7 @@ For a setting (a defence and how many users one observed reply holds) the audit
 3. runs every attack of :mod:`fedshare.privacy.attacks` on it, the learned one trained on
    replies the server simulates from its own shared users (their shared items play local
    items; the server holds them), and the disaggregation attack on the recorded run when the
-   server knows participation;
+   server knows participation, or the correlation attack when it does not;
 4. scores each attack per audited user (:mod:`fedshare.privacy.scoring`).
 """
 
@@ -38,6 +38,7 @@ from fedshare.federated.rounds import sample_users
 from fedshare.privacy.attacks import (
     SINGLE,
     LearnedAttack,
+    correlation,
     disaggregation,
     features,
     single_scores,
@@ -88,11 +89,12 @@ class _Observer:
 @dataclass
 class RecordedRun:
     """A learning phase as a secure-aggregation server saw it: the federation after it, each
-    round's participants and sums (weighted delta, row weights), and the clients' mean
-    seconds per round (training and upload defences; the server's refinement excluded)."""
+    round's participants and sums (weighted delta, row weights, total weight), and the
+    clients' mean seconds per round (training and upload defences; the server's refinement
+    excluded)."""
 
     federation: InProcessFederation
-    sums: list[tuple[np.ndarray, Tensor, Tensor]]
+    sums: list[tuple[np.ndarray, Tensor, Tensor, float]]
     client_seconds: float
 
     @property
@@ -122,7 +124,7 @@ def record_run(data: PreparedData, config: FederatedConfig, defence: UploadDefen
         update = updates[0]
         sums.append((federation.round_users(round_),
                      (update.weight * (update.table - start)).float(),
-                     update.row_weight.float()))
+                     update.row_weight.float(), float(update.weight)))
         federation.learning(round_, updates, 0.0)
     return RecordedRun(federation, sums, seconds / config.rounds)
 
@@ -190,11 +192,15 @@ def audit_setting(data: PreparedData, config: FederatedConfig, setting: AuditSet
         y.append(torch.cat([torch.ones(len(mine)), torch.zeros(len(negatives))]))
     learned = LearnedAttack(torch.cat(x), torch.cat(y))
 
-    participation = None
-    if setting.group == 0 and not setting.defence.hidden:
-        took = np.stack([np.isin(audited, part) for part, _, _ in sums], 1)
-        participation = (took, torch.stack([s[2] for s in sums]),
-                         torch.stack([s[1] for s in sums]))
+    participation, correlated = None, {}
+    if setting.group == 0:
+        weights = torch.stack([s[2] for s in sums])
+        deltas = torch.stack([s[1] for s in sums])
+        if setting.defence.hidden:  # the server does not know who took part
+            correlated = correlation(weights, deltas, torch.tensor([s[3] for s in sums]))
+        else:
+            took = np.stack([np.isin(audited, s[0]) for s in sums], 1)
+            participation = (took, weights, deltas)
     out = []
     local_of, _ = population.user_items(audited)
     for k, user in enumerate(audited.tolist()):
@@ -204,6 +210,7 @@ def audit_setting(data: PreparedData, config: FederatedConfig, setting: AuditSet
         if participation is not None:
             took, weights, deltas = participation
             scores |= disaggregation(weights, deltas, took[k])
+        scores |= correlated
         mine = local_of[k]
         interacted = _interacted(data, user)
         negatives = matched_negatives(mine, interacted, bins, rng)
@@ -234,4 +241,5 @@ def _participations(federation: InProcessFederation, config: FederatedConfig, us
                                .tolist())) for r in range(1, config.rounds + 1))
 
 
-ATTACKS = (*SINGLE, "learned", "disaggregation-weight", "disaggregation-delta")
+ATTACKS = (*SINGLE, "learned", "disaggregation-weight", "disaggregation-delta",
+           "correlation-weight", "correlation-delta")
