@@ -136,6 +136,8 @@ def privacy_audit(config: FederatedConfig, run: dict, seeds: Sequence[int], name
     settings = {"seeds": list(seeds), "settings": list(names), "users": users,
                 "config": config.to_dict(), "data": {k: run.get(k) for k in ("dataset",
                                                                              "data-path")}}
+    for seed in seeds:  # bad data fail here, before any folder
+        load_data(data_key({**run, "split-seed": seed, "plan-seed": seed}, {}))
     if resume is not None:
         folder = Path(resume)
         kept = folder / "settings.json"

@@ -132,6 +132,13 @@ CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "feds
     ["run", "--set", "family=sequence", "--set", "unlearn=true", "--engine", "inprocess",
      "--out", "unused"],
     ["deploy", "--set", "family=sequence", "--dir", "unused"],
+    ["privacy-audit", "--settings", "device,nope", "--out", "unused"],
+    ["privacy-audit", "--users", "0", "--out", "unused"],
+    ["privacy-audit", "--resume", "unused"],
+    ["privacy-audit", "--set", "dataset=nope", "--out", "unused"],
+    ["run", "--set", "defence=secagg+nope", "--out", "unused"],
+    ["run", "--set", "defence=hidden", "--set", "unlearn=true", "--set", "unlearning=cufru",
+     "--set", "defence=hidden", "--out", "unused"],
 ], ids=["unknown-dataset", "split-sum", "split-len", "groups-sum", "partial-range",
         "missing-path", "prepare-unknown", "central-unknown", "deploy-no-device",
         "deploy-too-many", "deploy-unknown-key", "resume-no-store", "resume-and-config",
@@ -139,7 +146,9 @@ CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "feds
         "cau-unknown-method", "cau-batch-zero", "cau-resume-not-a-table",
         "sequence-unknown-backbone", "sequence-bad-server-lr", "sequence-missing-data",
         "unknown-family", "sequence-unknown-unlearning", "sequence-unlearning-batch-zero",
-        "sequence-unlearning-inprocess", "deploy-sequence"])
+        "sequence-unlearning-inprocess", "deploy-sequence", "privacy-unknown-setting",
+        "privacy-no-users", "privacy-resume-not-an-audit", "privacy-unknown-dataset",
+        "unknown-defence", "hidden-with-cufru"])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = _run(capsys, *argv)
