@@ -253,25 +253,44 @@ def to_markdown(table: pd.DataFrame, utilities: pd.DataFrame) -> str:
 
 
 def plot(strongest: pd.DataFrame, utilities: pd.DataFrame, path: Path) -> Path:
+    """Left: strongest attack AUC against test HR@20, one marker per setting. Right: the same
+    two figures as bars per setting (HR@20 as a share of the undefended run's), so settings
+    whose markers coincide on the left stay apart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    names = [n for n in utilities.index if n in strongest.index]
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 5.2),
+                                   gridspec_kw={"width_ratios": [1.25, 1]})
     markers = "osD^vP*Xh<>"
-    for k, (name, row) in enumerate(utilities.iterrows()):
-        if name not in strongest.index:
-            continue
-        ax.scatter(strongest.loc[name, "auc"], row["test-hr@20"], s=70,
-                   marker=markers[k % len(markers)], label=f"{name} "
-                   f"({strongest.loc[name, 'attack']})")
-    ax.axvline(0.6, color="grey", linestyle="--", linewidth=1)
-    ax.axvline(0.5, color="grey", linestyle=":", linewidth=1)
+    for k, name in enumerate(names):
+        ax.scatter(strongest.loc[name, "auc"], utilities.loc[name, "test-hr@20"], s=70,
+                   marker=markers[k % len(markers)], color=f"C{k}",
+                   label=f"{name} ({strongest.loc[name, 'attack']})")
+    if UNDEFENDED in utilities.index:
+        ax.axhline(0.97 * utilities.loc[UNDEFENDED, "test-hr@20"], color="grey",
+                   linestyle="-.", linewidth=1, label="97% of the undefended HR@20")
+    ax.axvline(0.6, color="grey", linestyle="--", linewidth=1, label="AUC 0.6")
+    ax.axvline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xlabel("strongest attack's AUC (local items vs popularity-matched negatives)")
     ax.set_ylabel("test HR@20")
-    ax.set_title("Privacy against utility per defence (mean over seeds)")
-    ax.legend(fontsize=8, loc="best")
+    ax.set_title("Privacy against utility (mean over seeds)")
+    ax.legend(fontsize=7, loc="best")
+    y = np.arange(len(names))
+    auc = [strongest.loc[n, "auc"] for n in names]
+    ratio = [utilities.loc[n, "hr-ratio"] if "hr-ratio" in utilities else np.nan
+             for n in names]
+    bars.barh(y - 0.2, auc, height=0.4, color="C3", label="strongest attack AUC")
+    bars.barh(y + 0.2, ratio, height=0.4, color="C0", label="HR@20 / undefended")
+    bars.axvline(0.6, color="C3", linestyle="--", linewidth=1)
+    bars.axvline(0.97, color="C0", linestyle="-.", linewidth=1)
+    bars.set_yticks(y, names, fontsize=8)
+    bars.invert_yaxis()
+    bars.set_xlim(0, 1.1)
+    bars.set_title("Per setting (lines: AUC 0.6, 97% HR@20)")
+    bars.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
