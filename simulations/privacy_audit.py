@@ -213,7 +213,8 @@ def report(folder: Path, names: Sequence[str]) -> dict:
     write_json(folder / "summary.json", summary)
     write_atomically(folder / "privacy_table.md",
                      lambda fh: fh.write(to_markdown(table, utilities)), "w")
-    plot(strongest, utilities, folder / "privacy_utility.png")
+    variant = json.loads((folder / "settings.json").read_text())["config"]["variant"]
+    plot(strongest, utilities, folder / "privacy_utility.png", variant)
     return summary
 
 
@@ -252,7 +253,8 @@ def to_markdown(table: pd.DataFrame, utilities: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(strongest: pd.DataFrame, utilities: pd.DataFrame, path: Path) -> Path:
+def plot(strongest: pd.DataFrame, utilities: pd.DataFrame, path: Path, variant: str = ""
+         ) -> Path:
     """Left: strongest attack AUC against test HR@20, one marker per setting. Right: the same
     two figures as bars per setting (HR@20 as a share of the undefended run's), so settings
     whose markers coincide on the left stay apart."""
@@ -276,7 +278,7 @@ def plot(strongest: pd.DataFrame, utilities: pd.DataFrame, path: Path) -> Path:
     ax.axvline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xlabel("strongest attack's AUC (local items vs popularity-matched negatives)")
     ax.set_ylabel("test HR@20")
-    ax.set_title("Privacy against utility (mean over seeds)")
+    ax.set_title(f"Privacy against utility, {variant} (mean over seeds)")
     ax.legend(fontsize=7, loc="best")
     y = np.arange(len(names))
     auc = [strongest.loc[n, "auc"] for n in names]
