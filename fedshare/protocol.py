@@ -623,12 +623,8 @@ def secagg_share_keys_reply(request: Message, sealed: Mapping[int, bytes]) -> Me
 def read_secagg_share_keys_reply(content: RecordDict, neighbours: Iterable[int]
                                  ) -> dict[int, bytes]:
     """The sealed share pairs of a node, by receiver; each receiver one of ``neighbours``."""
-    config = content[CONFIG]
-    destinations = _node_ids(config[DESTINATIONS])
-    ciphertexts = _secrets(config[CIPHERTEXTS], len(destinations))
-    if not set(destinations) <= set(neighbours):
-        raise ValueError("shares sealed to nodes that are no neighbours")
-    return dict(zip(destinations, ciphertexts, strict=True))
+    return _secrets_by_node(content, DESTINATIONS, CIPHERTEXTS, neighbours,
+                            "shares sealed to nodes that are no neighbours")
 
 
 def secagg_train_requests(round_: int, node_users: Mapping[int, list[int]], table: Tensor,
@@ -695,12 +691,19 @@ def secagg_unmask_reply(request: Message, shares: Mapping[int, bytes]) -> Messag
 
 def read_secagg_unmask_reply(content: RecordDict, asked: Iterable[int]) -> dict[int, bytes]:
     """The shares a survivor sent, by owner; each owner one of those it was ``asked`` for."""
+    return _secrets_by_node(content, OWNERS, SHARES, asked,
+                            "shares of nodes that were not asked for")
+
+
+def _secrets_by_node(content: RecordDict, ids_key: str, values_key: str,
+                     allowed: Iterable[int], refusal: str) -> dict[int, bytes]:
+    """A reply's byte strings keyed by node id, every id one of ``allowed``."""
     config = content[CONFIG]
-    owners = _node_ids(config[OWNERS])
-    shares = _secrets(config[SHARES], len(owners))
-    if not set(owners) <= set(asked):
-        raise ValueError("shares of nodes that were not asked for")
-    return dict(zip(owners, shares, strict=True))
+    nodes = _node_ids(config[ids_key])
+    values = _secrets(config[values_key], len(nodes))
+    if not set(nodes) <= set(allowed):
+        raise ValueError(refusal)
+    return dict(zip(nodes, values, strict=True))
 
 
 # ------------------------------------------------------------- sequence models (issue 17)

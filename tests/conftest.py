@@ -51,3 +51,14 @@ def pytest_xdist_make_scheduler(config, log):
             return "processes" if name in PROCESS_MODULES else module
 
     return ProcessesTogether(config, log)
+
+
+@pytest.fixture
+def flower_task_identity(monkeypatch):
+    """Flower stamps messages with the run and node of the process (set by a running app);
+    tests that build messages outside an app set them."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

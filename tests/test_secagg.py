@@ -21,7 +21,6 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.supercore.task_identity import TaskIdentity
 from synthetic import tiny_prepared
 
 from clients import secagg
@@ -46,12 +45,7 @@ NODES = [17, 2**40 + 1, 2**62 + 5, 2**63 + 7, 5]  # Flower's node ids are uint64
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
-@pytest.fixture(autouse=True)
-def _task(monkeypatch):
-    """Flower stamps messages with the run and node of the process (set by a running app)."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 class LocalGrid:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array
-from flwr.supercore.task_identity import TaskIdentity
 from synthetic import tiny_sequences
 
 from fedshare import protocol
@@ -31,12 +30,7 @@ from fedshare.sequences.federated import run_federated
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
-@pytest.fixture(autouse=True)
-def _task(monkeypatch):
-    """Flower stamps messages with the run and node of the process (set by a running app)."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _report(node: int, sessions: list[int], parts: list[int], weights: list[int],
