@@ -31,6 +31,7 @@ from fedshare.run_lease import RunLease, ensure_free
 from fedshare.runconfig import (
     APP_KEYS,
     DATA_KEYS,
+    DEFAULT_DEFENCE,
     SecAggSettings,
     data_key,
     federated_config,
@@ -160,8 +161,12 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
         check_ray_address(ray_address or os.environ.get("RAY_ADDRESS") or "local")
     if progress is not None:
         config = experiment.config
+        default = DEFAULT_DEFENCE if engine == "flower" else "none"
+        defence = experiment.run.get("defence", default) or "none"
         progress(f"run {experiment.name}: {config.variant}, {config.rounds} rounds, "
-                 f"{experiment.num_supernodes} nodes, engine {engine}")
+                 f"{experiment.num_supernodes} nodes, engine {engine}, uploads defended by "
+                 f"{defence}" + (" (the undefended research fast path)"
+                                 if engine == "inprocess" and defence == "none" else ""))
     out = resumed_folder(resume) if resume is not None else new_folder(out_root, experiment.name)
     run = {**experiment.run, "out-dir": str(out)}
     if engine == "flower" and not run.get("client-state-dir"):
