@@ -492,7 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--seeds", type=_seeds, default=(0, 1, 2),
                          help="split, plan and run seeds (default 0,1,2)")
     privacy.add_argument("--settings", type=_names, default=None,
-                         help="comma-separated subset of the settings (default all)")
+                         help="comma-separated settings (default all: device, cohort-10, "
+                         "secagg, secagg+hidden, non-marking, non-marking-256, ldp-0.03, "
+                         "ldp-0.1, ldp-1; cohort-K for any K >= 2)")
     privacy.add_argument("--resume", metavar="FOLDER", help="finish a stopped audit folder")
     privacy.add_argument("--out", default="runs")
     privacy.set_defaults(func=_cmd_privacy_audit)

@@ -68,18 +68,29 @@ SETTINGS: dict[str, SettingSpec] = {
 }
 
 
+def _spec(name: str) -> SettingSpec | None:
+    """A named setting, or ``cohort-K`` for any cohort size K >= 2."""
+    if name in SETTINGS:
+        return SETTINGS[name]
+    size = name.removeprefix("cohort-")
+    if name.startswith("cohort-") and size.isdigit() and int(size) >= 2:
+        return SettingSpec("none", int(size), note=f"a cohort node's reply: {size} users summed")
+    return None
+
+
 def check_settings(names: Sequence[str]) -> tuple[str, ...]:
-    unknown = [n for n in names if n not in SETTINGS]
+    unknown = [n for n in names if _spec(n) is None]
     if unknown:
         raise FedShareError(f"unknown setting {unknown[0]!r}; choose from "
-                            f"{', '.join(SETTINGS)}")
+                            f"{', '.join(SETTINGS)} or cohort-K (K >= 2)")
     if not names:
         raise FedShareError("no settings to audit")
     return tuple(names)
 
 
 def audit_settings(name: str) -> AuditSetting:
-    spec = SETTINGS[name]
+    spec = _spec(name)
+    assert spec is not None
     return AuditSetting(name, UploadDefence(parse_defences(spec.defence), spec.decoy_rows,
                                             spec.ldp_clip, spec.ldp_noise), spec.group)
 
@@ -204,7 +215,7 @@ def report(folder: Path, names: Sequence[str]) -> dict:
     utilities = utility_table(utility, names)
     write_atomically(folder / "utility.csv", lambda fh: utilities.to_csv(fh), "w")
     strongest = table[table["strongest"]].drop_duplicates("setting").set_index("setting")
-    summary = {"settings": {n: {**SETTINGS[n].__dict__} for n in names},
+    summary = {"settings": {n: {**vars(_spec(n))} for n in names},
                "strongest": {str(s): {"attack": row["attack"], "auc": row["auc"],
                                       "precision": row["precision"]}
                              for s, row in strongest.iterrows()},

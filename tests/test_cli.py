@@ -134,6 +134,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "feds
     ["deploy", "--set", "family=sequence", "--dir", "unused"],
     ["privacy-audit", "--settings", "device,nope", "--out", "unused"],
     ["privacy-audit", "--users", "0", "--out", "unused"],
+    ["privacy-audit", "--settings", "cohort-1", "--out", "unused"],
     ["privacy-audit", "--resume", "unused"],
     ["privacy-audit", "--set", "dataset=nope", "--out", "unused"],
     ["run", "--set", "defence=secagg+nope", "--out", "unused"],
@@ -147,8 +148,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "feds
         "sequence-unknown-backbone", "sequence-bad-server-lr", "sequence-missing-data",
         "unknown-family", "sequence-unknown-unlearning", "sequence-unlearning-batch-zero",
         "sequence-unlearning-inprocess", "deploy-sequence", "privacy-unknown-setting",
-        "privacy-no-users", "privacy-resume-not-an-audit", "privacy-unknown-dataset",
-        "unknown-defence", "hidden-with-cufru"])
+        "privacy-no-users", "privacy-cohort-of-one", "privacy-resume-not-an-audit",
+        "privacy-unknown-dataset", "unknown-defence", "hidden-with-cufru"])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = _run(capsys, *argv)

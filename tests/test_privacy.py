@@ -245,7 +245,8 @@ def test_audit_fails_an_undefended_device_and_passes_a_secure_sum() -> None:
         "secagg", UploadDefence(("secagg",)), 0), users=15)
     d = device.scores.groupby("attack")["auc"].mean()
     s = secure.scores.groupby("attack")["auc"].mean()
-    assert d.max() > 0.9, d
+    assert (d[["touched", "row-weight", "delta-norm", "projection", "learned"]] > 0.8).all(), d
+    assert d["learned"] > 0.95, d  # trained on the server's simulated shared users
     assert {"disaggregation-weight", "disaggregation-delta"} <= set(s.index)
     hidden = audit_setting(data, config, AuditSetting(
         "secagg+hidden", UploadDefence(("secagg", "hidden")), 0), users=15)

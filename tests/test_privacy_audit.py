@@ -15,7 +15,7 @@ def test_privacy_audit_writes_every_output_and_resumes(tmp_path, capsys):
     folder = tiny_prepared(num_users=60, num_items=120, seed=1).save(tmp_path / "tiny")
     argv = ["privacy-audit", "--set", f"prepared={folder}", "--set", "rounds=3", "--set",
             "dim=8", "--set", "fraction=0.5", "--set", "server-steps=1", "--users", "8",
-            "--seeds", "0", "--settings", "device,secagg,secagg+hidden,ldp-1",
+            "--seeds", "0", "--settings", "device,cohort-3,secagg,secagg+hidden,ldp-1",
             "--out", str(tmp_path / "runs")]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -26,7 +26,8 @@ def test_privacy_audit_writes_every_output_and_resumes(tmp_path, capsys):
     assert "| setting | attack |" in out
     summary = json.loads((saved / "summary.json").read_text())
     assert summary["targets"]["checked"] and summary["targets"]["default"] == "secagg+hidden"
-    assert set(summary["strongest"]) == {"device", "secagg", "secagg+hidden", "ldp-1"}
+    assert set(summary["strongest"]) == {"device", "cohort-3", "secagg", "secagg+hidden", "ldp-1"}
+    assert summary["settings"]["cohort-3"]["group"] == 3
     table = pd.read_csv(saved / "privacy_table.csv")
     assert table.groupby("setting")["strongest"].sum().ge(1).all()  # ties all marked
     utility = pd.read_csv(saved / "utility.csv", index_col=0)
