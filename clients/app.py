@@ -135,7 +135,7 @@ def _population(context: Context, mark: protocol.RunMark | None = None) -> Clien
     config = federated_config(context.run_config)
     users = node_users(context.node_config, data.num_users)
     population = ClientPopulation(data, users, config.dim, config.seed, shares=config.shares,
-                                  local=config.local)
+                                  local=config.local, pdc=config.pdc)
     if STATE in context.state:
         population.embeddings = torch.from_numpy(
             context.state[STATE]["user-embeddings"].numpy().copy())
@@ -156,7 +156,8 @@ def _save(population: ClientPopulation, context: Context, mark: protocol.RunMark
 
 @app.query("share")
 def share(msg: Message, context: Context) -> Message:
-    """Upload this node's I_share (and nothing of I_local) and describe its users."""
+    """Upload this node's I_share (and nothing of I_local) and describe its users; with
+    variant ``pdc-frs`` the items are perturbed here first (:mod:`fedshare.federated.pdc`)."""
     population = _population(context)
     users, items = population.shared_interactions()
     return protocol.share_reply(msg, population.users, population.local_count(population.users),

@@ -89,6 +89,9 @@ def unlearning_config(run_config: Mapping[str, Any]) -> UnlearningConfig | None:
     """The unlearning phase's settings, or ``None`` when the run has no unlearning phase."""
     if not bool(run_config.get("unlearn", False)):
         return None
+    if run_config.get("variant") == "pdc-frs":
+        raise FedShareError("variant pdc-frs has no unlearning phase: its server holds "
+                            "perturbed items, which unsharing requests cannot name")
     defaults = UnlearningConfig()
     values = {key.removeprefix("unlearn-").replace("-", "_"): run_config[key]
               for key in UNLEARN_KEYS[1:] if key in run_config}

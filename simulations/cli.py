@@ -186,6 +186,15 @@ def _cmd_learning_table(args: argparse.Namespace) -> None:
     print(f"saved in {folder}")
 
 
+def _cmd_pdc_sweep(args: argparse.Namespace) -> None:
+    from simulations.pdc_sweep import eps_sweep
+
+    folder, _ = eps_sweep(args.eps, args.seeds, args.set, args.out, args.workers,
+                          lambda line: print(line, file=sys.stderr, flush=True))
+    print((folder / "pdc_sweep.md").read_text())
+    print(f"saved in {folder} (plot: {folder / 'pdc_sweep.png'})")
+
+
 def _unlearning_config(args: argparse.Namespace) -> UnlearningConfig:
     from fedshare.unlearning.config import UnlearningConfig
 
@@ -421,6 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--workers", type=int, default=2, help="parallel in-process cells")
     table.add_argument("--out", default="runs")
     table.set_defaults(func=_cmd_learning_table)
+
+    sweep = commands.add_parser("pdc-sweep", help="PDC-FRS: utility against epsilon over seeds "
+                                "(in process)")
+    sweep.add_argument("--eps", type=_fractions, default=(0.1, 0.5, 1.0, 2.0, 5.0, 10.0),
+                       help="comma-separated epsilons per shared item (default "
+                       "0.1,0.5,1,2,5,10)")
+    sweep.add_argument("--seeds", type=_seeds, default=(0, 1, 2),
+                       help="model seeds (default 0,1,2)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a run setting of every cell, e.g. --set rounds=50")
+    sweep.add_argument("--workers", type=int, default=2, help="parallel runs (default 2)")
+    sweep.add_argument("--out", default="runs")
+    sweep.set_defaults(func=_cmd_pdc_sweep)
 
     unl = commands.add_parser("unlearning-table", help="unlearning methods over seeds")
     unl.add_argument("--seeds", type=_seeds, default=(0, 1, 2))

@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from fedshare.errors import FedShareError
+from fedshare.federated.pdc import PdcSettings
 from fedshare.models.local import LocalTrainConfig
 
-VARIANTS = ("fedshare", "wo-cl", "wo-bpr", "fedshare-fedavg", "no-sharing")
+VARIANTS = ("fedshare", "wo-cl", "wo-bpr", "fedshare-fedavg", "no-sharing", "pdc-frs")
 AGGREGATIONS = ("eq16", "touched")
 
 
@@ -24,7 +25,10 @@ class FederatedConfig:
     Args:
         variant: ``fedshare`` (Eq. 18), ``wo-cl`` (lambda1 = 0), ``wo-bpr`` (contrastive term
             only), ``fedshare-fedavg`` (the server is one more client holding D_s, averaged in by
-            |D_s|), ``no-sharing`` (every interaction stays local; no server training).
+            |D_s|), ``no-sharing`` (every interaction stays local; no server training),
+            ``pdc-frs`` (the PDC-FRS baseline: shared items perturbed on the device, the
+            server refines like ``wo-cl`` on them, users add augmented positives;
+            :mod:`fedshare.federated.pdc`).
         rounds: communication rounds T.
         fraction: fraction of users sampled per round (Sec. IV-B1).
         aggregation: ``eq16`` averages full tables (Eq. 16, literal); ``touched`` averages each
@@ -38,6 +42,10 @@ class FederatedConfig:
         num_layers: server LightGCN depth L.
         snapshots: M, how many past global tables the server keeps for unlearning.
         dim: embedding size d. seed: every draw. eval_every: validation period in rounds.
+        pdc_epsilon: PDC-FRS's epsilon per shared item (exponential mechanism); 1 by default,
+            the usual strong-privacy budget: one item's report changes the odds between any
+            two inputs at most e-fold (``fedshare pdc-sweep`` measures larger ones).
+        pdc_augment: PDC-FRS's extra positives per sampled user and round.
     """
 
     variant: str = "fedshare"
@@ -61,6 +69,9 @@ class FederatedConfig:
     dim: int = 32
     seed: int = 0
     eval_every: int = 10
+    # PDC-FRS (variant "pdc-frs"; fedshare/federated/pdc.py)
+    pdc_epsilon: float = 1.0
+    pdc_augment: int = 5
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -80,6 +91,7 @@ class FederatedConfig:
                 raise FedShareError(f"{name.replace('_', '-')} must be >= 0")
         if self.tau <= 0:
             raise FedShareError("tau must be > 0")
+        PdcSettings(self.pdc_epsilon, self.pdc_augment)  # checks them
 
     @property
     def local(self) -> LocalTrainConfig:
@@ -88,7 +100,7 @@ class FederatedConfig:
 
     @property
     def contrastive_weight(self) -> float:
-        return 0.0 if self.variant == "wo-cl" else self.lambda1
+        return 0.0 if self.variant in ("wo-cl", "pdc-frs") else self.lambda1
 
     @property
     def uses_bpr(self) -> bool:
@@ -97,6 +109,12 @@ class FederatedConfig:
     @property
     def shares(self) -> bool:
         return self.variant != "no-sharing"
+
+    @property
+    def pdc(self) -> PdcSettings | None:
+        """PDC-FRS's settings when the variant is ``pdc-frs``, else ``None``."""
+        return PdcSettings(self.pdc_epsilon, self.pdc_augment) \
+            if self.variant == "pdc-frs" else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,7 +135,9 @@ class FederatedConfig:
             default = getattr(defaults, name)
             exact_int = isinstance(default, int) and (
                 isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()))
-            if exact_int or (isinstance(default, str) and not isinstance(value, str)):
+            bool_number = isinstance(default, float) and isinstance(value, bool)
+            if exact_int or bool_number or (isinstance(default, str)
+                                            and not isinstance(value, str)):
                 raise FedShareError(f"setting {key!r} expects {type(default).__name__}, "
                                     f"got {value!r}")
             try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
 from fedshare.defences import UploadDefence, self_sampled
 from fedshare.federated.config import FederatedConfig
@@ -67,17 +68,21 @@ class InProcessFederation:
         self.defence = defence
         self.traffic = traffic
         self.config = config
+        self.population = ClientPopulation(data, np.arange(data.num_users), config.dim,
+                                           config.seed, shares=config.shares, local=config.local,
+                                           pdc=config.pdc)
         shared = data.plan.shared_data(data.split.train)
         if not config.shares:
             shared = shared.subset(np.zeros(len(shared), bool))
+        if config.pdc is not None:  # PDC-FRS: D_s is what the devices report, perturbed
+            shared = Interactions.from_arrays(*self.population.shared_interactions(),
+                                              data.num_users, data.num_items)
         self.ledger = StorageLedger()
         self.server = Server(shared, config, self.ledger)
         self.recorders = recorders
         self.histories: dict[str, RoundRecorder] = {}
         for recorder in recorders:
             recorder.begin(self.ledger, *self.server.checkpoint(), np.unique(shared.users))
-        self.population = ClientPopulation(data, np.arange(data.num_users), config.dim,
-                                           config.seed, shares=config.shares, local=config.local)
         for recorder in recorders:
             recorder.serving(self.population, config.seed)
         self.candidates = self.population.trainable()

@@ -24,6 +24,11 @@ history), recomputed whenever ranking vectors are needed, so it adds no client s
 run, the Flower ClientApp and the in-process engine all get the same vector, whichever node or
 cohort serves the user), and a user who then holds no data at all (it unshared everything) is a
 cold-start user ranked with its initial e_u.
+
+PDC-FRS (``pdc``, :mod:`fedshare.federated.pdc`): what sharing uploads is perturbed on the node
+(:meth:`ClientPopulation.shared_interactions`), so the real shared items never leave it, and a
+sampled user trains on its I_local plus the items the received table ranks highest for it
+(:meth:`ClientPopulation.augmented`), still weighing |I_local|.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from torch import Tensor
 from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
 from fedshare.defences import UploadDefence, defend_upload, device_generator
+from fedshare.federated.pdc import PdcSettings, perturb_shared
 from fedshare.metrics import Scorer, topk_sums
 from fedshare.models.local import (
     LocalTrainConfig,
@@ -93,10 +99,13 @@ class ClientPopulation:
         shares: ``False`` keeps every training interaction local (the no-sharing baseline).
         local: the run's local training, with which users with nothing local fit their user
             embedding for ranking (see the module docstring).
+        pdc: PDC-FRS's settings (variant ``pdc-frs``): shared items are perturbed before they
+            are uploaded and training adds augmented positives; ``None`` otherwise.
     """
 
     def __init__(self, data: PreparedData, users: np.ndarray, dim: int, seed: int,
-                 shares: bool = True, local: LocalTrainConfig | None = None) -> None:
+                 shares: bool = True, local: LocalTrainConfig | None = None,
+                 pdc: PdcSettings | None = None) -> None:
         self.users = np.asarray(users, dtype=np.int64)
         self.dim, self.seed = dim, seed
         self.local = LocalTrainConfig() if local is None else local
@@ -114,10 +123,21 @@ class ClientPopulation:
         self.train_data = train
         self.embeddings = initial_user_embeddings(self.users, self.num_users, dim, seed)
         self._row = {int(u): k for k, u in enumerate(self.users)}
+        self.pdc = pdc
+        self._reported: np.ndarray | None = None
 
     def shared_interactions(self) -> tuple[np.ndarray, np.ndarray]:
-        """(user, item) pairs of the served users' I_share: what sharing uploads (Eq. 7)."""
-        return self._shared_users.copy(), self._shared_items.copy()
+        """(user, item) pairs of the served users' I_share: what sharing uploads (Eq. 7).
+
+        With PDC-FRS each item is the exponential mechanism's report in place of the shared
+        one (:func:`fedshare.federated.pdc.perturb_shared`, drawn once per population)."""
+        if self.pdc is None:
+            return self._shared_users.copy(), self._shared_items.copy()
+        if self._reported is None:
+            self._reported = perturb_shared(self._shared_users, self._shared_items,
+                                            self._all_ptr, self._all_items, self.num_items,
+                                            self.pdc.epsilon, self.seed)
+        return self._shared_users.copy(), self._reported.copy()
 
     def local_count(self, users: np.ndarray) -> np.ndarray:
         users = np.asarray(users, dtype=np.int64)
@@ -161,12 +181,17 @@ class ClientPopulation:
         for lo in range(0, len(users), TRAIN_CHUNK):  # users are independent: any grouping
             part = users[lo:lo + TRAIN_CHUNK]
             rows = self._rows(part)
-            batch = UserBatch.from_lists(
-                part, [self._items(self._local_ptr, self._local_items, u) for u in part],
-                [self._items(self._all_ptr, self._all_items, u) for u in part], self.num_items)
+            positives = [self._items(self._local_ptr, self._local_items, u) for u in part]
+            known = [self._items(self._all_ptr, self._all_items, u) for u in part]
+            if self.pdc is not None and self.pdc.augment > 0:
+                extra = self.augmented(part, table, self.pdc.augment)
+                positives = [np.concatenate([p, e]) for p, e in zip(positives, extra,
+                                                                   strict=True)]
+                known = [np.concatenate([k, e]) for k, e in zip(known, extra, strict=True)]
+            batch = UserBatch.from_lists(part, positives, known, self.num_items)
             update = train_local(batch, table, self.embeddings[rows], config, seed, round_)
             self.embeddings[rows] = update.user_embeddings
-            weights = torch.from_numpy(batch.sizes).float()
+            weights = torch.from_numpy(self.local_count(part)).float()  # |I_local|
             if observe is not None:
                 observe(update, weights)
             if defence is not None and defence.rewrites_rows:
@@ -177,6 +202,25 @@ class ClientPopulation:
                 row_weight.index_add_(0, update.row_item, weights[update.row_user])
             total += float(weights.sum())
         return NodeUpdate(weighted / total, total, row_weight, len(users))
+
+    def augmented(self, users: np.ndarray, table: Tensor, k: int) -> list[np.ndarray]:
+        """PDC-FRS's augmentation: per user, the ``k`` items it does not hold that ``table``
+        ranks highest for it (its ranking: cosine with its ego-graph vector over its whole
+        history), best first.
+
+        Scores are float64 and ties go to the lower item id, so a user gets the same items
+        alone or in any cohort."""
+        users = np.asarray(users, dtype=np.int64)
+        vectors = F.normalize(self.user_vectors(users, table).double(), dim=-1)
+        scores = (vectors @ F.normalize(table.double(), dim=-1).T).numpy()
+        extra = []
+        for b, u in enumerate(users.tolist()):
+            held = self._items(self._all_ptr, self._all_items, u)
+            score = scores[b].copy()
+            score[held] = -np.inf
+            order = np.argsort(-score, kind="stable")[:min(k, self.num_items - len(held))]
+            extra.append(order.astype(np.int64))
+        return extra
 
     def _defended(self, update: LocalUpdate, table: Tensor, weights: Tensor,
                   defence: UploadDefence, seed: int, round_: int, row_weight: Tensor) -> Tensor:

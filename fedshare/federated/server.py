@@ -12,7 +12,8 @@ LightGCN (L = 3) embedding on G_s initialised from that table (Eq. 17, in-batch 
 Choices: BPR on G_s scores with cosine, like the clients (Eq. 15), because clients rank by cosine;
 the L2 term covers the rows of the current batches; the Adam state persists across rounds;
 ``fedshare-fedavg`` instead trains the same BPR alone from V_s and joins the average as one more
-client of weight |D_s|.
+client of weight |D_s|; ``pdc-frs`` refines like ``wo-cl`` on a D_s of perturbed items (its
+auxiliary model, :mod:`fedshare.federated.pdc`).
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ class Server:
     @property
     def refines(self) -> bool:
         """Whether a round ends with the refinement of Eq. 18."""
-        return self.config.variant in ("fedshare", "wo-cl", "wo-bpr") and self.trains_on_graph
+        return self.config.variant in ("fedshare", "wo-cl", "wo-bpr", "pdc-frs") \
+            and self.trains_on_graph
 
     def refine(self, aggregated: Tensor, round_: int, steps: int | None = None) -> Tensor:
         """Eq. 18 from ``aggregated`` for ``steps`` Adam steps (default: the configured ones)."""
