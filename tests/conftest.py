@@ -32,7 +32,7 @@ def offline(tmp_path, monkeypatch):
 PROCESS_MODULES = {
     "test_bench", "test_cli", "test_deployment", "test_experiment_config", "test_flower_app",
     "test_flower_replay", "test_flower_startup", "test_flower_unlearning", "test_kill_and_resume",
-    "test_ray_cluster", "test_run_lease", "test_secagg", "test_sequence_flower",
+    "test_pdc_frs", "test_ray_cluster", "test_run_lease", "test_secagg", "test_sequence_flower",
     "test_stopping_commands",
 }
 

@@ -154,8 +154,11 @@ def perturb_shared(users: np.ndarray, items: np.ndarray, held_ptr: np.ndarray,
     user ``u`` holds ``held_items[held_ptr[u]:held_ptr[u + 1]]``."""
     users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
     out = np.empty(len(items), np.int64)
-    for user in np.unique(users):
-        mine = np.flatnonzero(users == user)
+    order = np.argsort(users, kind="stable")
+    for mine in np.split(order, np.flatnonzero(np.diff(users[order])) + 1):
+        if len(mine) == 0:
+            continue
+        user = users[mine[0]]
         held = held_items[held_ptr[user]:held_ptr[user + 1]]
         out[mine] = perturb_user(int(user), items[mine], held, num_items, epsilon, seed)
     return out
