@@ -217,7 +217,7 @@ def _train(request: protocol.TrainRequest, context: Context
     settings = fru_settings(context.run_config)
     kept: dict[int, int] = {}
     sparse: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    sharers = set(population.shared_interactions()[0].tolist())
+    sharers = set(population.sharers().tolist())
 
     def keep_fru_rows(trained: LocalUpdate, weights: torch.Tensor) -> None:
         from fedshare.unlearning.fru_selection import stored_rows  # only FRU runs import it

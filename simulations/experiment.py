@@ -166,7 +166,9 @@ def run_experiment(experiment: Experiment, out_root: str | Path = "runs", engine
         progress(f"run {experiment.name}: {config.variant}, {config.rounds} rounds, "
                  f"{experiment.num_supernodes} nodes, engine {engine}, uploads defended by "
                  f"{defence}" + (" (the undefended research fast path)"
-                                 if engine == "inprocess" and defence == "none" else ""))
+                                 if engine == "inprocess" and defence == "none" else "")
+                 + (f"; shared items perturbed with epsilon {config.pdc_epsilon:g} each"
+                    if config.pdc is not None else ""))
     out = resumed_folder(resume) if resume is not None else new_folder(out_root, experiment.name)
     run = {**experiment.run, "out-dir": str(out)}
     if engine == "flower" and not run.get("client-state-dir"):

@@ -139,6 +139,10 @@ class ClientPopulation:
                                             self.pdc.epsilon, self.seed)
         return self._shared_users.copy(), self._reported.copy()
 
+    def sharers(self) -> np.ndarray:
+        """The served users who share something (without drawing PDC-FRS's reports)."""
+        return np.unique(self._shared_users)
+
     def local_count(self, users: np.ndarray) -> np.ndarray:
         users = np.asarray(users, dtype=np.int64)
         return self._local_ptr[users + 1] - self._local_ptr[users]
