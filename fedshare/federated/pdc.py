@@ -29,20 +29,26 @@ and the sensitivity is ``Delta = 1`` (the range of sim). Why this one:
   prepared plan or a device file, Amazon's catalogue has none);
 - it carries some signal where ids follow the order titles entered the catalogue: on ML-100K's
   training split, item pairs at most 4 ids apart are rated together 10.8 times on average
-  against 2.3 times for pairs over 600 apart (popularity falls with the id, correlation -0.63);
-  on Amazon's ASIN order it carries none, and the mechanism then only hides;
+  against 2.3 times for pairs over 600 apart (popularity falls with the id, correlation -0.63;
+  a check made once, offline: devices use nothing of it); on Amazon's ASIN order it carries
+  none, and the mechanism then only hides;
 - the logarithm makes it scale-free (no bandwidth to tune) and puts the mass on near neighbours
-  faster than a linear distance as eps grows; the co-occurrence above falls about linearly in
-  ``ln |i - j|``.
+  faster than a linear distance as eps grows (that co-occurrence falls roughly linearly in
+  ``ln |i - j|`` too). Over a large catalogue any Delta = 1 utility leaves small eps nearly
+  uniform: on ML-100K (1,682 items) 1.3% of the reports lie within 10 ids of the real item at
+  eps = 1 (1.0% at eps = 0.1, uniform: 1.2%), 13% at eps = 10 and 99% at eps = 100.
 
 **The guarantee.** For a fixed candidate set, any two input items i, i' give any output j
-probabilities within a factor ``exp(eps)`` (the exponential mechanism with Delta = 1): each
-shared item is eps-LDP, and a user sharing k items spends k * eps by basic composition
-(:func:`user_epsilon`). What the exclusion adds, and the plain mechanism would not reveal: the
-output is an item the user has not interacted with (negative information about one item per
-shared interaction). Draws come from a stream keyed by the run seed, as the other device-side
-defences' (:mod:`fedshare.defences`): reproducible in simulation; a deployment whose server knows
-the seed should key it with a device secret.
+probabilities within a factor ``exp(eps)`` (the exponential mechanism: the utility's
+sensitivity ``max_j |sim(i, j) - sim(i', j)|`` is at most Delta = 1): each shared item is
+eps-LDP, and a user sharing k items spends k * eps by (adaptive) basic composition
+(:func:`user_epsilon`); the default eps = 1 is the usual strong-privacy setting per item (the
+odds between any two real items move at most e-fold), ``fedshare pdc-sweep`` measures others.
+What the exclusion adds, and the plain mechanism would not reveal: the output is an item the
+user has not interacted with (negative information about one item per shared interaction).
+Draws come from a stream keyed by the run seed, as the other device-side defences'
+(:mod:`fedshare.defences`): reproducible in simulation; a deployment whose server knows the
+seed should key it with a device secret.
 
 **The auxiliary model, on the server** (:mod:`fedshare.federated.server`): LightGCN (L layers)
 trained with cosine BPR on the graph of the perturbed D_s, refining the aggregated table every
