@@ -14,8 +14,9 @@ from fedshare.errors import FedShareError
 from fedshare.federated.pdc import PdcSettings
 from fedshare.models.local import LocalTrainConfig
 
-VARIANTS = ("fedshare", "wo-cl", "wo-bpr", "fedshare-fedavg", "no-sharing", "pdc-frs")
+VARIANTS = ("fedshare", "wo-cl", "wo-bpr", "fedshare-fedavg", "no-sharing")
 AGGREGATIONS = ("eq16", "touched")
+VARIANTS += ("pdc-frs",)  # learning baseline (fedshare.federated.pdc)
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,7 @@ class FederatedConfig:
     Args:
         variant: ``fedshare`` (Eq. 18), ``wo-cl`` (lambda1 = 0), ``wo-bpr`` (contrastive term
             only), ``fedshare-fedavg`` (the server is one more client holding D_s, averaged in by
-            |D_s|), ``no-sharing`` (every interaction stays local; no server training),
-            ``pdc-frs`` (the PDC-FRS baseline: shared items perturbed on the device, the
-            server refines like ``wo-cl`` on them, users add augmented positives;
-            :mod:`fedshare.federated.pdc`).
+            |D_s|), ``no-sharing`` (every interaction stays local; no server training).
         rounds: communication rounds T.
         fraction: fraction of users sampled per round (Sec. IV-B1).
         aggregation: ``eq16`` averages full tables (Eq. 16, literal); ``touched`` averages each
@@ -41,11 +39,13 @@ class FederatedConfig:
         tau: InfoNCE temperature (Eq. 17). lambda1: weight of InfoNCE. reg: lambda of Eq. 18.
         num_layers: server LightGCN depth L.
         snapshots: M, how many past global tables the server keeps for unlearning.
+        pdc_epsilon, pdc_augment: variant ``pdc-frs``, the PDC-FRS baseline
+            (:mod:`fedshare.federated.pdc`): shared items are perturbed on the device by the
+            exponential mechanism with epsilon ``pdc_epsilon`` per item (1 by default, the
+            usual strong-privacy budget: a report moves the odds between any two real items at
+            most e-fold; ``fedshare pdc-sweep`` measures others), the server refines like
+            ``wo-cl`` on them, and each sampled user adds ``pdc_augment`` positives.
         dim: embedding size d. seed: every draw. eval_every: validation period in rounds.
-        pdc_epsilon: PDC-FRS's epsilon per shared item (exponential mechanism); 1 by default,
-            the usual strong-privacy budget: one item's report changes the odds between any
-            two inputs at most e-fold (``fedshare pdc-sweep`` measures larger ones).
-        pdc_augment: PDC-FRS's extra positives per sampled user and round.
     """
 
     variant: str = "fedshare"
@@ -66,12 +66,11 @@ class FederatedConfig:
     reg: float = 1e-4
     num_layers: int = 3
     snapshots: int = 5
+    pdc_epsilon: float = 1.0  # PDC-FRS (variant "pdc-frs"; fedshare/federated/pdc.py)
+    pdc_augment: int = 5
     dim: int = 32
     seed: int = 0
     eval_every: int = 10
-    # PDC-FRS (variant "pdc-frs"; fedshare/federated/pdc.py)
-    pdc_epsilon: float = 1.0
-    pdc_augment: int = 5
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -89,9 +88,9 @@ class FederatedConfig:
         for name in ("server_steps", "local_batch_size", "snapshots", "num_layers"):
             if getattr(self, name) < 0:
                 raise FedShareError(f"{name.replace('_', '-')} must be >= 0")
+        PdcSettings(self.pdc_epsilon, self.pdc_augment)  # checks them
         if self.tau <= 0:
             raise FedShareError("tau must be > 0")
-        PdcSettings(self.pdc_epsilon, self.pdc_augment)  # checks them
 
     @property
     def local(self) -> LocalTrainConfig:

@@ -12,8 +12,7 @@ LightGCN (L = 3) embedding on G_s initialised from that table (Eq. 17, in-batch 
 Choices: BPR on G_s scores with cosine, like the clients (Eq. 15), because clients rank by cosine;
 the L2 term covers the rows of the current batches; the Adam state persists across rounds;
 ``fedshare-fedavg`` instead trains the same BPR alone from V_s and joins the average as one more
-client of weight |D_s|; ``pdc-frs`` refines like ``wo-cl`` on a D_s of perturbed items (its
-auxiliary model, :mod:`fedshare.federated.pdc`).
+client of weight |D_s|.
 """
 
 from __future__ import annotations
