@@ -189,8 +189,9 @@ def _cmd_learning_table(args: argparse.Namespace) -> None:
 def _cmd_pdc_sweep(args: argparse.Namespace) -> None:
     from simulations.pdc_sweep import eps_sweep
 
+    references = () if args.references in ((), ("none",)) else args.references
     folder, _ = eps_sweep(args.eps, args.seeds, args.set, args.out, args.workers,
-                          lambda line: print(line, file=sys.stderr, flush=True))
+                          lambda line: print(line, file=sys.stderr, flush=True), references)
     print((folder / "pdc_sweep.md").read_text())
     print(f"saved in {folder} (plot: {folder / 'pdc_sweep.png'})")
 
@@ -440,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model seeds (default 0,1,2)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a run setting of every cell, e.g. --set rounds=50")
+    sweep.add_argument("--references", type=_names, default=("no-sharing", "wo-cl"),
+                       help="variants run with the same seeds and drawn as bands (default "
+                       "no-sharing,wo-cl; 'none' for none)")
     sweep.add_argument("--workers", type=int, default=2, help="parallel runs (default 2)")
     sweep.add_argument("--out", default="runs")
     sweep.set_defaults(func=_cmd_pdc_sweep)

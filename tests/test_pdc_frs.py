@@ -189,16 +189,21 @@ def test_training_adds_the_augmented_items_but_weighs_only_local_data(data):
 
 
 # ---------------------------------------------------------------- on the server
-def test_the_auxiliary_model_is_the_wo_cl_refinement_on_the_reports(data):
+@pytest.mark.parametrize("weight", [1.0, 0.25])
+def test_the_auxiliary_model_is_the_wo_cl_refinement_on_the_reports_weighted(data, weight):
+    """V_s = agg + weight * (wo-cl's refinement of agg on the reports - agg)."""
     population = _population(data, np.arange(NUM_USERS))
     reports = Interactions.from_arrays(*population.shared_interactions(), NUM_USERS, NUM_ITEMS)
     start = torch.randn(NUM_ITEMS, DIM, generator=torch.Generator().manual_seed(5))
-    servers = [Server(reports, FederatedConfig(variant=v, dim=DIM, server_steps=3))
-               for v in ("pdc-frs", "wo-cl")]
-    assert servers[0].refines and servers[0].config.contrastive_weight == 0.0
-    tables = [s.finish_round(start, 1) for s in servers]
-    torch.testing.assert_close(tables[0], tables[1], atol=0, rtol=0)
-    assert not torch.equal(tables[0], start)
+    pdc = Server(reports, FederatedConfig(variant="pdc-frs", dim=DIM, server_steps=3,
+                                          pdc_weight=weight))
+    wo_cl = Server(reports, FederatedConfig(variant="wo-cl", dim=DIM, server_steps=3))
+    assert pdc.refines and pdc.config.contrastive_weight == 0.0
+    for round_ in (1, 2):  # the auxiliary model's own state (user rows, Adam) carries on
+        refined = wo_cl.finish_round(start, round_)
+        torch.testing.assert_close(pdc.finish_round(start, round_),
+                                   start + weight * (refined - start), atol=1e-7, rtol=0)
+    assert not torch.equal(refined, start)
 
 
 def test_an_inprocess_run_trains_on_the_reports_and_scores(data):
@@ -244,12 +249,13 @@ def test_a_bad_epsilon_on_the_command_line(text, capsys):
 
 
 def test_other_bad_pdc_settings():
-    for mapping in ({"pdc-augment": -1}, {"pdc-augment": 1.5}):
-        with pytest.raises(FedShareError, match="pdc-augment"):
+    for mapping in ({"pdc-augment": -1}, {"pdc-augment": 1.5}, {"pdc-weight": -0.1},
+                    {"pdc-weight": 1.5}, {"pdc-weight": True}, {"pdc-weight": "x"}):
+        with pytest.raises(FedShareError, match=next(iter(mapping))):
             FederatedConfig.from_mapping(mapping)
     assert FederatedConfig.from_mapping({"pdc-epsilon": 2}).pdc_epsilon == 2.0
     assert FederatedConfig(variant="fedshare").pdc is None
-    assert FederatedConfig(variant="pdc-frs").pdc == PdcSettings(1.0, 5)
+    assert FederatedConfig(variant="pdc-frs").pdc == PdcSettings(1.0, 5, 0.01)
     with pytest.raises(FedShareError, match="no unlearning phase"):
         unlearning_config({"variant": "pdc-frs", "unlearn": True})
 
@@ -257,7 +263,7 @@ def test_other_bad_pdc_settings():
 @pytest.mark.parametrize("args", [
     ["--eps", "0,1"], ["--eps", "1,x"], ["--eps", "-1"], ["--eps", "1,1"], ["--seeds", "a"],
     ["--set", "pdc-epsilon=2"], ["--set", "variant=fedshare"], ["--workers", "0"],
-    ["--set", "rounds=0"]])
+    ["--set", "rounds=0"], ["--references", "fedprox"], ["--references", "pdc-frs"]])
 def test_bad_sweep_input_is_a_one_line_error(args, capsys, tmp_path):
     assert main(["pdc-sweep", *args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -271,7 +277,7 @@ def test_the_sweep_writes_its_table_and_plot(data, tmp_path):
     sets = [f"prepared={folder}", "rounds=2", "eval-every=2", f"fraction={FRACTION}",
             f"dim={DIM}", "server-steps=2", "local-epochs=1"]
     out, stats = pdc_sweep.eps_sweep([0.5, 50.0], [0], sets, tmp_path / "runs", workers=1,
-                                     progress=lambda line: None)
+                                     progress=lambda line: None, references=("no-sharing",))
     rows = pd.read_csv(out / "pdc_sweep.csv")
     assert rows[["eps", "seed"]].values.tolist() == [[0.5, 0], [50.0, 0]]
     assert rows["test_hr@20"].between(0, 1).all() and rows["test_ndcg@20"].between(0, 1).all()
@@ -281,6 +287,9 @@ def test_the_sweep_writes_its_table_and_plot(data, tmp_path):
     assert (out / "pdc_sweep.png").stat().st_size > 0
     assert list(stats.index) == [0.5, 50.0]
     assert "| 0.5 |" in (out / "pdc_sweep.md").read_text()
+    references = pd.read_csv(out / "references.csv")
+    assert references[["variant", "seed"]].values.tolist() == [["no-sharing", 0]]
+    assert "| reference: no-sharing |" in (out / "pdc_sweep.md").read_text()
     # every run is the in-process run of its epsilon
     single = run_experiment(resolve(pdc_sweep.CONFIG, [*sets, "pdc-epsilon=0.5", "seed=0"]),
                             tmp_path / "single", "inprocess")[1]

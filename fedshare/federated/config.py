@@ -68,6 +68,7 @@ class FederatedConfig:
     snapshots: int = 5
     pdc_epsilon: float = 1.0  # PDC-FRS (variant "pdc-frs"; fedshare/federated/pdc.py)
     pdc_augment: int = 5
+    pdc_weight: float = 0.01
     dim: int = 32
     seed: int = 0
     eval_every: int = 10
@@ -88,7 +89,7 @@ class FederatedConfig:
         for name in ("server_steps", "local_batch_size", "snapshots", "num_layers"):
             if getattr(self, name) < 0:
                 raise FedShareError(f"{name.replace('_', '-')} must be >= 0")
-        PdcSettings(self.pdc_epsilon, self.pdc_augment)  # checks them
+        PdcSettings(self.pdc_epsilon, self.pdc_augment, self.pdc_weight)  # checks them
         if self.tau <= 0:
             raise FedShareError("tau must be > 0")
 
@@ -112,7 +113,7 @@ class FederatedConfig:
     @property
     def pdc(self) -> PdcSettings | None:
         """PDC-FRS's settings when the variant is ``pdc-frs``, else ``None``."""
-        return PdcSettings(self.pdc_epsilon, self.pdc_augment) \
+        return PdcSettings(self.pdc_epsilon, self.pdc_augment, self.pdc_weight) \
             if self.variant == "pdc-frs" else None
 
     def to_dict(self) -> dict[str, Any]:

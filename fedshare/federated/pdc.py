@@ -79,15 +79,19 @@ SENSITIVITY = 1.0
 
 @dataclass(frozen=True)
 class PdcSettings:
-    """The PDC-FRS settings of a run (run-config keys ``pdc-epsilon``, ``pdc-augment``).
+    """The PDC-FRS settings of a run (run-config keys ``pdc-epsilon``, ``pdc-augment``,
+    ``pdc-weight``).
 
     Args:
         epsilon: the exponential mechanism's epsilon per shared item.
         augment: extra positives a sampled user adds to its local training each round.
+        weight: the share of the auxiliary model's step that enters the global table,
+            ``V_s = agg + weight * (refined - agg)``.
     """
 
     epsilon: float = 1.0
     augment: int = 5
+    weight: float = 0.01
 
     def __post_init__(self) -> None:
         if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, int | float) or not (
@@ -97,6 +101,9 @@ class PdcSettings:
                 or self.augment < 0:
             raise FedShareError(f"pdc-augment must be a whole number >= 0, got "
                                 f"{self.augment!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, int | float) \
+                or not 0.0 <= self.weight <= 1.0:
+            raise FedShareError(f"pdc-weight must be a number in [0, 1], got {self.weight!r}")
 
 
 def similarity(item: int | np.ndarray, candidates: np.ndarray, num_items: int) -> np.ndarray:

@@ -142,7 +142,11 @@ class Server:
         """Eq. 18 from ``aggregated`` for ``steps`` Adam steps (default: the configured ones)."""
         if not self.refines:
             return aggregated.clone()
-        return self._train_on_graph(aggregated, round_, contrastive=True, steps=steps)
+        refined = self._train_on_graph(aggregated, round_, contrastive=True, steps=steps)
+        pdc = self.config.pdc
+        if pdc is not None:  # PDC-FRS: the auxiliary model's step enters with its weight
+            refined = aggregated + pdc.weight * (refined - aggregated)
+        return refined
 
     def initial_state(self) -> tuple[Tensor, Tensor]:
         """V_s and the user embeddings as they were before round 1, regenerated from the seed
