@@ -39,12 +39,13 @@ class FederatedConfig:
         tau: InfoNCE temperature (Eq. 17). lambda1: weight of InfoNCE. reg: lambda of Eq. 18.
         num_layers: server LightGCN depth L.
         snapshots: M, how many past global tables the server keeps for unlearning.
-        pdc_epsilon, pdc_augment: variant ``pdc-frs``, the PDC-FRS baseline
+        pdc_epsilon, pdc_augment, pdc_weight: variant ``pdc-frs``, the PDC-FRS baseline
             (:mod:`fedshare.federated.pdc`): shared items are perturbed on the device by the
             exponential mechanism with epsilon ``pdc_epsilon`` per item (1 by default, the
             usual strong-privacy budget: a report moves the odds between any two real items at
             most e-fold; ``fedshare pdc-sweep`` measures others), the server refines like
-            ``wo-cl`` on them, and each sampled user adds ``pdc_augment`` positives.
+            ``wo-cl`` on them and adds ``pdc_weight`` of that step to the aggregate, and each
+            sampled user adds ``pdc_augment`` positives.
         dim: embedding size d. seed: every draw. eval_every: validation period in rounds.
     """
 
