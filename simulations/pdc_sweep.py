@@ -45,6 +45,9 @@ from simulations.processes import worker_pool
 CONFIG = Path(__file__).parent / "configs" / "pdc-frs.toml"
 EPSILONS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 REFERENCES = ("no-sharing", "wo-cl")
+LABELS = {"no-sharing": "no-sharing: nothing shared",
+          "wo-cl": "wo-cl: the same server training on the real shared items"}
+"""How the plot names a reference variant (others by their name)."""
 NEIGHBOURS = 10
 """Half-width of the catalogue window of :func:`leakage`'s ``neighbour_rate``."""
 
@@ -168,7 +171,8 @@ def plot(stats: pd.DataFrame, path: Path, references: pd.DataFrame | None = None
         refs = references if references is not None else pd.DataFrame()
         for k, (name, row) in enumerate(refs.iterrows(), 1):
             mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
-            ax.axhline(mean, color=f"C{k}", linestyle="--", linewidth=1, label=name)
+            ax.axhline(mean, color=f"C{k}", linestyle="--", linewidth=1,
+                       label=LABELS.get(str(name), str(name)))
             ax.axhspan(mean - std, mean + std, color=f"C{k}", alpha=0.12)
         ax.legend(fontsize=8, loc="best")
         ax.set_xscale("log")
