@@ -7,12 +7,14 @@ the mended graph. The paper has no public code and FedShare describes the step i
 spec adds: drop uploaded edges ("impairing"), train a link predictor to recover them, add
 predicted missing edges before propagation. This module is that procedure, as interpreted here:
 
-1. **Impair.** Drop ``round(drop * |D_s|)`` edges of D_s (at most ``|D_s| - 1``): those whose
-   seeded hash ``counter_uniform(seed, MEND_KEY, user * |I| + item)`` is smallest. The hash is a
-   function of the edge and the seed alone, so D_s's order does not matter and unsharing one
-   edge leaves the fate of every other edge unchanged.
+1. **Impair.** Drop ``drop * |D_s|`` edges of D_s (rounded half up, at most ``|D_s| - 1``):
+   those whose seeded hash ``counter_uniform(seed, MEND_KEY, user * |I| + item)`` is smallest.
+   The hash is a function of the edge and the seed alone, so D_s's order does not matter and
+   after unsharing the remaining edges keep their places in the same ranking.
 2. **Fit.** A link predictor trains on the kept edges (:class:`LightGCNLinkPredictor` by
-   default; any :class:`LinkPredictor` can be injected).
+   default; any :class:`LinkPredictor` can be injected); the dropped edges are its held-out
+   targets, the usual link-prediction split (PyG's ``RandomLinkSplit`` makes the same one).
+   Training on the dropped edges instead would leave nothing to measure the predictor on.
 3. **Check.** The selection rule of step 4, applied to the impaired graph, adds edges back;
    the dropped ones among them are *recovered* (recall = recovered / dropped, precision =
    recovered / added to the impaired graph). ``pair_accuracy``: the share of dropped edges
