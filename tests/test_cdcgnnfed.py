@@ -201,6 +201,11 @@ def test_inprocess_run_trains_and_scores():
     assert torch.isfinite(result.table).all()
     plain = run_inprocess(data, _config(variant="fedshare"))
     assert not torch.equal(result.table, plain.table)  # the mended graph changed the model
+    # with nothing added, CDCGNNFed is FedShare: the mending is the only difference
+    unmended = run_inprocess(data, _config(mend_ratio=0.0))
+    assert unmended.federation.server.mending.stats.added == 0
+    torch.testing.assert_close(unmended.table, plain.table, atol=0, rtol=0)
+    assert unmended.test == plain.test
 
 
 # ------------------------------------------------------------------ bad settings
