@@ -2,7 +2,8 @@
 
 Rows: FedShare with the settings chosen on validation, FedShare as the paper writes it
 (faithful: Eq. 16 over full tables, one local epoch), its ablations w/o CL and w/o BPR,
-FedShare-FedAvg, no-sharing FedAvg (tuned and faithful), and beside them the centralised
+FedShare-FedAvg, no-sharing FedAvg (tuned and faithful), the CDCGNNFed baseline (graph mending,
+:mod:`fedshare.federated.graph_mending`), and beside them the centralised
 LightGCN and popularity. Cells are mean ± std of test HR@20 / NDCG@20 over the seeds (the model
 seed; the split and sharing plan stay those of seed 0, as in the paper's setting). Saved as
 ``learning_table.csv`` (one row per method and seed), ``learning_table.md`` and
@@ -34,6 +35,7 @@ METHODS = (
     ("FedShare-FedAvg", "fedshare-fedavg"),
     ("No-sharing FedAvg", "no-sharing"),
     ("No-sharing FedAvg (faithful Eq. 16)", "no-sharing-faithful"),
+    ("CDCGNNFed", "cdcgnnfed"),
 )
 
 
