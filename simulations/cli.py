@@ -180,9 +180,25 @@ def _seeds(text: str) -> tuple[int, ...]:
 def _cmd_learning_table(args: argparse.Namespace) -> None:
     from simulations.learning_table import learning_table, to_markdown
 
+    chosen = None
+    if args.settings:
+        from simulations.tune_learning import load_chosen
+
+        chosen = load_chosen(args.settings)
     folder, stats = learning_table(args.seeds, args.set, args.engine, args.out, args.workers,
-                                   lambda line: print(line, file=sys.stderr, flush=True))
+                                   lambda line: print(line, file=sys.stderr, flush=True),
+                                   chosen)
     print(to_markdown(stats))
+    print(f"saved in {folder}")
+
+
+def _cmd_tune_learning(args: argparse.Namespace) -> None:
+    from simulations.tune_learning import GRIDS, tune_learning
+
+    folder, record = tune_learning(args.plans, args.budget, args.grids or GRIDS, args.set,
+                                   args.out, lambda line: print(line, file=sys.stderr,
+                                                                flush=True))
+    print(json.dumps({m: v["settings"] for m, v in record["methods"].items()}, indent=2))
     print(f"saved in {folder}")
 
 
@@ -429,8 +445,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a run setting for every federated cell")
     table.add_argument("--engine", choices=("flower", "inprocess"), default="inprocess")
     table.add_argument("--workers", type=int, default=2, help="parallel in-process cells")
+    table.add_argument("--settings", metavar="CHOSEN_JSON",
+                       help="the chosen.json of fedshare tune-learning: each tuned method runs "
+                       "at its chosen settings")
     table.add_argument("--out", default="runs")
     table.set_defaults(func=_cmd_learning_table)
+
+    tune_l = commands.add_parser("tune-learning", help="choose the learning methods' settings "
+                                 "on validation, on tuning plans, same budget each")
+    tune_l.add_argument("--plans", type=_plans, default=[(100, 100), (101, 101)],
+                        metavar="SPLIT:PLAN,...", help="tuning plans (default 100:100,101:101); "
+                        "the reported plan 0:0 is refused")
+    tune_l.add_argument("--budget", type=int, default=6,
+                        help="candidate settings per method, the same for all (default 6)")
+    tune_l.add_argument("--grids", help="TOML of the candidate settings (default "
+                        "simulations/learning_grids.toml)")
+    tune_l.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of every run (e.g. rounds=50)")
+    tune_l.add_argument("--out", default="runs")
+    tune_l.set_defaults(func=_cmd_tune_learning)
+
 
     sweep = commands.add_parser("pdc-sweep", help="PDC-FRS: utility against epsilon over seeds "
                                 "(in process)")

@@ -291,6 +291,7 @@ def _run_inprocess(run: dict[str, Any], out: Path,
     summary = RunSummary(config.variant, config.rounds, "inprocess", valid, test, result.seconds,
                          int(data.plan.shared.sum()) if config.shares else 0,
                          server.snapshot_bytes(), len(server.snapshots),
-                         federation.ledger.held(kind=FRU_CLIENT), phase=phase).to_dict()
+                         federation.ledger.held(kind=FRU_CLIENT), phase=phase,
+                         mending=server.mending_stats()).to_dict()
     write_json(out / "summary.json", summary)
     return summary

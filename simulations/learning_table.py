@@ -2,7 +2,8 @@
 
 Rows: FedShare with the settings chosen on validation, FedShare as the paper writes it
 (faithful: Eq. 16 over full tables, one local epoch), its ablations w/o CL and w/o BPR,
-FedShare-FedAvg, no-sharing FedAvg (tuned and faithful), and beside them the centralised
+FedShare-FedAvg, no-sharing FedAvg (tuned and faithful), the CDCGNNFed baseline (graph mending,
+:mod:`fedshare.federated.graph_mending`), and beside them the centralised
 LightGCN and popularity. Cells are mean ± std of test HR@20 / NDCG@20 over the seeds (the model
 seed; the split and sharing plan stay those of seed 0, as in the paper's setting). Saved as
 ``learning_table.csv`` (one row per method and seed), ``learning_table.md`` and
@@ -14,7 +15,7 @@ checks the two engines give the same model); ``--engine flower`` runs every cell
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +35,7 @@ METHODS = (
     ("FedShare-FedAvg", "fedshare-fedavg"),
     ("No-sharing FedAvg", "no-sharing"),
     ("No-sharing FedAvg (faithful Eq. 16)", "no-sharing-faithful"),
+    ("CDCGNNFed", "cdcgnnfed"),
 )
 
 
@@ -80,13 +82,20 @@ def to_markdown(stats: pd.DataFrame) -> str:
 
 def learning_table(seeds: Sequence[int] = (0, 1, 2), sets: Sequence[str] = (),
                    engine: str = "inprocess", out: str | Path = "runs", workers: int = 2,
-                   progress: Callable[[str], None] = print) -> tuple[Path, pd.DataFrame]:
-    """Run every cell, write the table files, return the folder and the summary frame."""
+                   progress: Callable[[str], None] = print,
+                   chosen: Mapping[str, Sequence[str]] | None = None
+                   ) -> tuple[Path, pd.DataFrame]:
+    """Run every cell, write the table files, return the folder and the summary frame.
+
+    ``chosen``: per config name, the ``--set`` list of its settings chosen by
+    ``fedshare tune-learning`` (on plans this table does not report), applied after ``sets``.
+    """
+    chosen = chosen or {}
     experiment = resolve(CONFIGS / "fedshare.toml", list(sets))  # validates --set early
     key = data_key(experiment.run, {})
     load_data(key)  # and the data, before any folder is made
     with leased_folder(out, "learning-table") as folder:
-        federated = [(label, name, s, list(sets), engine, folder / "runs")
+        federated = [(label, name, s, [*sets, *chosen.get(name, ())], engine, folder / "runs")
                      for label, name in METHODS for s in seeds]
         central = [(model, s, key) for model in ("lightgcn", "popularity") for s in seeds]
         rows: list[dict] = []

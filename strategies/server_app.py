@@ -138,7 +138,7 @@ def run(grid: Grid, settings: ServerSettings, directory: Directory, store: State
                          scores["test"], 0.0, len(directory.shared), server.snapshot_bytes(),
                          len(server.snapshots), server.ledger.held(kind=FRU_CLIENT),
                          rejected_replies=strategy.rejected, resumed_from_round=resumed,
-                         phase=phase)
+                         phase=phase, mending=server.mending_stats())
     return summary, strategy
 
 

@@ -30,6 +30,7 @@ def offline(tmp_path, monkeypatch):
 # ports, Ray or the cores' time-outs (and a test's check for leftover processes sees only its
 # own), while the other worker runs the in-process tests, a module at a time.
 PROCESS_MODULES = {
+    "test_cdcgnnfed",
     "test_bench", "test_cli", "test_deployment", "test_experiment_config", "test_flower_app",
     "test_flower_replay", "test_flower_startup", "test_flower_unlearning", "test_kill_and_resume",
     "test_pdc_frs", "test_ray_cluster", "test_run_lease", "test_secagg", "test_sequence_flower",

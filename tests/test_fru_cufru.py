@@ -484,9 +484,9 @@ def spy_training(monkeypatch) -> tuple[list, list]:
     trained, refined = [], []
     train, refine = ClientPopulation.train, Server.refine
 
-    def train_spy(self, users, table, config, seed, round_, observe=None):
+    def train_spy(self, users, table, config, seed, round_, *args, **kwargs):
         trained.append((round_, config.epochs, tuple(np.asarray(users).tolist())))
-        return train(self, users, table, config, seed, round_, observe)
+        return train(self, users, table, config, seed, round_, *args, **kwargs)
 
     def refine_spy(self, aggregated, round_, steps=None):
         refined.append((round_, steps))

@@ -614,9 +614,9 @@ def test_client_training_calls(data, learned, monkeypatch, method, rounds_traine
     calls = []
     original = ClientPopulation.train
 
-    def counting(self, users, table, config, seed, round_, observe=None):
+    def counting(self, users, table, config, seed, round_, *args, **kwargs):
         calls.append(round_)
-        return original(self, users, table, config, seed, round_, observe)
+        return original(self, users, table, config, seed, round_, *args, **kwargs)
 
     monkeypatch.setattr(ClientPopulation, "train", counting)
     phase.unlearn(federation, data, method, UNLEARNING, CONFIG.rounds)

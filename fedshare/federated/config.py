@@ -15,6 +15,7 @@ from fedshare.federated.pdc import PdcSettings
 from fedshare.models.local import LocalTrainConfig
 
 VARIANTS = ("fedshare", "wo-cl", "wo-bpr", "fedshare-fedavg", "no-sharing")
+VARIANTS += ("cdcgnnfed",)  # learning baseline (fedshare.federated.graph_mending)
 AGGREGATIONS = ("eq16", "touched")
 VARIANTS += ("pdc-frs",)  # learning baseline (fedshare.federated.pdc)
 
@@ -26,7 +27,9 @@ class FederatedConfig:
     Args:
         variant: ``fedshare`` (Eq. 18), ``wo-cl`` (lambda1 = 0), ``wo-bpr`` (contrastive term
             only), ``fedshare-fedavg`` (the server is one more client holding D_s, averaged in by
-            |D_s|), ``no-sharing`` (every interaction stays local; no server training).
+            |D_s|), ``no-sharing`` (every interaction stays local; no server training),
+            ``cdcgnnfed`` (Eq. 18 on G_s mended by predicted edges,
+            :mod:`fedshare.federated.graph_mending`).
         rounds: communication rounds T.
         fraction: fraction of users sampled per round (Sec. IV-B1).
         aggregation: ``eq16`` averages full tables (Eq. 16, literal); ``touched`` averages each
@@ -47,6 +50,9 @@ class FederatedConfig:
             ``wo-cl`` on them and adds ``pdc_weight`` of that step to the aggregate, and each
             sampled user adds ``pdc_augment`` positives.
         dim: embedding size d. seed: every draw. eval_every: validation period in rounds.
+        mend_drop, mend_threshold, mend_ratio, mend_epochs: CDCGNNFed's graph mending
+            (:class:`fedshare.federated.graph_mending.MendSettings`); other variants ignore
+            them.
     """
 
     variant: str = "fedshare"
@@ -73,6 +79,10 @@ class FederatedConfig:
     dim: int = 32
     seed: int = 0
     eval_every: int = 10
+    mend_drop: float = 0.1
+    mend_threshold: float = 0.9
+    mend_ratio: float = 0.1
+    mend_epochs: int = 20
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -93,6 +103,19 @@ class FederatedConfig:
         PdcSettings(self.pdc_epsilon, self.pdc_augment, self.pdc_weight)  # checks them
         if self.tau <= 0:
             raise FedShareError("tau must be > 0")
+        self._check_mending()
+
+    def _check_mending(self) -> None:
+        """CDCGNNFed's settings (checked for every variant: a typo fails early)."""
+        if not 0.0 <= self.mend_drop < 1.0:
+            raise FedShareError(f"mend-drop must lie in [0, 1), got {self.mend_drop}")
+        if not 0.0 < self.mend_threshold < 1.0:
+            raise FedShareError(f"mend-threshold must lie in (0, 1), got {self.mend_threshold}")
+        if not 0.0 <= self.mend_ratio < float("inf"):
+            raise FedShareError(f"mend-ratio must be a finite number >= 0, got "
+                                f"{self.mend_ratio}")
+        if self.mend_epochs < 1:
+            raise FedShareError("mend-epochs must be >= 1")
 
     @property
     def local(self) -> LocalTrainConfig:

@@ -12,7 +12,9 @@ LightGCN (L = 3) embedding on G_s initialised from that table (Eq. 17, in-batch 
 Choices: BPR on G_s scores with cosine, like the clients (Eq. 15), because clients rank by cosine;
 the L2 term covers the rows of the current batches; the Adam state persists across rounds;
 ``fedshare-fedavg`` instead trains the same BPR alone from V_s and joins the average as one more
-client of weight |D_s|.
+client of weight |D_s|. ``cdcgnnfed`` runs the same refinement on G_s mended by predicted edges
+(:mod:`fedshare.federated.graph_mending`): propagation, BPR's positives and the edges its
+negatives avoid are the mended graph's; D_s itself (``shared``) stays what was uploaded.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor
 from fedshare.data.interactions import Interactions
 from fedshare.federated.aggregation import aggregate
 from fedshare.federated.config import FederatedConfig
+from fedshare.federated.graph_mending import Mending, MendSettings, mend
 from fedshare.federated.population import NodeUpdate
 from fedshare.graph import BipartiteGraph
 from fedshare.loss_kernels import cosine_bpr_loss
@@ -66,11 +69,25 @@ class Server:
         shared = Interactions.from_arrays(keys // shared.num_items, keys % shared.num_items,
                                           shared.num_users, shared.num_items)
         self.shared = shared
-        self.graph = BipartiteGraph(shared) if len(shared) and self.config.shares else None
-        self._edges_u, self._edges_i = shared.users, shared.items
+        edges = self.mended(shared)
+        self.graph = BipartiteGraph(edges) if len(shared) and self.config.shares else None
+        self._edges_u, self._edges_i = edges.users, edges.items
         self._known = np.unique(self._edges_u * shared.num_items + self._edges_i)
         # items with an edge in G_s: the rows InfoNCE (Eq. 17) and L_CU (Eq. 25) range over
         self.graph_items = torch.from_numpy(np.flatnonzero(shared.item_degrees() > 0))
+
+    def mended(self, shared: Interactions) -> Interactions:
+        """The edges of G_s: D_s, plus CDCGNNFed's predicted edges (mended afresh from this
+        D_s, so after unsharing none derives from unshared data)."""
+        self.mending: Mending | None = None
+        if self.config.variant == "cdcgnnfed" and len(shared):
+            self.mending = mend(shared, MendSettings.from_config(self.config))
+            return self.mending.edges
+        return shared
+
+    def mending_stats(self) -> dict[str, float | None] | None:
+        """What the last mending did (``None``: no mending), for ``summary.json``."""
+        return None if self.mending is None else self.mending.stats.to_dict()
 
     @property
     def trains_on_graph(self) -> bool:
@@ -135,7 +152,7 @@ class Server:
     @property
     def refines(self) -> bool:
         """Whether a round ends with the refinement of Eq. 18."""
-        return self.config.variant in ("fedshare", "wo-cl", "wo-bpr", "pdc-frs") \
+        return self.config.variant in ("fedshare", "wo-cl", "wo-bpr", "cdcgnnfed", "pdc-frs") \
             and self.trains_on_graph
 
     def refine(self, aggregated: Tensor, round_: int, steps: int | None = None) -> Tensor:

@@ -48,6 +48,8 @@ class RunSummary:
     rejected_replies: list[dict] = field(default_factory=list)
     resumed_from_round: int = 0
     phase: PhaseSummary | None = None
+    # CDCGNNFed's graph mending of the server's current D_s (graph_mending.MendStats), else None
+    mending: dict | None = None
 
     def to_dict(self) -> dict:
         summary = asdict(self)
