@@ -35,6 +35,7 @@ METHODS = (
     ("FedShare-FedAvg", "fedshare-fedavg"),
     ("No-sharing FedAvg", "no-sharing"),
     ("No-sharing FedAvg (faithful Eq. 16)", "no-sharing-faithful"),
+    ("PDC-FRS", "pdc-frs"),
     ("CDCGNNFed", "cdcgnnfed"),
 )
 
