@@ -179,12 +179,10 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def _cmd_learning_table(args: argparse.Namespace) -> None:
     from simulations.learning_table import learning_table, to_markdown
+    from simulations.tune_learning import CHOSEN, load_chosen
 
-    chosen = None
-    if args.settings:
-        from simulations.tune_learning import load_chosen
-
-        chosen = load_chosen(args.settings)
+    settings = args.settings or (CHOSEN if CHOSEN.exists() else None)
+    chosen = None if args.settings == "none" or settings is None else load_chosen(settings)
     folder, stats = learning_table(args.seeds, args.set, args.engine, args.out, args.workers,
                                    lambda line: print(line, file=sys.stderr, flush=True),
                                    chosen)
@@ -447,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--workers", type=int, default=2, help="parallel in-process cells")
     table.add_argument("--settings", metavar="CHOSEN_JSON",
                        help="the chosen.json of fedshare tune-learning: each tuned method runs "
-                       "at its chosen settings")
+                       "at its chosen settings (default simulations/learning_chosen.json, the "
+                       "committed result; 'none': every method at its config's defaults)")
     table.add_argument("--out", default="runs")
     table.set_defaults(func=_cmd_learning_table)
 

@@ -17,7 +17,8 @@ Every run is the in-process engine from the method's config (``simulations/confi
 with the candidate's run-config keys over it. The command writes a leased folder with
 ``tuning.csv`` and ``chosen.json`` (per method: the chosen keys, the grid, the mean scores, the
 budget and the tuning plans with their identity); ``fedshare learning-table --settings
-chosen.json`` reports every tuned method at its chosen settings.
+chosen.json`` reports every tuned method at its chosen settings, and without ``--settings`` it
+applies :data:`CHOSEN`, the committed result of the default tuning.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from simulations.plans import fresh_plan, label, plan_of
 
 CONFIGS = Path(__file__).parent / "configs"
 GRIDS = Path(__file__).parent / "learning_grids.toml"
+CHOSEN = Path(__file__).parent / "learning_chosen.json"
+"""The committed ``chosen.json`` of the default tuning: ``fedshare learning-table`` applies it
+unless told otherwise, so the table is one command."""
 TUNING_PLANS = ((100, 100), (101, 101))
 REPORTED_PLAN = (0, 0)
 BUDGET = 6
