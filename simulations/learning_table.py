@@ -2,10 +2,12 @@
 
 Rows: FedShare with the settings chosen on validation, FedShare as the paper writes it
 (faithful: Eq. 16 over full tables, one local epoch), its ablations w/o CL and w/o BPR,
-FedShare-FedAvg, no-sharing FedAvg (tuned and faithful), the CDCGNNFed baseline (graph mending,
-:mod:`fedshare.federated.graph_mending`), and beside them the centralised
-LightGCN and popularity. Cells are mean ± std of test HR@20 / NDCG@20 over the seeds (the model
-seed; the split and sharing plan stay those of seed 0, as in the paper's setting). Saved as
+FedShare-FedAvg, no-sharing FedAvg (tuned and faithful), the learning baselines PDC-FRS and
+CDCGNNFed (issue 18), and beside them the centralised LightGCN and popularity. The tuned methods
+run at the settings ``fedshare tune-learning`` chose on other plans
+(:data:`simulations.tune_learning.CHOSEN` by default). Cells are mean ± std of test HR@20 /
+NDCG@20 over the seeds (the model seed; the split and sharing plan stay those of seed 0, as in
+the paper's setting). Saved as
 ``learning_table.csv`` (one row per method and seed), ``learning_table.md`` and
 ``learning_table_summary.csv`` in the output folder.
 
