@@ -23,7 +23,6 @@ applies :data:`CHOSEN`, the committed result of the default tuning.
 
 from __future__ import annotations
 
-import itertools
 import json
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from fedshare.errors import FedShareError
 from fedshare.federated.inprocess import run_inprocess
 from simulations.experiment import leased_folder, resolve
 from simulations.plans import fresh_plan, label, plan_of
+from simulations.tuning import first_entries
 
 CONFIGS = Path(__file__).parent / "configs"
 GRIDS = Path(__file__).parent / "learning_grids.toml"
@@ -74,12 +74,7 @@ def candidates(grids: Mapping[str, Mapping[str, Sequence]], budget: int = BUDGET
         raise FedShareError(f"the budget must be >= 1, got {budget}")
     out = {}
     for method, axes in grids.items():
-        grid = [dict(zip(axes, values, strict=True))
-                for values in itertools.product(*axes.values())]
-        if len(grid) < budget:
-            raise FedShareError(f"{method}'s grid has {len(grid)} entries, fewer than the "
-                                f"budget {budget}: every method gets the same budget")
-        out[method] = grid[:budget]
+        out[method] = first_entries(method, axes, budget)
         for entry in out[method]:
             _experiment(method, entry, sets)
     return out

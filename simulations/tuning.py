@@ -110,6 +110,16 @@ def load_grids(path: str | Path = GRIDS) -> dict[str, dict[str, list]]:
     return table
 
 
+def first_entries(method: str, axes: Mapping[str, Sequence], budget: int) -> list[dict]:
+    """The first ``budget`` entries of ``method``'s grid (the product of its axes, the first
+    axis slowest); a grid shorter than the budget is refused: every method gets the same."""
+    grid = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    if len(grid) < budget:
+        raise FedShareError(f"{method}'s grid has {len(grid)} entries, fewer than the "
+                            f"budget {budget}: every method gets the same budget")
+    return grid[:budget]
+
+
 def candidates(grids: Mapping[str, Mapping[str, Sequence]], budget: int = BUDGET
                ) -> dict[str, list[dict]]:
     """The first ``budget`` entries of every method's grid (the product of its axes, the first
@@ -118,13 +128,7 @@ def candidates(grids: Mapping[str, Mapping[str, Sequence]], budget: int = BUDGET
         raise FedShareError(f"the budget must be >= 1, got {budget}")
     out = {}
     for method in TUNED:
-        axes = grids[method]
-        grid = [dict(zip(axes, values, strict=True))
-                for values in itertools.product(*axes.values())]
-        if len(grid) < budget:
-            raise FedShareError(f"{method}'s grid has {len(grid)} entries, fewer than the "
-                                f"budget {budget}: every method gets the same budget")
-        out[method] = grid[:budget]
+        out[method] = first_entries(method, grids[method], budget)
         for settings in out[method]:
             method_configs(method, settings, UnlearningConfig())
     return out

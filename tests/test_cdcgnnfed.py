@@ -4,8 +4,6 @@ in-process engine, and bad ``mend-*`` settings."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -244,7 +242,7 @@ def test_predictor_needs_fitting():
 # ------------------------------------------------------------------ Flower = in process
 def test_flower_run_equals_the_inprocess_engine(tmp_path):
     """One Flower simulation (2 SuperNodes, plain replies) against the in-process engine."""
-    from test_flower_app import _stop_orphans, _superlinks
+    from test_flower_app import _superlinks, assert_superlinks_gone
 
     before = _superlinks()
     folder = tiny_prepared().save(tmp_path / "tiny")
@@ -258,12 +256,7 @@ def test_flower_run_equals_the_inprocess_engine(tmp_path):
         local_out, local = run_experiment(resolve(None, settings, name="local"),
                                           tmp_path / "runs", "inprocess")
     finally:
-        deadline = time.monotonic() + 20
-        while set(_superlinks()) - set(before) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = {pid: cmd for pid, cmd in _superlinks().items() if pid not in before}
-        _stop_orphans(set(left))
-        assert not left, f"flower-superlink processes left running: {left}"
+        assert_superlinks_gone(before)
     assert flower["variant"] == local["variant"] == "cdcgnnfed"
     np.testing.assert_allclose(np.load(flower_out / "item_table.npy"),
                                np.load(local_out / "item_table.npy"), atol=1e-5, rtol=0)

@@ -59,6 +59,17 @@ def _stop_orphans(pids: set[int]) -> None:
                 os.kill(pid, signal.SIGTERM)
 
 
+def assert_superlinks_gone(before: dict[int, str]) -> None:
+    """After a Flower run: wait up to 20 s for the SuperLinks it started to stop, clean up any
+    left, then report them (``before``: the SuperLinks running before the run)."""
+    deadline = time.monotonic() + 20
+    while set(_superlinks()) - set(before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = {pid: cmd for pid, cmd in _superlinks().items() if pid not in before}
+    _stop_orphans(set(left))  # clean up, then report what run_flower left behind
+    assert not left, f"flower-superlink processes left running: {left}"
+
+
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
     prepared = tiny_prepared()
@@ -90,12 +101,7 @@ def runs(tmp_path_factory, data):
         }
         yield {**results, "audit": audit}
     finally:
-        deadline = time.monotonic() + 20
-        while set(_superlinks()) - set(before) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = {pid: cmd for pid, cmd in _superlinks().items() if pid not in before}
-        _stop_orphans(set(left))  # clean up, then report what run_flower left behind
-        assert not left, f"flower-superlink processes left running: {left}"
+        assert_superlinks_gone(before)
 
 
 def _table(runs, name: str) -> np.ndarray:

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from synthetic import tiny_prepared
-from test_flower_app import _audit, _stop_orphans, _superlinks
+from test_flower_app import _audit, _superlinks, assert_superlinks_gone
 
 from fedshare.data.interactions import Interactions
 from fedshare.data.prepared import PreparedData
@@ -319,12 +319,7 @@ def flower_runs(tmp_path_factory, data):
         results["inprocess"] = run_experiment(inprocess, root / "runs", "inprocess")
         yield {**results, "audit": audit}
     finally:
-        deadline = time.monotonic() + 20
-        while set(_superlinks()) - set(before) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = {pid: cmd for pid, cmd in _superlinks().items() if pid not in before}
-        _stop_orphans(set(left))
-        assert not left, f"flower-superlink processes left running: {left}"
+        assert_superlinks_gone(before)
 
 
 def test_flower_equals_the_inprocess_engine(flower_runs):

@@ -32,14 +32,13 @@ averaged step is near 0 takes a step of up to about lr whose sign follows that r
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from synthetic import tiny_sequences
-from test_flower_app import _stop_orphans, _superlinks
+from test_flower_app import _superlinks, assert_superlinks_gone
 
 from fedshare.federated.rounds import sample_users
 from fedshare.runconfig import sequence_unlearning
@@ -85,12 +84,7 @@ def runs(tmp_path_factory, data):
                                             name=name), root / "runs", engine)
                for name, (nodes, engine, own) in RUNS.items()}
     finally:
-        deadline = time.monotonic() + 20
-        while set(_superlinks()) - set(before) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = {pid: cmd for pid, cmd in _superlinks().items() if pid not in before}
-        _stop_orphans(set(left))
-        assert not left, f"flower-superlink processes left running: {left}"
+        assert_superlinks_gone(before)
 
 
 def _same_run(runs, a: str, b: str) -> None:
