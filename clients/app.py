@@ -21,6 +21,7 @@ message types (``query.sequence_devices``, ``train.sequence``, ``evaluate.sequen
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import replace
 from logging import WARNING
 from pathlib import Path
@@ -38,6 +39,7 @@ from fedshare.defences import self_sampled
 from fedshare.federated.population import ClientPopulation, NodeUpdate
 from fedshare.models.local import LocalUpdate
 from fedshare.runconfig import (
+    DEVICE_FILE,
     data_key,
     federated_config,
     fru_settings,
@@ -54,6 +56,7 @@ app = ClientApp()
 STATE = "fedshare-client"  # the users' embeddings now
 HISTORY = "fedshare-history"  # round -> the embeddings before this node trained in it
 UNSHARED = "fedshare-unshared"
+SECRET = "fedshare-device-secret"
 RESTORED = "fedshare-restored"
 
 
@@ -123,6 +126,34 @@ def _persist(context: Context, mark: protocol.RunMark) -> None:
     write_atomically(path, lambda out: np.savez(out, **state))
 
 
+def device_secret(context: Context) -> int:
+    """The device's secret (:mod:`fedshare.defences`): a deployed device (node config
+    ``device-file``) draws 63 random bits once and keeps them in its state directory, or, with
+    none, in the node state for the SuperNode's lifetime; the server never sees them, so it
+    cannot recompute the device's self-sampling, decoys, noise or PDC-FRS reports from the
+    (public) run seed. Simulated nodes use 0: reproducible, and the engines agree."""
+    if DEVICE_FILE not in context.node_config:
+        return 0
+    if SECRET in context.state:
+        return int(context.state[SECRET]["value"])
+    directory = context.node_config.get("state-dir") or context.run_config.get(
+        "client-state-dir")
+    path = Path(str(directory)) / f"{node_label(context.node_config)}.secret" if directory \
+        else None
+    value = None
+    if path is not None and path.exists():
+        try:
+            value = int(path.read_text().strip())
+        except ValueError:
+            log(WARNING, "ignored the unreadable device secret %s", path)
+    if value is None:
+        value = secrets.randbits(63) or 1
+        if path is not None:
+            write_atomically(path, lambda out: out.write(str(value).encode()))
+    context.state[SECRET] = ConfigRecord({"value": value})
+    return value
+
+
 def _population(context: Context, mark: protocol.RunMark | None = None) -> ClientPopulation:
     """This node's users and data, with the private embeddings restored from the node state.
 
@@ -135,7 +166,8 @@ def _population(context: Context, mark: protocol.RunMark | None = None) -> Clien
     config = federated_config(context.run_config)
     users = node_users(context.node_config, data.num_users)
     population = ClientPopulation(data, users, config.dim, config.seed, shares=config.shares,
-                                  local=config.local, pdc=config.pdc)
+                                  local=config.local, pdc=config.pdc,
+                                  secret=device_secret(context))
     if STATE in context.state:
         population.embeddings = torch.from_numpy(
             context.state[STATE]["user-embeddings"].numpy().copy())
@@ -243,7 +275,8 @@ def _train(request: protocol.TrainRequest, context: Context
     defence = upload_defence(context.run_config)
     users = request.users
     if defence.hidden:  # the server asked every user: each device decides for itself
-        users = self_sampled(users, config.fraction, config.seed, request.round)
+        users = self_sampled(users, config.fraction, config.seed, request.round,
+                             population.secret)
     update = population.train(users, request.table, local, config.seed, request.round,
                               observe, defence)
     _save(population, context, request.mark, request.round, previous)

@@ -22,10 +22,15 @@ run-config key ``defence``:
   Gaussian mechanism; 2C is the L2 sensitivity of a clipped upload when the user's local data
   change arbitrarily). :func:`ldp_epsilon` accounts over the user's participations.
 
-Randomness is the device's own (:func:`fedshare.sampling.counter_uniform` keyed by
-:data:`DEVICE_KEY`, the run seed, round and user): in a simulation it is reproducible, and no
-server code reads it. Flower's ``LocalDpMod`` does not fit here: it clips the whole reply of a
-node against the request's arrays, while a cohort node must clip each of its users and a reply
+Randomness is the device's own: a counter stream keyed by :data:`DEVICE_KEY`, the run seed,
+round and user, and the device's **secret**. The server knows the run seed, so without the
+secret it could recompute who self-sampled, the decoys and the noise, and undo all three. A
+deployed device draws a secret once and keeps it in its state directory (:mod:`clients.app`);
+simulated nodes use secret 0, so simulations are reproducible and both engines draw alike (the
+streams with secret 0 are those of the seed alone).
+
+Flower's ``LocalDpMod`` does not fit here: it clips the whole reply of a node against the
+request's arrays, while a cohort node must clip each of its users and a reply
 carries per-row weights; the mechanism is the same Gaussian one.
 """
 
@@ -103,19 +108,27 @@ class UploadDefence:
         return "secagg" in self.names
 
 
-def device_generator(seed: int, round_: int, user: int) -> torch.Generator:
+def _keys(secret: int) -> tuple[int, ...]:
+    """The secret joins the stream's keys only when set: secret 0 keeps the seed's stream."""
+    return (int(secret),) if secret else ()
+
+
+def device_generator(seed: int, round_: int, user: int, secret: int = 0) -> torch.Generator:
     """The device's private stream for one round."""
     generator = torch.Generator()
-    generator.manual_seed(int(counter_hash(DEVICE_KEY, seed, round_, user) >> np.uint64(1)))
+    generator.manual_seed(int(counter_hash(DEVICE_KEY, seed, round_, user, *_keys(secret))
+                              >> np.uint64(1)))
     return generator
 
 
-def self_sampled(users: np.ndarray, fraction: float, seed: int, round_: int) -> np.ndarray:
+def self_sampled(users: np.ndarray, fraction: float, seed: int, round_: int,
+                 secret: int = 0) -> np.ndarray:
     """``hidden`` participation: the users whose device chose to train in ``round_``, each
-    with probability ``fraction`` on its private stream (the server never computes this)."""
+    with probability ``fraction`` on its private stream (the server cannot compute this when
+    the device has a secret)."""
     users = np.asarray(users, dtype=np.int64)
-    draws = (counter_hash(DEVICE_KEY, seed, round_, users, 1) >> np.uint64(11)).astype(
-        np.float64) / float(1 << 53)
+    draws = (counter_hash(DEVICE_KEY, seed, round_, users, 1, *_keys(secret))
+             >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return users[draws < fraction]
 
 

@@ -255,3 +255,41 @@ def test_audit_fails_an_undefended_device_and_passes_a_secure_sum() -> None:
     assert device.utility["test-hr@20"] == secure.utility["test-hr@20"]  # same training
     assert training_key(UploadDefence(("secagg",))) == training_key(UploadDefence())
     assert training_key(UploadDefence(("ldp",))) != training_key(UploadDefence())
+
+
+# ----------------------------------------------------------------------------- device secret
+def test_a_device_secret_changes_every_private_draw_and_zero_keeps_the_seed_streams() -> None:
+    """The server knows the run seed; with a device secret it cannot recompute the draws."""
+    from fedshare.federated.pdc import perturb_user
+
+    users = np.arange(5000)
+    assert np.array_equal(self_sampled(users, 0.1, 0, 3, secret=0), self_sampled(users, 0.1, 0, 3))
+    assert not np.array_equal(self_sampled(users, 0.1, 0, 3, secret=12345),
+                              self_sampled(users, 0.1, 0, 3))
+    plain = torch.randn(8, generator=device_generator(0, 1, 2))
+    torch.testing.assert_close(torch.randn(8, generator=device_generator(0, 1, 2, 0)), plain)
+    assert not torch.equal(torch.randn(8, generator=device_generator(0, 1, 2, 99)), plain)
+    shared, held = np.array([10, 20, 30]), np.array([10, 20, 30, 40])
+    public = perturb_user(1, shared, held, 200, 1.0, 0)
+    private = perturb_user(1, shared, held, 200, 1.0, 0, secret=777)
+    assert not np.array_equal(public, private)
+    assert not np.isin(private, held).any() and len(set(private.tolist())) == 3
+
+
+def test_a_deployed_device_keeps_its_secret_and_a_simulated_node_has_none(tmp_path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from clients.app import device_secret
+
+    assert device_secret(Context(1, 1, {"partition-id": 0, "num-partitions": 1}, RecordDict(),
+                                 {})) == 0
+    from fedshare.data.device import write_device_files
+
+    files = write_device_files(tiny_prepared(), np.array([3, 7]), tmp_path / "devices")
+    node = {"device-file": str(files[0]), "state-dir": str(tmp_path / "state")}
+    first = device_secret(Context(1, 1, node, RecordDict(), {}))
+    assert first != 0
+    again = device_secret(Context(2, 1, node, RecordDict(), {}))  # a new run, same device
+    assert again == first
+    other = {"device-file": str(files[1]), "state-dir": str(tmp_path / "state")}
+    assert device_secret(Context(1, 2, other, RecordDict(), {})) != first

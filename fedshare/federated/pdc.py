@@ -148,7 +148,7 @@ def probabilities(item: int, excluded: np.ndarray, num_items: int, epsilon: floa
 
 
 def perturb_user(user: int, shared: np.ndarray, held: np.ndarray, num_items: int,
-                 epsilon: float, seed: int) -> np.ndarray:
+                 epsilon: float, seed: int, secret: int = 0) -> np.ndarray:
     """The items one user reports for its ``shared`` items (aligned with them).
 
     Shared items are perturbed in ascending order; each draw's candidates exclude ``held``
@@ -163,7 +163,9 @@ def perturb_user(user: int, shared: np.ndarray, held: np.ndarray, num_items: int
     # the log-weight eps * sim / (2 Delta) of each catalogue distance, up to a constant
     by_distance = -epsilon / (2 * SENSITIVITY) * np.log1p(np.arange(num_items)) \
         / math.log(max(num_items, 2))
-    uniforms = counter_uniform(PDC_KEY, seed, user, shared)
+    # a deployed device's secret joins the keys (the server knows the seed: without the secret
+    # it could recompute the uniforms and invert the draws); secret 0 keeps the seed's stream
+    uniforms = counter_uniform(PDC_KEY, seed, user, shared, *((secret,) if secret else ()))
     for k in np.argsort(shared, kind="stable"):
         candidates = np.flatnonzero(~excluded)
         if len(candidates) == 0:
@@ -179,8 +181,8 @@ def perturb_user(user: int, shared: np.ndarray, held: np.ndarray, num_items: int
 
 
 def perturb_shared(users: np.ndarray, items: np.ndarray, held_ptr: np.ndarray,
-                   held_items: np.ndarray, num_items: int, epsilon: float, seed: int
-                   ) -> np.ndarray:
+                   held_items: np.ndarray, num_items: int, epsilon: float, seed: int,
+                   secret: int = 0) -> np.ndarray:
     """The reported item of every shared pair ``(users[k], items[k])`` (aligned with them);
     user ``u`` holds ``held_items[held_ptr[u]:held_ptr[u + 1]]``."""
     users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
@@ -191,7 +193,8 @@ def perturb_shared(users: np.ndarray, items: np.ndarray, held_ptr: np.ndarray,
             continue
         user = users[mine[0]]
         held = held_items[held_ptr[user]:held_ptr[user + 1]]
-        out[mine] = perturb_user(int(user), items[mine], held, num_items, epsilon, seed)
+        out[mine] = perturb_user(int(user), items[mine], held, num_items, epsilon, seed,
+                                 secret)
     return out
 
 

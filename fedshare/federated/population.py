@@ -101,12 +101,16 @@ class ClientPopulation:
             embedding for ranking (see the module docstring).
         pdc: PDC-FRS's settings (variant ``pdc-frs``): shared items are perturbed before they
             are uploaded and training adds augmented positives; ``None`` otherwise.
+        secret: the device's secret, mixed into every draw the server must not recompute
+            (PDC-FRS's reports, decoys, LDP noise; :mod:`fedshare.defences`); 0 in
+            simulations.
     """
 
     def __init__(self, data: PreparedData, users: np.ndarray, dim: int, seed: int,
                  shares: bool = True, local: LocalTrainConfig | None = None,
-                 pdc: PdcSettings | None = None) -> None:
+                 pdc: PdcSettings | None = None, secret: int = 0) -> None:
         self.users = np.asarray(users, dtype=np.int64)
+        self.secret = secret
         self.dim, self.seed = dim, seed
         self.local = LocalTrainConfig() if local is None else local
         self.num_users = data.num_users
@@ -136,7 +140,7 @@ class ClientPopulation:
         if self._reported is None:
             self._reported = perturb_shared(self._shared_users, self._shared_items,
                                             self._all_ptr, self._all_items, self.num_items,
-                                            self.pdc.epsilon, self.seed)
+                                            self.pdc.epsilon, self.seed, self.secret)
         return self._shared_users.copy(), self._reported.copy()
 
     def sharers(self) -> np.ndarray:
@@ -236,7 +240,8 @@ class ClientPopulation:
             items = update.row_item[mine]
             deltas = update.row_value[mine].to(table.dtype) - table[items]
             rows, values = defend_upload(items, deltas, self.num_items, defence,
-                                         device_generator(seed, round_, int(user)))
+                                         device_generator(seed, round_, int(user),
+                                                          self.secret))
             total.index_add_(0, rows, weights[b] * values)
             row_weight.index_add_(0, rows, weights[b].expand(len(rows)))
         return total
