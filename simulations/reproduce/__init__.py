@@ -1,0 +1,1 @@
+"""fedshare reproduce: every table and figure of the papers in one command."""
