@@ -42,8 +42,8 @@ def _cohort(context: Context) -> SequenceCohort:
     forgotten = tuple((s, tuple(p)) for s, p in sorted(forget_devices(context).requests.items())
                       ) if requested(context) else ()
     return _build(key, tuple(sessions.tolist()), config.backbone, config.dim, config.dropout,
-                  LocalConfig(config.local_epochs, config.lr, config.optimizer), config.seed,
-                  forgotten)
+                  LocalConfig(config.local_epochs, config.lr, config.optimizer, config.batched),
+                  config.seed, forgotten)
 
 
 def devices(msg: Message, context: Context) -> Message:

@@ -307,6 +307,17 @@ def _cmd_tune_unlearning(args: argparse.Namespace) -> None:
           f"{folder / 'chosen.json'} --plans SPLIT:PLAN,...")
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> None:
+    from simulations.reproduce.plan import Design
+    from simulations.reproduce.run import reproduce
+
+    seeds = args.seeds if args.seeds is not None else 1 if args.quick else 3
+    design = Design(args.target, args.dataset, args.path, seeds, args.quick)
+    folder = reproduce(design, args.out, args.resume, args.workers,
+                       command=" ".join(["fedshare", *sys.argv[1:]]))
+    print(f"report: {folder / 'report.md'}")
+
+
 def _cmd_storage(args: argparse.Namespace) -> None:
     from fedshare.unlearning.fru_selection import FruSettings
     from fedshare.unlearning.replay import ReplayConfig
@@ -557,6 +568,25 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--resume", metavar="FOLDER", help="finish a stopped audit folder")
     privacy.add_argument("--out", default="runs")
     privacy.set_defaults(func=_cmd_privacy_audit)
+
+    rep = commands.add_parser("reproduce", help="every table and figure of the papers: runs, "
+                              "CSVs, plots and a report beside the papers' numbers")
+    rep.add_argument("target", choices=("table3", "table4", "fig4", "fig5", "cau", "all"),
+                     help="FedShare's Table III, Table IV, Fig. 4, Fig. 5, CAU's Tables 1-4, "
+                     "or all of them")
+    rep.add_argument("--dataset", default="ml-100k", help=f"one of {', '.join(SOURCES)}")
+    rep.add_argument("--path", help="local folder or file of the dataset in its publisher's "
+                     "format (ML-1M, the Amazon categories)")
+    rep.add_argument("--seeds", type=int, default=None,
+                     help="reported seeds 0..N-1 (default 3; 1 with --quick)")
+    rep.add_argument("--quick", action="store_true",
+                     help="every figure's code on a tiny configuration (minutes; a smoke test, "
+                     "not a result)")
+    rep.add_argument("--workers", type=int, default=2, help="parallel cells (default 2)")
+    rep.add_argument("--resume", metavar="FOLDER", help="finish a stopped reproduce folder "
+                     "(finished cells are never recomputed)")
+    rep.add_argument("--out", default="runs")
+    rep.set_defaults(func=_cmd_reproduce)
 
     store = commands.add_parser("storage", help="storage and time of every unlearning method")
     store.add_argument("--seeds", type=_seeds, default=(0,))

@@ -176,3 +176,30 @@ def test_fedsgd_with_fedadam_betas_and_eps_is_centralised_adam_on_the_sampled_ba
     expected = torch.nn.utils.parameters_to_vector(reference.parameters()).detach()
     assert (server.table - start).abs().max() > 1e-2  # three real steps
     torch.testing.assert_close(server.table, expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+def test_batched_devices_give_the_per_device_fedavg_update(backbone):
+    """seq-batched: one SGD step on the batch of a node's sampled windows is the |D_u|-weighted
+    mean of the devices' one-step vectors (no dropout, float64: equal to rounding)."""
+    data = _data()
+    torch.manual_seed(1)
+    model = make_backbone(backbone, NUM_ITEMS, MAX_LEN, dim=8, dropout=0.0).double()
+    start = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    train = np.flatnonzero(data.part == TRAIN)
+    replies = [SequenceCohort(data, np.arange(data.num_sessions), model,
+                              LocalConfig(epochs=1, lr=1.0, optimizer="sgd", batched=b),
+                              seed=0).train(start, train[::2], 1) for b in (False, True)]
+    assert replies[0].weight == replies[1].weight and replies[1].num_users == len(train[::2])
+    assert (replies[0].table - start).abs().max() > 1e-3
+    torch.testing.assert_close(replies[1].table, replies[0].table, rtol=0, atol=1e-10)
+
+
+def test_batched_devices_need_one_sgd_step():
+    from fedshare.sequences.config import SequenceConfig
+
+    with pytest.raises(FedShareError, match="seq-batched"):
+        SequenceConfig(batched=True, optimizer="adam")
+    with pytest.raises(FedShareError, match="seq-batched"):
+        SequenceConfig(batched=True, local_epochs=2)
+    assert SequenceConfig.from_run_config({"seq-batched": True}).batched

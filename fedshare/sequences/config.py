@@ -27,7 +27,7 @@ RUN_KEYS = {"seq-data": "data", "seq-backbone": "backbone", "seq-dim": "dim",
             "seq-optimizer": "optimizer", "seq-server-optimizer": "server_optimizer",
             "seq-server-lr": "server_lr", "seq-server-beta1": "server_beta1",
             "seq-server-beta2": "server_beta2", "seq-server-eps": "server_eps",
-            "seq-dropout": "dropout"}
+            "seq-dropout": "dropout", "seq-batched": "batched"}
 """The sequence family's own run-config keys, by field name."""
 
 
@@ -47,6 +47,13 @@ class SequenceConfig:
         dropout: the backbone's dropout (0 makes every forward deterministic, which the tests
             use to compare runs whose random streams are drawn in different processes).
         rounds, fraction, eval_every, seed: the schedule (shared with LightGCN).
+        batched: a node trains its sampled devices in one batch. With one local SGD step
+            (``optimizer`` sgd, ``local_epochs`` 1) the |D_u|-weighted mean of the devices'
+            vectors *is* one SGD step on the mean loss over all their prediction points
+            (``next_item_loss`` is the mean over a window's points, |D_u| their count), so the
+            update is FedAvg's; only the dropout masks are drawn for the batch rather than per
+            device, so the aggregate then depends on how devices are grouped into nodes
+            (equal to the per-device path with dropout 0: tested). About 10x faster a round.
     """
 
     data: str = ""
@@ -66,6 +73,7 @@ class SequenceConfig:
     fraction: float = 0.1
     eval_every: int = 10
     seed: int = 0
+    batched: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("backbone", BACKBONES), ("optimizer", OPTIMIZERS),
@@ -87,6 +95,9 @@ class SequenceConfig:
             raise FedShareError(f"seq-dropout must lie in [0, 1), got {self.dropout}")
         if not 0.0 < self.fraction <= 1.0:
             raise FedShareError(f"fraction must lie in (0, 1], got {self.fraction}")
+        if self.batched and (self.optimizer != "sgd" or self.local_epochs != 1):
+            raise FedShareError("seq-batched needs seq-optimizer sgd and seq-local-epochs 1 "
+                                "(one local step: then the batch is exactly FedAvg's update)")
 
     def is_eval_round(self, round_: int) -> bool:
         """Validation every ``eval_every`` rounds and after the last (as ``run_federated``)."""
@@ -119,7 +130,12 @@ def _key(name: str) -> str:
 
 
 def typed_value(key: str, value: Any, kind: type) -> Any:
-    """``value`` as ``kind``: ints stay whole, strings stay strings, no bools for numbers."""
+    """``value`` as ``kind``: ints stay whole, strings stay strings, no bools for numbers,
+    only bools for a switch."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise FedShareError(f"setting {key!r} expects true or false, got {value!r}")
     wrong = isinstance(value, bool) or (kind is str) != isinstance(value, str) or (
         kind is int and isinstance(value, float) and not value.is_integer())
     try:

@@ -66,11 +66,13 @@ def make_backbone(backbone: str, num_items: int, max_len: int = 50, dim: int = 6
 
 @dataclass(frozen=True)
 class LocalConfig:
-    """A device's local training: ``epochs`` passes (= steps) over its window."""
+    """A device's local training: ``epochs`` passes (= steps) over its window; ``batched``:
+    a node's devices in one batch (one SGD step only: :class:`SequenceConfig`)."""
 
     epochs: int = 1
     lr: float = 1e-3
     optimizer: str = "adam"
+    batched: bool = False
 
     def make(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "adam":
@@ -106,11 +108,12 @@ def load_vector(model: SequenceModel, vector: Tensor) -> None:
 def train_device(model: SequenceModel, start: Tensor, window: Tensor, local: LocalConfig,
                  seed: int) -> Tensor:
     """The device's parameter vector after local training of ``model`` loaded with ``start``
-    on its ``[L + 1]`` window (a fresh optimiser; dropout seeded by ``seed``)."""
+    on its ``[L + 1]`` window (a fresh optimiser; dropout seeded by ``seed``); a ``[B, L + 1]``
+    batch of windows trains on their points' mean loss (``LocalConfig.batched``)."""
     load_vector(model, start)
     model.train()
     optimizer = local.make(model.parameters())
-    batch = window.unsqueeze(0)
+    batch = window if window.dim() == 2 else window.unsqueeze(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(local.epochs):
@@ -152,6 +155,10 @@ class SequenceCohort:
         total = float(self.weights[rows].sum()) if rows else 0.0
         if not rows:
             return NodeUpdate(start.clone(), 0.0, torch.zeros(1), 0)
+        if self.local.batched:
+            seed = device_seed(self.seed, round_, int(self.sessions[rows[0]]))
+            mean = train_device(self.model, start, self.windows[rows], self.local, seed)
+            return NodeUpdate(mean, total, torch.full((1,), total), len(rows))
         acc = torch.zeros_like(start, dtype=torch.float64)
         for k in rows:
             vector = train_device(self.model, start, self.windows[k], self.local,
@@ -259,7 +266,7 @@ def run_federated(data: SequenceData, backbone: str | SequenceModel = "sasrec",
                   progress: Callable[[dict], None] | None = None,
                   server_optimizer: str = "fedavg", server_lr: float = 1e-2,
                   dropout: float = 0.2, server_betas: tuple[float, float] = (0.9, 0.99),
-                  server_eps: float = 1e-3) -> FederatedResult:
+                  server_eps: float = 1e-3, batched: bool = False) -> FederatedResult:
     """FedAvg over the training devices for ``rounds`` rounds (see the module docstring).
 
     Validation every ``eval_every`` rounds and after the last; the returned model holds the
@@ -271,7 +278,7 @@ def run_federated(data: SequenceData, backbone: str | SequenceModel = "sasrec",
     torch.manual_seed(seed)
     model = (make_backbone(backbone, data.num_items, data.max_len, dim, dropout)
              if isinstance(backbone, str) else backbone)
-    local = LocalConfig(local_epochs, lr, optimizer)
+    local = LocalConfig(local_epochs, lr, optimizer, batched)
     cohorts = [SequenceCohort(data, part, model, local, seed)
                for part in split_cohorts(np.arange(data.num_sessions), nodes)]
     server = SequenceServer(model, server_optimizer, server_lr, server_betas, server_eps)
@@ -320,4 +327,4 @@ def train_with(config: SequenceConfig, data: SequenceData, *, seed: int | None =
         optimizer=config.optimizer, progress=progress,
         server_optimizer=config.server_optimizer, server_lr=config.server_lr,
         dropout=config.dropout, server_betas=(config.server_beta1, config.server_beta2),
-        server_eps=config.server_eps)
+        server_eps=config.server_eps, batched=config.batched)
