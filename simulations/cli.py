@@ -312,7 +312,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     from simulations.reproduce.run import reproduce
 
     seeds = args.seeds if args.seeds is not None else 1 if args.quick else 3
-    design = Design(args.target, args.dataset, args.path, seeds, args.quick)
+    design = Design(args.target, args.dataset, args.path, seeds, args.quick, args.tuning_plans)
     folder = reproduce(design, args.out, args.resume, args.workers,
                        command=" ".join(["fedshare", *sys.argv[1:]]))
     print(f"report: {folder / 'report.md'}")
@@ -582,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--quick", action="store_true",
                      help="every figure's code on a tiny configuration (minutes; a smoke test, "
                      "not a result)")
+    rep.add_argument("--tuning-plans", type=int, default=1, help="plans the settings are "
+                     "chosen on: 1 = 100:100 (default), 2 = also 101:101")
     rep.add_argument("--workers", type=int, default=2, help="parallel cells (default 2)")
     rep.add_argument("--resume", metavar="FOLDER", help="finish a stopped reproduce folder "
                      "(finished cells are never recomputed)")

@@ -110,7 +110,7 @@ def test_every_tuned_method_has_the_same_budget():
 
 
 def test_tuning_never_runs_on_a_reported_plan(tmp_path):
-    cells = build_cells(Design("all", seeds=3), tmp_path)
+    cells = build_cells(Design("all", seeds=3, tuning=2), tmp_path)
     tuning_seeds = {s for plan in TUNING_PLANS for s in plan}
     for cell in cells:
         args = cell.args
@@ -142,6 +142,8 @@ def test_design_refuses_bad_input():
         Design("all", seeds=0)
     with pytest.raises(FedShareError, match="--seeds"):
         Design("all", seeds=100)
+    with pytest.raises(FedShareError, match="--tuning-plans"):
+        Design("all", tuning=3)
 
 
 def test_every_gamma_shares_one_learning_phase():
@@ -155,5 +157,5 @@ def test_every_gamma_shares_one_learning_phase():
 def test_quick_design_is_small(tmp_path):
     quick = build_cells(Design("all", quick=True, seeds=1), tmp_path)
     full = build_cells(Design("all", seeds=1), tmp_path)
-    assert len(quick) < len(full) / 2
-    assert sum(c.cost for c in quick) < 120
+    assert len(quick) < len(full)
+    assert sum(c.cost for c in quick) < sum(c.cost for c in full) / 20

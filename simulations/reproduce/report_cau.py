@@ -75,12 +75,12 @@ def metric_table(data: pd.DataFrame | None, paper: PaperValues, table_no: str,
 def time_table(data: pd.DataFrame | None, paper: PaperValues, backbones: Sequence[str]) -> str:
     """Table 3: our seconds and the paper's minutes, each also as a ratio to Retrain."""
     _, source = paper.source("3")
-    retrain_minutes = paper.value("3", "retrain", "minutes")
     rows = []
     for backbone in backbones:
         stats = per_backbone(data, backbone, ["seconds"])
+        retrain_minutes = paper.value("3", "retrain", "minutes", backbone=backbone)
         for method in ("retrain", "sisa", "sru", *CAU_VARIANTS):
-            minutes = paper.value("3", method, "minutes")
+            minutes = paper.value("3", method, "minutes", backbone=backbone)
             mine = ours(stats, method, "seconds", 1)
             own_ratio = DASH
             if stats is not None and {method, "retrain"} <= set(stats.index):
