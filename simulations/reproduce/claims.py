@@ -70,6 +70,8 @@ def compare(what: str, a_name: str, a: pd.Series, b_name: str, b: pd.Series,
     gap = (a_mean - b_mean) if greater else (b_mean - a_mean)
     noise = max(a_std, b_std)
     scaled = b_name if factor == 1.0 else f"{factor:g} x {b_name}"
+    if min(len(a), len(b)) < 2:
+        what = f"{what} [one seed: noise not measured]"
     sign = ">" if greater else "<"
     head = f"{what}: {a_name} {fmt(a_mean)}±{fmt(a_std)}"
     tail = f"{scaled} {fmt(b_mean)}±{fmt(b_std)}"

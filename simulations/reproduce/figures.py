@@ -260,8 +260,14 @@ def cau_plane(results: Results, path: Path) -> Path:
         ax.set_xlabel("Hit_u@1 of forgotten items (lower = more forgotten)")
         ax.set_ylabel("test Recall@10 (higher = better)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle("CAU: utility against memory of the forgotten items (error bars: std)")
+    handles: dict[str, object] = {}  # every panel's methods (the ablations are SASRec's)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="center left",
+                       bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("CAU: utility against memory of the forgotten items (error bars: std; "
+                 "overlapping markers are equal)")
     return save(fig, path)
 
 

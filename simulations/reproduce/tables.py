@@ -76,13 +76,24 @@ def frames(results: Mapping[str, dict]) -> dict[str, pd.DataFrame]:
                "valid_ndcg@20": r["valid_ndcg@20"], "score": r["valid_ndcg@20"]}
               for k, r in results.items() if k.startswith("tune-") and k != "tune-unlearn"]
     if tune:
-        tuning += [{"stage": "unlearning", "method": row["method"],
-                    "settings": row.get("settings", "{}"), "plan": row["plan"],
-                    "valid_hr@20": row["valid_hr@20"], "valid_ndcg@20": row["valid_ndcg@20"],
-                    "score": None} for row in tune["rows"]]
+        tuning += _unlearning_scores(tune["rows"])
     if tuning:
         out["tuning"] = pd.DataFrame(tuning)
     return out
+
+
+def _unlearning_scores(rows: list[dict]) -> list[dict]:
+    """The unlearning candidates with ``fedshare tune-unlearning``'s score (the references,
+    Retrain and no-unlearning, have none)."""
+    from simulations.tuning import score_frame
+
+    frame = pd.DataFrame(rows)
+    scored = score_frame(frame)["score"]
+    return [{"stage": "unlearning", "method": row["method"],
+             "settings": row.get("settings", "{}"), "plan": row["plan"],
+             "valid_hr@20": row["valid_hr@20"], "valid_ndcg@20": row["valid_ndcg@20"],
+             "score": float(scored[i]) if i in scored.index else None}
+            for i, row in enumerate(rows)]
 
 
 def chosen_record(design: Design, results: Mapping[str, dict]) -> dict:
