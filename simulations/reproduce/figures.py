@@ -262,8 +262,8 @@ def cau_plane(results: Results, path: Path) -> Path:
         ax.grid(alpha=0.3)
     handles: dict[str, object] = {}  # every panel's methods (the ablations are SASRec's)
     for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(name, handle)
     axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="center left",
                        bbox_to_anchor=(1.01, 0.5))
     fig.suptitle("CAU: utility against memory of the forgotten items (error bars: std; "

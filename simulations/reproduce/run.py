@@ -35,6 +35,11 @@ PROTOCOL = {
     "seeds": "reported seed s = split seed s, sharing plan seed s, model seed s",
     "tuning": "settings chosen on validation on the tuning plans only, the same number of "
               "candidates for every tuned method (simulations/reproduce/plan.py)",
+    "cau": "fedshare cau-table's settings (batch 16, the paper's epochs, FedAdam 300 rounds), "
+           "except that the Original and Retrain train each round's sampled devices as one "
+           "batch (seq-batched: FedAvg's update of one local SGD step, dropout drawn per batch): "
+           "Retrain's seconds are those of that vectorised simulation; device by device "
+           "(fedshare cau-table) Retrain takes 5-10x longer",
 }
 
 
