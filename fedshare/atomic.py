@@ -19,6 +19,9 @@ import numpy as np
 
 from fedshare.errors import FedShareError
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: results are shared files, made with the user's usual mode
+
 
 def write_json(path: Path, payload: dict) -> None:
     """Write ``payload`` so that ``path`` is either absent or complete."""
@@ -35,6 +38,7 @@ def write_atomically(path: Path, write: Callable[[IO], object], mode: str = "wb"
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -159,3 +159,15 @@ def test_quick_design_is_small(tmp_path):
     full = build_cells(Design("all", seeds=1), tmp_path)
     assert len(quick) < len(full)
     assert sum(c.cost for c in quick) < sum(c.cost for c in full) / 20
+
+
+def test_results_are_readable_by_others(tmp_path):
+    """Outputs go through fedshare.atomic: the user's usual mode, not mkstemp's 0600."""
+    import os
+
+    from fedshare.atomic import write_json
+
+    write_json(tmp_path / "r.json", {"x": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
