@@ -99,8 +99,8 @@ def test_main_job_is_what_make_demo_runs():
 
 
 def test_flower_modes_compare_cohorts_with_one_node_per_user():
-    figures = bench.flower_modes(num_users=12, seed=0)
-    assert figures["cohort_nodes"] == 2 and figures["per_user_nodes"] == 12
+    figures = bench.flower_modes(num_users=6, seed=0)
+    assert figures["cohort_nodes"] == 2 and figures["per_user_nodes"] == 6
     for mode in ("cohort", "per_user"):
         assert figures[f"{mode}_round_seconds"] > 0 and figures[f"{mode}_updates_per_s"] > 0
         # the train phase (messages + local training) is part of the round

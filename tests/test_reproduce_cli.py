@@ -112,3 +112,26 @@ def test_a_folder_resumes_only_with_its_own_design(tmp_path, capsys):
          "quick": True, "tuning_plans": ["100:100"]}))
     assert main(["reproduce", "table3", "--quick", "--resume", str(folder)]) == 2
     assert "was made for" in capsys.readouterr().err
+
+
+def test_another_dataset_from_its_published_files(tmp_path, capsys, offline):
+    """ML-1M's ``ratings.dat`` format from a local folder: the runs read it, and the report
+    sets the paper's own ML-1M column beside ours (no "nearest")."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    lines = [f"{u}::{i}::{int(rng.integers(1, 6))}::{978300000 + k}"
+             for k, (u, i) in enumerate((u, i) for u in range(1, 61)
+                                        for i in rng.choice(np.arange(1, 81), 30, replace=False))]
+    (folder / "ratings.dat").write_text("\n".join(lines) + "\n")
+    assert main(["reproduce", "fig4", "--quick", "--workers", "1", "--dataset", "ml-1m",
+                 "--path", str(folder), "--out", str(tmp_path / "out")]) == 0
+    out = _folder(tmp_path / "out")
+    assert json.loads((out / "manifest.json").read_text())["dataset"] == "ml-1m"
+    report = (out / "report.md").read_text()
+    assert "paper, ML-1M" in report and "nearest" not in report
+    unlearning = pd.read_csv(out / "unlearning.csv")
+    assert set(unlearning["method"]) >= {"fedshare", "fru", "cufru", "retrain"}
+    capsys.readouterr()
