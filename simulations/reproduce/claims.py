@@ -155,7 +155,7 @@ def missing_note(wanted: Sequence[str], got: Sequence[str]) -> str:
 
 @check("shared-data-helps")
 def shared_data_helps(results: Results) -> tuple[str, str]:
-    """Sec. V-B (1): PDC-FRS, CDCGNNFed and FedShare beat FedShare-FedAvg "in most cases"."""
+    """Sec. V-E1 (1): PDC-FRS, CDCGNNFed and FedShare beat FedShare-FedAvg "in most cases"."""
     data = frame(results, "learning")
     users = ("pdc-frs", "cdcgnnfed", "fedshare")
     got = present(data, users)
@@ -167,7 +167,7 @@ def shared_data_helps(results: Results) -> tuple[str, str]:
 
 @check("fedshare-learning-best")
 def fedshare_learning_best(results: Results) -> tuple[str, str]:
-    """Sec. V-B (2): FedShare is best in the learning phase."""
+    """Sec. V-E1 (2): FedShare is best in the learning phase."""
     data = frame(results, "learning")
     rivals = ("fedshare-fedavg", "pdc-frs", "cdcgnnfed")
     got = present(data, rivals)
@@ -178,7 +178,7 @@ def fedshare_learning_best(results: Results) -> tuple[str, str]:
 
 @check("fedshare-unlearning-beats-fru-cufru")
 def fedshare_unlearning_beats(results: Results) -> tuple[str, str]:
-    """Sec. V-B (3): after unlearning FedShare is more accurate than FRU and CUFRU."""
+    """Sec. V-E1 (3): after unlearning FedShare is more accurate than FRU and CUFRU."""
     data = frame(results, "unlearning")
     got = present(data, ("fru", "cufru"))
     if not got:
@@ -188,13 +188,13 @@ def fedshare_unlearning_beats(results: Results) -> tuple[str, str]:
 
 @check("retrain-upper-bound")
 def retrain_upper_bound(results: Results) -> tuple[str, str]:
-    """Sec. V-B (4): Retrain stays above FedShare after unlearning."""
+    """Sec. V-E1 (4): Retrain stays above FedShare after unlearning."""
     return judged(beats(frame(results, "unlearning"), "retrain", ["fedshare"]))
 
 
 @check("fedshare-time")
 def fedshare_time(results: Results) -> tuple[str, str]:
-    """Sec. V-C (1): FedShare unlearns much faster than Retrain and is competitive with FRU
+    """Sec. V-E2 (1): FedShare unlearns much faster than Retrain and is competitive with FRU
     and CUFRU (taken as: at most twice the faster of the two)."""
     data = frame(results, "unlearning")
     ours = values(data, "seconds", method="fedshare")
@@ -212,7 +212,7 @@ def fedshare_time(results: Results) -> tuple[str, str]:
 
 @check("fedshare-storage")
 def fedshare_storage(results: Results) -> tuple[str, str]:
-    """Sec. V-C (2): FedShare keeps fewer bytes to unlearn than FRU and CUFRU."""
+    """Sec. V-E2 (2): FedShare keeps fewer bytes to unlearn than FRU and CUFRU."""
     data = frame(results, "unlearning")
     got = present(data, ("fru", "cufru"))
     if not got:
