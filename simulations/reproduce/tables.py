@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from fedshare.atomic import write_atomically
-from simulations.reproduce.plan import DEFAULT_GROUPS, USER_SWEEP_METHODS, Design
+from simulations.reproduce.plan import DEFAULT_GROUPS, USER_SWEEP_METHODS, Design, chosen_learning
 
 LEARNING_COLUMNS = ("seed", "method", "test_hr@20", "test_ndcg@20", "valid_hr@20",
                     "valid_ndcg@20", "seconds")
@@ -98,8 +98,6 @@ def _unlearning_scores(rows: list[dict]) -> list[dict]:
 
 def chosen_record(design: Design, results: Mapping[str, dict]) -> dict:
     """``chosen.json``: every tuned method's settings and how they were chosen."""
-    from simulations.reproduce.plan import chosen_learning
-
     tune = results.get("tune-unlearn", {})
     return {"learning": chosen_learning(design, results) if any(
                 k.startswith("tune-") and k != "tune-unlearn" for k in results) else {},
